@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs requirements-dev.txt into it when it changed.
+# Sourced or run by every other script, so a fresh machine needs nothing by hand.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+stamp="$venv/.requirements.sha256"
+want="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements-dev.txt" 2> >(grep -v "is ignored: it is neither" >&2)
+  echo "$want" > "$stamp"
+fi

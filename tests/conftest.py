@@ -1,0 +1,8 @@
+"""Shared fixtures live in tests/harness/, one module per real component."""
+
+pytest_plugins = [
+    "tests.harness.postgres",
+    "tests.harness.smtp",
+    "tests.harness.pubsub",
+    "tests.harness.secretmanager",
+]

@@ -1,0 +1,1 @@
+"""pytest fixtures: placeholder, filled in by its owner."""

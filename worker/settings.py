@@ -1,0 +1,236 @@
+"""Settings from the environment (contract section 4).
+
+Every value is parsed and checked once, at start; a missing or malformed one raises
+`SettingsError` with a single line naming the variable, which `main.py` and the CLI print
+instead of a traceback. `*_SECRET` variables name a Secret Manager version and are read
+through `worker.secrets` (imported only when one is set, so local runs never load it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+SmtpSecurity = Literal["starttls", "ssl", "none"]
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed. `str(error)` is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int = 587
+    security: SmtpSecurity = "starttls"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout_seconds: float = 10.0
+    sender: str = ""
+    reply_to: str | None = None
+    # Right-hand side of every Message-ID; defaults to the sender's domain.
+    message_id_domain: str = "localhost"
+    # A private relay's CA bundle; the system store is used when unset.
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How one invocation retries a transient SMTP failure before handing back to Pub/Sub."""
+
+    max_attempts: int = 5  # send attempts, across invocations, before dead-lettering
+    tries_per_invocation: int = 3
+    initial_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 8.0
+    # A claim's lease must outlive one invocation (function timeout), or a slow but live
+    # worker could be overtaken and the email sent twice.
+    lease_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = field(repr=False)
+    pool_max_size: int = 4
+    connect_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class PubSubSettings:
+    project: str
+    delivery_topic: str | None
+    dead_letter_topic: str | None
+    publish_timeout_seconds: float = 30.0
+
+    def topic_path(self, topic: str) -> str:
+        """A topic id becomes `projects/P/topics/T`; a full name is kept as given."""
+        if topic.startswith("projects/"):
+            return topic
+        return f"projects/{self.project}/topics/{topic}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: DatabaseSettings
+    smtp: SmtpSettings
+    pubsub: PubSubSettings
+    retry: RetrySettings
+
+
+# --- parsing helpers -----------------------------------------------------------------
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = _raw(env, name)
+    if value is None:
+        raise SettingsError(f"{name} is required but not set")
+    return value
+
+
+def _parsed(
+    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], rule: str
+) -> T:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        return parse(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be {rule}, got {value!r}") from None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        number = int(text)
+        if not low <= number <= high:
+            raise ValueError(text)
+        return number
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    number = float(text)
+    if not number > 0:
+        raise ValueError(text)
+    return number
+
+
+def _secret_or_env(env: Mapping[str, str], name: str) -> str | None:
+    """`NAME` itself, or the Secret Manager version named by `NAME_SECRET`."""
+    direct = _raw(env, name)
+    secret_name = _raw(env, f"{name}_SECRET")
+    if direct is not None and secret_name is not None:
+        raise SettingsError(f"set {name} or {name}_SECRET, not both")
+    if secret_name is None:
+        return direct
+    from worker import secrets  # only deployments that use Secret Manager pay for it
+
+    try:
+        return secrets.access_secret(secret_name)
+    except secrets.SecretError as error:
+        raise SettingsError(f"{name}_SECRET: {error}") from None
+
+
+def _address(env: Mapping[str, str], name: str) -> str | None:
+    value = _raw(env, name)
+    if value is None:
+        return None
+    display, address = parseaddr(value)
+    if "@" not in address or "\r" in value or "\n" in value:
+        raise SettingsError(f"{name} must be an email address, got {value!r}")
+    return value
+
+
+# --- sections --------------------------------------------------------------------------
+
+
+def database_settings(env: Mapping[str, str] = os.environ) -> DatabaseSettings:
+    url = _secret_or_env(env, "DATABASE_URL")
+    if url is None:
+        raise SettingsError("DATABASE_URL or DATABASE_URL_SECRET is required but not set")
+    return DatabaseSettings(
+        url=url,
+        pool_max_size=_parsed(env, "DB_POOL_MAX_SIZE", 4, _int_in(1, 100), "an integer 1..100"),
+        connect_timeout_seconds=_parsed(
+            env, "DB_TIMEOUT_SECONDS", 10.0, _positive_float, "a positive number"
+        ),
+    )
+
+
+def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
+    security = _raw(env, "SMTP_SECURITY") or "starttls"
+    if security not in ("starttls", "ssl", "none"):
+        raise SettingsError(f"SMTP_SECURITY must be starttls, ssl or none, got {security!r}")
+    sender = _address(env, "EMAIL_FROM")
+    if sender is None:
+        raise SettingsError("EMAIL_FROM is required but not set")
+    username = _raw(env, "SMTP_USERNAME")
+    password = _secret_or_env(env, "SMTP_PASSWORD")
+    if password is not None and username is None:
+        raise SettingsError("SMTP_PASSWORD is set but SMTP_USERNAME is not")
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    return SmtpSettings(
+        host=_required(env, "SMTP_HOST"),
+        port=_parsed(env, "SMTP_PORT", 587, _int_in(1, 65535), "an integer 1..65535"),
+        security=security,  # type: ignore[arg-type]  # checked just above
+        username=username,
+        password=password,
+        timeout_seconds=_parsed(
+            env, "SMTP_TIMEOUT_SECONDS", 10.0, _positive_float, "a positive number"
+        ),
+        sender=sender,
+        reply_to=_address(env, "EMAIL_REPLY_TO"),
+        message_id_domain=_raw(env, "MESSAGE_ID_DOMAIN") or domain,
+        ca_file=_raw(env, "SMTP_CA_FILE"),
+    )
+
+
+def pubsub_settings(env: Mapping[str, str] = os.environ) -> PubSubSettings:
+    return PubSubSettings(
+        project=_required(env, "GOOGLE_CLOUD_PROJECT"),
+        delivery_topic=_raw(env, "DELIVERY_TOPIC"),
+        dead_letter_topic=_raw(env, "DEAD_LETTER_TOPIC"),
+        publish_timeout_seconds=_parsed(
+            env, "PUBLISH_TIMEOUT_SECONDS", 30.0, _positive_float, "a positive number"
+        ),
+    )
+
+
+def retry_settings(env: Mapping[str, str] = os.environ) -> RetrySettings:
+    return RetrySettings(
+        max_attempts=_parsed(env, "MAX_ATTEMPTS", 5, _int_in(1, 100), "an integer 1..100"),
+        tries_per_invocation=_parsed(
+            env, "SEND_TRIES_PER_INVOCATION", 3, _int_in(1, 10), "an integer 1..10"
+        ),
+        initial_backoff_seconds=_parsed(
+            env, "RETRY_BACKOFF_SECONDS", 1.0, _positive_float, "a positive number"
+        ),
+        max_backoff_seconds=_parsed(
+            env, "RETRY_BACKOFF_MAX_SECONDS", 8.0, _positive_float, "a positive number"
+        ),
+        lease_seconds=_parsed(env, "LEASE_SECONDS", 300, _int_in(5, 86400), "seconds 5..86400"),
+    )
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
+    """Everything the function needs; the dead-letter topic is required for it."""
+    pubsub = pubsub_settings(env)
+    if pubsub.dead_letter_topic is None:
+        raise SettingsError("DEAD_LETTER_TOPIC is required but not set")
+    return Settings(
+        database=database_settings(env),
+        smtp=smtp_settings(env),
+        pubsub=pubsub,
+        retry=retry_settings(env),
+    )
