@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Deploy the email worker (2nd gen Cloud Function on the delivery topic) and, on every deploy,
+# the parts Eventarc's trigger does not keep by itself:
+#
+#   1. gcloud functions deploy --gen2 --trigger-topic --retry, with the worker's settings as
+#      environment variables. The secrets are passed as Secret Manager version names
+#      (DATABASE_URL_SECRET, SMTP_PASSWORD_SECRET) that the worker reads itself once per
+#      instance (contract section 4), not with --set-secrets.
+#   2. the trigger's subscription (created by Eventarc, looked up through the function's
+#      eventTrigger.trigger) gets the Pub/Sub dead-letter policy and retry backoff;
+#   3. the Pub/Sub service agent may forward to the dead-letter topic and ack on that
+#      subscription (what a dead-letter policy needs), each on that one resource;
+#   4. the trigger service account may invoke the function's Cloud Run service, nothing else.
+#
+# Run deploy/setup-project.sh once first. Needs PROJECT_ID, SMTP_HOST and EMAIL_FROM.
+set -euo pipefail
+# shellcheck source=deploy/config.sh
+source "$(dirname "${BASH_SOURCE[0]}")/config.sh"
+
+USAGE="usage: $SCRIPT_NAME [--dry-run] [--help]
+
+Deploys the $FUNCTION_NAME function from SOURCE_DIR (default: the repository root) and sets
+the trigger subscription's dead-letter policy and the IAM bindings that go with it.
+Settings come from the environment (see deploy/config.sh); PROJECT_ID, SMTP_HOST and
+EMAIL_FROM are required.
+  --dry-run  print the gcloud commands, one a line, and run none of them
+             (looked-up values appear as <project-number>, <trigger-subscription>, ...)"
+
+parse_args "$@"
+((${#POSITIONAL[@]} == 0)) || die_usage "unexpected argument: ${POSITIONAL[0]}"
+load_function_config
+
+project=(--project="$PROJECT_ID")
+
+# The worker's environment: always the topics, the secrets and the retry budget; the optional
+# SMTP settings only when set, so the worker's own defaults apply otherwise.
+env_vars=(
+  "GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+  "DELIVERY_TOPIC=$DELIVERY_TOPIC"
+  "DEAD_LETTER_TOPIC=$DEAD_LETTER_TOPIC"
+  "DATABASE_URL_SECRET=$DATABASE_URL_SECRET"
+  "MAX_ATTEMPTS=$MAX_ATTEMPTS"
+  "LEASE_SECONDS=$LEASE_SECONDS"
+)
+for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS EMAIL_FROM EMAIL_REPLY_TO; do
+  if [[ -n ${!name} ]]; then
+    env_vars+=("$name=${!name}")
+  fi
+done
+if [[ -n $SMTP_USERNAME ]]; then
+  env_vars+=("SMTP_PASSWORD_SECRET=$SMTP_PASSWORD_SECRET")
+fi
+
+# gcloud splits --set-env-vars on commas; when a value holds one (a display name in
+# EMAIL_FROM, say), switch to another delimiter with gcloud's ^DELIM^ syntax.
+joined=$(IFS=,; printf '%s' "${env_vars[*]}")
+delimiter=,
+if [[ ${env_vars[*]} == *,* ]]; then
+  delimiter=
+  for candidate in '|' ';' '#' '~' '!'; do
+    if [[ ${env_vars[*]} != *"$candidate"* ]]; then
+      delimiter=$candidate
+      break
+    fi
+  done
+  [[ -n $delimiter ]] || die_config "the settings hold every delimiter gcloud could split on (, | ; # ~ !)"
+  joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
+fi
+
+note "function $FUNCTION_NAME from $SOURCE_DIR"
+run gcloud functions deploy "$FUNCTION_NAME" \
+  --gen2 \
+  --runtime=python312 \
+  --region="$REGION" \
+  --source="$SOURCE_DIR" \
+  --entry-point=handle_delivery \
+  --trigger-topic="$DELIVERY_TOPIC" \
+  --retry \
+  --service-account="$RUNTIME_SA_EMAIL" \
+  --trigger-service-account="$TRIGGER_SA_EMAIL" \
+  --ingress-settings="$INGRESS_SETTINGS" \
+  --no-allow-unauthenticated \
+  --timeout="$FUNCTION_TIMEOUT" \
+  --memory="$MEMORY" \
+  --max-instances="$MAX_INSTANCES" \
+  --set-env-vars="$joined" \
+  "${project[@]}"
+
+note "lookups"
+project_number=$(capture '<project-number>' \
+  gcloud projects describe "$PROJECT_ID" --format='value(projectNumber)')
+trigger=$(capture '<trigger>' \
+  gcloud functions describe "$FUNCTION_NAME" --v2 --region="$REGION" "${project[@]}" \
+  --format='value(eventTrigger.trigger)')
+# projects/P/subscriptions/eventarc-REGION-...: Eventarc recreates it when the trigger changes,
+# which is why the policy below is set again on every deploy.
+subscription=$(capture '<trigger-subscription>' \
+  gcloud eventarc triggers describe "$trigger" "${project[@]}" \
+  --format='value(transport.pubsub.subscription)')
+subscription=${subscription##*/}
+pubsub_agent="serviceAccount:service-$project_number@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+note "the Pub/Sub service agent: forward to the dead-letter topic, ack on the trigger subscription"
+bind gcloud pubsub topics add-iam-policy-binding "$DEAD_LETTER_TOPIC" \
+  --member="$pubsub_agent" \
+  --role=roles/pubsub.publisher \
+  "${project[@]}"
+bind gcloud pubsub subscriptions add-iam-policy-binding "$subscription" \
+  --member="$pubsub_agent" \
+  --role=roles/pubsub.subscriber \
+  "${project[@]}"
+# Lets Pub/Sub sign the push's OIDC token as the trigger service account; granted by default
+# only in projects whose Pub/Sub agent was created after 2021-04-08.
+bind gcloud iam service-accounts add-iam-policy-binding "$TRIGGER_SA_EMAIL" \
+  --member="$pubsub_agent" \
+  --role=roles/iam.serviceAccountTokenCreator \
+  "${project[@]}"
+
+note "dead-letter policy on the trigger subscription (the worker dead-letters itself at MAX_ATTEMPTS=$MAX_ATTEMPTS first)"
+run gcloud pubsub subscriptions update "$subscription" \
+  --dead-letter-topic="$DEAD_LETTER_TOPIC" \
+  --max-delivery-attempts="$MAX_DELIVERY_ATTEMPTS" \
+  --min-retry-delay="$MIN_RETRY_DELAY" \
+  --max-retry-delay="$MAX_RETRY_DELAY" \
+  --ack-deadline="$ACK_DEADLINE" \
+  "${project[@]}"
+
+# A 2nd gen function runs as the Cloud Run service of the same name.
+note "the trigger service account: invoke this function's service, nothing else"
+bind gcloud run services add-iam-policy-binding "$FUNCTION_NAME" \
+  --region="$REGION" \
+  --member="serviceAccount:$TRIGGER_SA_EMAIL" \
+  --role=roles/run.invoker \
+  "${project[@]}"
+
+note "done"

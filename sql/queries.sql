@@ -1,0 +1,146 @@
+-- Named queries, loaded by worker/db.py. Each block starts with `-- name: NAME`.
+-- Every transition is one guarded statement named after its guard; zero rows back means the
+-- guard did not hold (another worker won, or the claim went stale): an answer, not an error.
+
+-- name: claim
+-- Insert a new delivery already claimed, or take over one that is queued, retrying, or in
+-- progress with an expired lease. One statement: concurrent claims of one id serialise on the
+-- row, and the loser re-checks the WHERE against the winner's row and gets nothing back.
+INSERT INTO email.deliveries AS d (
+    delivery_id, workflow, recipient, locale, metadata, source_message_id,
+    status, attempts, claim_token, lease_expires_at, last_attempted_at
+) VALUES (
+    %(delivery_id)s, %(workflow)s, %(recipient)s, %(locale)s, %(metadata)s,
+    %(source_message_id)s, 'in_progress', 1, gen_random_uuid(),
+    now() + %(lease_seconds)s * interval '1 second', now()
+)
+ON CONFLICT (delivery_id) DO UPDATE SET
+    workflow = excluded.workflow,
+    recipient = excluded.recipient,
+    locale = excluded.locale,
+    metadata = excluded.metadata,
+    source_message_id = excluded.source_message_id,
+    status = 'in_progress',
+    status_reason = CASE WHEN d.status = 'in_progress' THEN 'lease_expired' END,
+    attempts = d.attempts + 1,
+    claim_token = excluded.claim_token,
+    lease_expires_at = excluded.lease_expires_at,
+    last_attempted_at = now()
+WHERE d.status IN ('queued', 'retrying')
+   OR (d.status = 'in_progress' AND d.lease_expires_at < now())
+RETURNING d.delivery_id, d.claim_token, d.attempts, d.lease_expires_at;
+
+-- name: set_sent_if_claimed
+UPDATE email.deliveries SET
+    status = 'sent',
+    status_reason = NULL,
+    sent_at = now(),
+    attempts = greatest(attempts, %(attempts)s),
+    provider_message_id = %(provider_message_id)s,
+    last_error_code = NULL,
+    last_error_message = NULL,
+    claim_token = NULL,
+    lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
+RETURNING delivery_id;
+
+-- name: set_retrying_if_claimed
+UPDATE email.deliveries SET
+    status = 'retrying',
+    status_reason = %(reason)s,
+    attempts = greatest(attempts, %(attempts)s),
+    last_error_code = %(error_code)s,
+    last_error_message = %(error_message)s,
+    claim_token = NULL,
+    lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
+RETURNING delivery_id;
+
+-- name: set_failed_if_claimed
+UPDATE email.deliveries SET
+    status = 'failed',
+    status_reason = %(reason)s,
+    attempts = greatest(attempts, %(attempts)s),
+    last_error_code = %(error_code)s,
+    last_error_message = %(error_message)s,
+    claim_token = NULL,
+    lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
+RETURNING delivery_id;
+
+-- name: set_dead_letter_if_claimed
+UPDATE email.deliveries SET
+    status = 'dead_letter',
+    status_reason = %(reason)s,
+    attempts = greatest(attempts, %(attempts)s),
+    last_error_code = %(error_code)s,
+    last_error_message = %(error_message)s,
+    claim_token = NULL,
+    lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
+RETURNING delivery_id;
+
+-- name: set_failed_if_new_or_queued
+-- An invalid event: a new row says why nothing was sent. An existing row is only touched
+-- when it waits in `queued` (a replayed event that is still invalid); a row another copy
+-- of the event is working on, or already finished, is left alone.
+INSERT INTO email.deliveries AS d (
+    delivery_id, workflow, recipient, status, status_reason,
+    last_error_code, last_error_message, source_message_id, last_attempted_at
+) VALUES (
+    %(delivery_id)s, %(workflow)s, %(recipient)s, 'failed', %(reason)s,
+    %(error_code)s, %(error_message)s, %(source_message_id)s, now()
+)
+ON CONFLICT (delivery_id) DO UPDATE SET
+    status = 'failed',
+    status_reason = excluded.status_reason,
+    last_error_code = excluded.last_error_code,
+    last_error_message = excluded.last_error_message,
+    source_message_id = excluded.source_message_id,
+    last_attempted_at = now()
+WHERE d.status = 'queued'
+RETURNING delivery_id;
+
+-- name: set_queued_if_finished
+-- Replay: a fresh attempt budget; the history stays in email.delivery_events.
+UPDATE email.deliveries SET
+    status = 'queued',
+    status_reason = 'replay',
+    attempts = 0,
+    replays = replays + 1,
+    queued_at = now()
+WHERE delivery_id = %(delivery_id)s AND status IN ('failed', 'dead_letter')
+RETURNING delivery_id;
+
+-- name: set_dead_letter_if_abandoned
+-- A row whose Pub/Sub message is gone (forwarded by the subscription's dead-letter policy)
+-- while it waited in `retrying` or held an expired lease: close it so replay can requeue it.
+UPDATE email.deliveries SET
+    status = 'dead_letter',
+    status_reason = %(reason)s,
+    claim_token = NULL,
+    lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s
+  AND (status = 'retrying' OR (status = 'in_progress' AND lease_expires_at < now()))
+RETURNING delivery_id;
+
+-- name: get_delivery
+SELECT * FROM email.deliveries WHERE delivery_id = %(delivery_id)s;
+
+-- name: list_events
+SELECT * FROM email.delivery_events WHERE delivery_id = %(delivery_id)s ORDER BY id;
+
+-- name: deliveries_for_recipient
+SELECT * FROM email.deliveries
+WHERE recipient = %(recipient)s
+ORDER BY updated_at DESC
+LIMIT %(limit)s;
+
+-- name: stuck_deliveries
+-- In progress past its lease (the worker died), or waiting in queued/retrying for longer than
+-- Pub/Sub's redelivery should ever take.
+SELECT * FROM email.deliveries
+WHERE (status = 'in_progress' AND lease_expires_at < now())
+   OR (status IN ('queued', 'retrying') AND updated_at < now() - %(idle_seconds)s * interval '1 second')
+ORDER BY updated_at
+LIMIT %(limit)s;

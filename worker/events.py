@@ -1,0 +1,373 @@
+"""CloudEvent -> `PubSubMessage` -> `DeliveryEvent` (contract section 1). Pure: no I/O.
+
+`read_message` unwraps the Pub/Sub envelope, `parse_delivery` checks the delivery fields and
+the workflow's template variables. Anything wrong raises `InvalidEvent`, never another
+exception, and the error keeps the original message so the pipeline can dead-letter its bytes.
+
+Error texts name a field and a rule, never a value: `data` holds codes and links, and the
+other fields can be arbitrarily large or hostile.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from worker.workflows import WORKFLOWS, Workflow
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+# Deep enough for any real template data or metadata; bounds the walks below.
+MAX_DEPTH = 32
+DEFAULT_LOCALE = "en"
+
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}", re.ASCII)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+# addr-spec with a dot-atom local part: no quoted strings, comments, domain literals or
+# display names, so the value cannot smuggle a second address or a header into SMTP.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_PART = re.compile(rf"{_ATEXT}(\.{_ATEXT})*", re.ASCII)
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+|localhost", re.ASCII | re.IGNORECASE)
+
+RECIPIENT_RULE = (
+    "must be one address (addr-spec), at most 254 characters, no display name: "
+    "a dot-atom local part of at most 64 characters, one '@', and a domain name with a dot "
+    "(or localhost); no spaces, quotes, commas, angle brackets or line breaks"
+)
+
+
+@dataclass(frozen=True)
+class PubSubMessage:
+    # The payload holds codes and links: keep it out of reprs.
+    data: bytes = field(repr=False)
+    attributes: dict[str, str]
+    message_id: str
+    publish_time: str | None = None
+    subscription: str | None = None
+    delivery_attempt: int | None = None
+    trace: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    delivery_id: str
+    workflow: str
+    recipient: str
+    data: Mapping[str, Any] = field(repr=False)
+    metadata: dict[str, Any] | None
+    locale: str
+    message: PubSubMessage = field(repr=False)
+
+
+class InvalidEvent(Exception):
+    """A permanent problem with an event. `str(error)` is `"<field>: <rule>"`, with no values."""
+
+    def __init__(
+        self,
+        field: str,
+        rule: str,
+        *,
+        delivery_id: str | None = None,
+        workflow: str | None = None,
+        message: PubSubMessage | None = None,
+    ) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+        self.delivery_id = delivery_id
+        self.workflow = workflow
+        self.message = message
+
+
+def decode(cloud_event: Any) -> DeliveryEvent:
+    return parse_delivery(read_message(cloud_event))
+
+
+# --- the Pub/Sub envelope -------------------------------------------------------------------
+
+
+def read_message(cloud_event: Any) -> PubSubMessage:
+    """Unwrap a `messagePublished` CloudEvent.
+
+    Eventarc sends `{"message": {...}, "subscription": ...}` with both camelCase and
+    snake_case keys; functions-framework, converting a raw Pub/Sub push, sends
+    `{"message": {"data", "attributes", "messageId", "publishTime"}}` with no subscription
+    and uses the message id as the CloudEvent id.
+    """
+    envelope = getattr(cloud_event, "data", None)
+    event_id = _str_or_none(_ce_attribute(cloud_event, "id")) or ""
+    trace = _trace_id(_ce_attribute(cloud_event, "traceparent"))
+    if not isinstance(envelope, Mapping) or not isinstance(envelope.get("message"), Mapping):
+        raw = _raw_bytes(envelope) if not isinstance(envelope, Mapping) else b""
+        stub = PubSubMessage(data=raw, attributes={}, message_id=event_id, trace=trace)
+        raise InvalidEvent("message", "the event must carry a Pub/Sub message", message=stub)
+    body: Mapping[str, Any] = envelope["message"]
+    message = PubSubMessage(
+        data=b"",
+        attributes=_attributes(body.get("attributes")),
+        message_id=_first_str(body, "messageId", "message_id") or event_id,
+        publish_time=_first_str(body, "publishTime", "publish_time"),
+        subscription=_str_or_none(envelope.get("subscription")),
+        delivery_attempt=_delivery_attempt(envelope, body),
+        trace=trace,
+    )
+    return _with_data(message, body.get("data"))
+
+
+def _with_data(message: PubSubMessage, encoded: Any) -> PubSubMessage:
+    # A message without data is legal in Pub/Sub (attributes only): it is an empty payload.
+    if encoded is None:
+        return message
+    if not isinstance(encoded, str):
+        raise InvalidEvent("message.data", "must be a base64 string", message=message)
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        kept = replace(message, data=_raw_bytes(encoded))
+        raise InvalidEvent("message.data", "must be valid base64", message=kept) from None
+    return replace(message, data=raw)
+
+
+def _raw_bytes(value: Any) -> bytes:
+    """Whatever bytes an undecodable payload had, for the dead-letter topic."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        # JSON strings may hold lone surrogates; keep them rather than fail here.
+        return value.encode("utf-8", errors="surrogatepass")
+    return b""
+
+
+def _ce_attribute(cloud_event: Any, name: str) -> Any:
+    try:
+        return cloud_event.get(name)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _trace_id(traceparent: Any) -> str | None:
+    if not isinstance(traceparent, str):
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    # An all-zero trace id is invalid per W3C Trace Context.
+    if match is None or set(match.group(1)) == {"0"}:
+        return None
+    return match.group(1)
+
+
+def _attributes(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _delivery_attempt(envelope: Mapping[str, Any], body: Mapping[str, Any]) -> int | None:
+    for value in (envelope.get("deliveryAttempt"), body.get("deliveryAttempt")):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _first_str(mapping: Mapping[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = _str_or_none(mapping.get(key))
+        if value:
+            return value
+    return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# --- the delivery payload -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What an `InvalidEvent` carries besides field and rule."""
+
+    message: PubSubMessage
+    delivery_id: str | None = None
+    workflow: str | None = None
+
+    def error(self, field: str, rule: str) -> InvalidEvent:
+        return InvalidEvent(
+            field,
+            rule,
+            delivery_id=self.delivery_id,
+            workflow=self.workflow,
+            message=self.message,
+        )
+
+
+def parse_delivery(message: PubSubMessage) -> DeliveryEvent:
+    """Check every rule of contract section 1 and return the event, or raise `InvalidEvent`."""
+    doc = _load_json(message)
+    ctx = _Context(message, _valid_delivery_id(doc), _valid_workflow(doc))
+    if ctx.delivery_id is None:
+        raise ctx.error("delivery_id", "required: 1 to 200 characters from [A-Za-z0-9._:@-]")
+    if ctx.workflow is None:
+        raise ctx.error("workflow", f"required: one of {', '.join(sorted(WORKFLOWS))}")
+    recipient = _recipient(doc.get("recipient"), ctx)
+    locale = _locale(doc.get("locale"), ctx)
+    data = _data(doc.get("data"), WORKFLOWS[ctx.workflow], ctx)
+    metadata = _metadata(doc.get("metadata"), ctx)
+    return DeliveryEvent(
+        delivery_id=ctx.delivery_id,
+        workflow=ctx.workflow,
+        recipient=recipient,
+        data=MappingProxyType(data),
+        metadata=metadata,
+        locale=locale,
+        message=message,
+    )
+
+
+def _load_json(message: PubSubMessage) -> dict[str, Any]:
+    def error(rule: str) -> InvalidEvent:
+        return InvalidEvent("message.data", rule, message=message)
+
+    if len(message.data) > MAX_PAYLOAD_BYTES:
+        raise error(f"must be at most {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        text = message.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error("must be UTF-8") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        # RecursionError: deeply nested arrays; ValueError also covers NaN/Infinity and
+        # integers too long to convert.
+        raise error("must be a JSON document (no NaN or Infinity)") from None
+    if not isinstance(doc, dict):
+        raise error("must be a JSON object")
+    return doc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError("number out of range")
+    return value
+
+
+def _valid_delivery_id(doc: Mapping[str, Any]) -> str | None:
+    value = doc.get("delivery_id")
+    if isinstance(value, str) and _DELIVERY_ID.fullmatch(value):
+        return value
+    return None
+
+
+def _valid_workflow(doc: Mapping[str, Any]) -> str | None:
+    value = doc.get("workflow")
+    return value if isinstance(value, str) and value in WORKFLOWS else None
+
+
+def _recipient(value: Any, ctx: _Context) -> str:
+    if not isinstance(value, str) or not is_address(value):
+        raise ctx.error("recipient", RECIPIENT_RULE)
+    return value
+
+
+def is_address(value: str) -> bool:
+    """One strict addr-spec (see `RECIPIENT_RULE`)."""
+    if len(value) > 254 or value.count("@") != 1:
+        return False
+    local, domain = value.split("@")
+    return (
+        len(local) <= 64
+        and len(domain) <= 253
+        and _LOCAL_PART.fullmatch(local) is not None
+        and _DOMAIN.fullmatch(domain) is not None
+    )
+
+
+def _locale(value: Any, ctx: _Context) -> str:
+    if value is None:
+        return DEFAULT_LOCALE
+    if not isinstance(value, str) or _LOCALE.fullmatch(value) is None:
+        raise ctx.error("locale", "must be a language tag like en or pt-BR")
+    return canonical_locale(value)
+
+
+def canonical_locale(tag: str) -> str:
+    """BCP 47 casing (`pt-br` -> `pt-BR`, `zh-hant` -> `zh-Hant`), matching template folders."""
+    language, *rest = tag.split("-")
+    subtags = [language.lower()]
+    for sub in rest:
+        if len(sub) == 2 and sub.isalpha():
+            subtags.append(sub.upper())
+        elif len(sub) == 4 and sub.isalpha():
+            subtags.append(sub.title())
+        else:
+            subtags.append(sub.lower())
+    return "-".join(subtags)
+
+
+def _data(value: Any, workflow: Workflow, ctx: _Context) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ctx.error("data", "required: a JSON object of template variables")
+    _check_tree(value, "data", ctx)
+    for variable in workflow.required:
+        if not variable.check(value.get(variable.name)):
+            raise ctx.error(f"data.{variable.name}", f"required: {variable.rule}")
+    for variable in workflow.optional:
+        found = value.get(variable.name)
+        # null is taken as absent: many serialisers write optional fields that way.
+        if found is not None and not variable.check(found):
+            raise ctx.error(f"data.{variable.name}", f"optional, but when given {variable.rule}")
+    return value
+
+
+def _metadata(value: Any, ctx: _Context) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ctx.error("metadata", "must be a JSON object when given")
+    _check_tree(value, "metadata", ctx)
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+        raise ctx.error("metadata", f"must be at most {MAX_METADATA_BYTES} bytes serialised")
+    return value
+
+
+def _check_tree(root: Any, name: str, ctx: _Context) -> None:
+    """Bounded depth, and strings PostgreSQL jsonb and UTF-8 accept (no NUL, no lone
+    surrogates from `\\ud800` escapes). Iterative, so hostile nesting cannot overflow."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ctx.error(name, f"must not nest deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, name, ctx)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_string(value, name, ctx)
+
+
+def _check_string(value: str, name: str, ctx: _Context) -> None:
+    rule = "strings must be valid Unicode without NUL characters"
+    if "\x00" in value:
+        raise ctx.error(name, rule)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ctx.error(name, rule) from None

@@ -1,0 +1,114 @@
+"""The Pub/Sub publisher: one per process, created on first use.
+
+`google.cloud.pubsub_v1` is imported only inside `_client()`, so importing this module (and
+`main`) stays cheap; only paths that actually publish pay for the library. The emulator is
+honoured by the library itself through `PUBSUB_EMULATOR_HOST`, read when the client is
+created: call `reset_client()` after changing it.
+
+`publish()` waits for the server's message id and is bounded by `timeout`: the library's
+default publish retry keeps trying an unreachable server for 600 seconds, so every call
+passes its own retry (total deadline = `timeout`) and per-attempt RPC timeout, and the
+caller also stops waiting on the future after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["PublishError", "publish", "reset_client"]
+
+# Extra time the caller waits on the future beyond the retry deadline, so the library's own
+# (more specific) error wins over a bare "timed out" when both are due.
+_RESULT_GRACE_SECONDS = 1.0
+
+_lock = threading.Lock()
+_publisher: Any = None  # google.cloud.pubsub_v1.PublisherClient, created lazily
+
+
+class PublishError(Exception):
+    """A message could not be confirmed as published. `str(error)` is one line."""
+
+
+def _client() -> Any:
+    global _publisher
+    with _lock:
+        if _publisher is None:
+            from google.cloud.pubsub_v1 import PublisherClient  # deferred: cold start matters
+
+            _publisher = PublisherClient()
+        return _publisher
+
+
+def reset_client() -> None:
+    """Drop the cached publisher; the next `publish()` creates a new one.
+
+    Used by tests and the CLI, e.g. after changing `PUBSUB_EMULATOR_HOST`.
+    """
+    global _publisher
+    with _lock:
+        publisher, _publisher = _publisher, None
+    if publisher is not None:
+        # stop() is non-blocking and flushes anything still batched; if it fails (already
+        # stopped, a broken client) the client is dropped all the same.
+        with contextlib.suppress(Exception):
+            publisher.stop()
+
+
+def _retry(timeout: float) -> Any:
+    """The library's default publish retry, with its total deadline cut to `timeout`."""
+    from google.api_core import exceptions, retry
+
+    return retry.Retry(
+        initial=0.1,
+        maximum=min(60.0, max(timeout / 4, 0.1)),
+        multiplier=1.3,
+        predicate=retry.if_exception_type(
+            exceptions.Aborted,
+            exceptions.Cancelled,
+            exceptions.DeadlineExceeded,
+            exceptions.InternalServerError,
+            exceptions.ResourceExhausted,
+            exceptions.ServiceUnavailable,
+            exceptions.Unknown,
+        ),
+        timeout=timeout,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def publish(topic_path: str, data: bytes, attributes: Mapping[str, str], *, timeout: float) -> str:
+    """Publish one message and return the server's message id once it is confirmed.
+
+    Raises `PublishError` (one line, naming the topic) for any failure: server unreachable,
+    topic not found, rejected message, or no confirmation within `timeout` seconds.
+    """
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    try:
+        future = _client().publish(
+            topic_path,
+            data,
+            retry=_retry(timeout),
+            # The RPC timeout: api_core gives each attempt what is left of it.
+            timeout=timeout,
+            **dict(attributes),
+        )
+    except Exception as error:
+        raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
+    try:
+        message_id = future.result(timeout=timeout + _RESULT_GRACE_SECONDS)
+    except TimeoutError:
+        future.cancel()
+        raise PublishError(
+            f"publish to {topic_path} not confirmed within {timeout:g} seconds"
+        ) from None
+    except Exception as error:
+        raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
+    return str(message_id)

@@ -1,0 +1,404 @@
+"""SMTP delivery: message building, error classification, pooled connections, retries.
+
+Nothing here logs message content or recipients; errors carry a sanitised `message`
+that is safe to store in the ledger and to put on a dead-letter message.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+import tenacity
+
+from worker.settings import SmtpSettings
+
+__all__ = [
+    "SendResult",
+    "SmtpError",
+    "SmtpSender",
+    "build_message",
+    "classify",
+    "message_id_for",
+    "sanitise",
+    "send_with_retry",
+]
+
+MAX_ERROR_MESSAGE = 500
+
+# --- Message-ID ----------------------------------------------------------------------
+
+# Characters of the delivery-id alphabet that are not atext (RFC 5322 3.2.3). `=` is not
+# in the delivery-id alphabet, so `=XX` escapes can never be confused with id text and
+# the mapping stays injective (one delivery id, one Message-ID, and back).
+_ESCAPES = {"@": "=40", ":": "=3A"}
+
+
+def message_id_for(delivery_id: str, domain: str) -> str:
+    """`<id-left@domain>`, deterministic, so a resend of one delivery keeps its Message-ID."""
+    out: list[str] = []
+    last = len(delivery_id) - 1
+    for index, char in enumerate(delivery_id):
+        if char == "." and (index in (0, last) or delivery_id[index - 1] == "."):
+            # dot-atom forbids leading, trailing and consecutive dots; other dots stay
+            # literal so ordinary ids remain readable.
+            out.append("=2E")
+        else:
+            out.append(_ESCAPES.get(char, char))
+    return f"<{''.join(out)}@{domain}>"
+
+
+def build_message(
+    settings: SmtpSettings,
+    *,
+    delivery_id: str,
+    recipient: str,
+    subject: str,
+    text: str,
+    html: str,
+) -> EmailMessage:
+    """A multipart/alternative (text, then HTML) utf-8 message ready for `SmtpSender.send`."""
+    message = EmailMessage()
+    message["From"] = settings.sender
+    message["To"] = recipient
+    # A rendered subject must be one line; folding whitespace also defeats header injection.
+    message["Subject"] = " ".join(subject.split())
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Message-ID"] = message_id_for(delivery_id, settings.message_id_domain)
+    if settings.reply_to:
+        message["Reply-To"] = settings.reply_to
+    # RFC 3834: tells auto-responders (vacation replies) not to answer.
+    message["Auto-Submitted"] = "auto-generated"
+    # quoted-printable keeps the body 7-bit clean: a relay without 8BITMIME accepts it too.
+    message.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    message.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+    return message
+
+
+# --- errors ----------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_SPACES = re.compile(r" {2,}")
+_URL = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)\S+")
+_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]*@([\w-]+(?:\.[\w-]+)*)")
+
+
+def sanitise(text: str) -> str:
+    """One line, no URLs (they may hold tokens), masked addresses, at most 500 chars."""
+    text = _CONTROL.sub(" ", text)
+    text = _URL.sub("[url]", text)
+    text = _ADDRESS.sub(r"\1***@\2", text)
+    text = _SPACES.sub(" ", text).strip()
+    if len(text) > MAX_ERROR_MESSAGE:
+        text = text[: MAX_ERROR_MESSAGE - 3] + "..."
+    return text
+
+
+class SmtpError(Exception):
+    """A failed send: `code` like `SMTP_550` or `TIMEOUT`, a sanitised `message`,
+    and whether retrying later can help (`transient`)."""
+
+    def __init__(self, code: str, message: str, *, transient: bool) -> None:
+        self.code = code
+        self.message = sanitise(message)
+        self.transient = transient
+        super().__init__(f"{code}: {self.message}")
+
+
+# Replies about our session rather than this email: missing, wrong or too weak
+# credentials (RFC 4954) or TLS required. They are TRANSIENT on purpose: the message is
+# fine and the relay configuration is not, so the delivery must be retried and end up in
+# the dead-letter topic (retries_exhausted), from where it is replayed once the
+# credentials are fixed. Classed as permanent they would fail every email for good.
+_SESSION_CODES = frozenset({530, 534, 535, 538})
+# Raised while opening the session (greeting, EHLO, AUTH): again about the relay, not
+# the message, whatever the reply code.
+_SESSION_ERRORS = (
+    smtplib.SMTPConnectError,
+    smtplib.SMTPHeloError,
+    smtplib.SMTPAuthenticationError,
+)
+
+
+def _decode(text: bytes | str) -> str:
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+
+
+def _from_reply(code: int, text: bytes | str, *, session: bool = False) -> SmtpError:
+    name = f"SMTP_{code}" if 200 <= code <= 599 else "SMTP_ERROR"
+    # Only a definite 5xx about this message is permanent; unknown codes may pass.
+    permanent = 500 <= code <= 599 and code not in _SESSION_CODES and not session
+    return SmtpError(name, f"{code} {_decode(text)}", transient=not permanent)
+
+
+def _from_os_error(exc: OSError, message: str) -> SmtpError:
+    if isinstance(exc, TimeoutError):
+        code = "TIMEOUT"
+    elif isinstance(exc, ConnectionRefusedError):
+        code = "CONN_REFUSED"
+    elif isinstance(exc, ConnectionError):  # reset, aborted, broken pipe
+        code = "CONN_RESET"
+    elif isinstance(exc, ssl.SSLError):
+        code = "TLS_ERROR"
+    else:  # DNS failures, unreachable networks, ...
+        code = "NETWORK_ERROR"
+    return SmtpError(code, message or type(exc).__name__, transient=True)
+
+
+def _from_disconnect(exc: smtplib.SMTPServerDisconnected) -> SmtpError:
+    # smtplib turns socket errors (a read timeout too) into SMTPServerDisconnected
+    # raised inside its `except OSError`; the socket error tells what really happened.
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return _from_os_error(cause, str(exc))
+    return SmtpError("DISCONNECTED", str(exc) or "server disconnected", transient=True)
+
+
+def classify(exc: BaseException) -> SmtpError:
+    """Map an smtplib/socket exception to an `SmtpError` (4xx and network: transient;
+    5xx: permanent, except session/authentication replies, see `_SESSION_CODES`)."""
+    if isinstance(exc, SmtpError):
+        return exc
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, text = next(iter(exc.recipients.values()), (-1, b"recipient refused"))
+        return _from_reply(code, text)
+    if isinstance(exc, smtplib.SMTPResponseException):  # sender/data refused, auth, ...
+        return _from_reply(exc.smtp_code, exc.smtp_error, session=isinstance(exc, _SESSION_ERRORS))
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return _from_disconnect(exc)
+    if isinstance(exc, OSError):
+        return _from_os_error(exc, str(exc))
+    if isinstance(exc, smtplib.SMTPException):  # e.g. STARTTLS not offered
+        return SmtpError("SMTP_ERROR", str(exc), transient=True)
+    # Not a delivery problem but a bug (e.g. a malformed message): retrying cannot help.
+    return SmtpError("UNEXPECTED", f"{type(exc).__name__}: {exc}", transient=False)
+
+
+# --- connections -----------------------------------------------------------------------
+
+
+class _Connection(smtplib.SMTP):
+    """Notes whether the server accepted MAIL FROM in the current transaction: until it
+    has, nothing of this message was delivered and resending it cannot duplicate it."""
+
+    mail_accepted = False
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        reply = super().mail(sender, options)
+        self.mail_accepted = self.mail_accepted or reply[0] == 250
+        return reply
+
+
+class _SslConnection(_Connection, smtplib.SMTP_SSL):
+    pass
+
+
+class _StaleConnection(Exception):
+    """A kept connection was closed by the server while idle; nothing was accepted."""
+
+
+def _close_quietly(connection: smtplib.SMTP) -> None:
+    try:
+        connection.close()
+    except OSError:
+        pass
+
+
+def _is_stale(connection: _Connection, exc: Exception) -> bool:
+    if connection.mail_accepted:
+        return False
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        # Servers often queue "421 timeout, closing" on an idle connection, which we then
+        # read as the reply to MAIL.
+        return exc.smtp_code == 421
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        # A read timeout is a slow server, not a dead connection: do not double the wait.
+        return not isinstance(exc.__cause__ or exc.__context__, TimeoutError)
+    return isinstance(exc, ConnectionError)
+
+
+@dataclass
+class _Idle:
+    connection: _Connection
+    since: float
+
+
+class SmtpSender:
+    """Sends messages over kept-open SMTP connections.
+
+    A warm Cloud Functions instance reuses the connections across invocations; the idle
+    pool (a list under a lock) lets concurrent invocations in one instance each use their
+    own connection. A connection goes back only after a successful send.
+    """
+
+    def __init__(
+        self, settings: SmtpSettings, *, max_idle: int = 4, max_idle_seconds: float = 60.0
+    ) -> None:
+        self.settings = settings
+        self._max_idle = max_idle
+        # Idle connections may be dropped silently by NAT/firewalls (no FIN), which would
+        # only show as a TIMEOUT on the next use; retire them well before that.
+        self._max_idle_seconds = max_idle_seconds
+        self._context: ssl.SSLContext | None = None
+        if settings.security != "none":
+            self._context = ssl.create_default_context(cafile=settings.ca_file)
+        self._idle: list[_Idle] = []
+        self._lock = threading.Lock()
+
+    def send(self, message: EmailMessage) -> None:
+        """Deliver one message or raise `SmtpError`."""
+        connection = self._take_idle()
+        if connection is not None:
+            try:
+                self._deliver(connection, message, reused=True)
+                return
+            except _StaleConnection:
+                pass  # reopen below and resend at once: not a failed attempt
+        self._deliver(self._open(), message, reused=False)
+
+    def close(self) -> None:
+        """Close every idle connection (connections in use are closed on return)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for entry in idle:
+            try:
+                entry.connection.quit()
+            except (smtplib.SMTPException, OSError):
+                _close_quietly(entry.connection)
+
+    def _deliver(self, connection: _Connection, message: EmailMessage, *, reused: bool) -> None:
+        connection.mail_accepted = False
+        try:
+            connection.send_message(message)
+        except (smtplib.SMTPException, OSError) as exc:
+            _close_quietly(connection)  # its state is unknown after an error
+            if reused and _is_stale(connection, exc):
+                raise _StaleConnection from exc
+            raise classify(exc) from exc
+        self._put_back(connection)
+
+    def _open(self) -> _Connection:
+        settings = self.settings
+        connection: _Connection | None = None
+        try:
+            if settings.security == "ssl":
+                connection = _SslConnection(
+                    settings.host,
+                    settings.port,
+                    timeout=settings.timeout_seconds,
+                    context=self._context,
+                )
+            else:
+                connection = _Connection(
+                    settings.host, settings.port, timeout=settings.timeout_seconds
+                )
+            if settings.security == "starttls":
+                connection.starttls(context=self._context)
+            if settings.username:
+                connection.login(settings.username, settings.password or "")
+        except (smtplib.SMTPException, OSError) as exc:
+            if connection is not None:
+                _close_quietly(connection)
+            raise classify(exc) from exc
+        return connection
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        expired: list[_Idle] = []
+        taken: _Connection | None = None
+        with self._lock:
+            while self._idle and taken is None:
+                entry = self._idle.pop()  # most recently used first: most likely alive
+                if now - entry.since > self._max_idle_seconds:
+                    expired.append(entry)
+                else:
+                    taken = entry.connection
+        for entry in expired:
+            _close_quietly(entry.connection)
+        return taken
+
+    def _put_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(_Idle(connection, time.monotonic()))
+                return
+        _close_quietly(connection)
+
+
+# --- retry policy ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendResult:
+    attempts: int
+    error: SmtpError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, SmtpError) and exc.transient
+
+
+def send_with_retry(
+    sender: SmtpSender,
+    message: EmailMessage,
+    *,
+    tries: int,
+    initial_backoff: float,
+    max_backoff: float,
+    on_retry: Callable[[SmtpError, int], None] | None = None,
+    deadline: float | None = None,
+) -> SendResult:
+    """Send, retrying transient `SmtpError`s within this invocation.
+
+    At most `tries` attempts; a permanent error stops at once. Waits grow exponentially
+    from `initial_backoff` up to `max_backoff` with "equal jitter" (half fixed, half
+    random): the fixed half respects a relay that asked us to slow down (421/451), the
+    random half keeps instances that failed together from retrying together.
+
+    No retry starts if it would begin after `deadline` seconds (default: per try, one
+    backoff plus two command timeouts — a normal failure costs at most one timeout plus a
+    reconnect), so a pathologically slow relay cannot push the invocation past its
+    function timeout and claim lease; Pub/Sub redelivery takes over from there.
+
+    `on_retry(error, attempt_number)` runs before each sleep. Never raises `SmtpError`.
+    """
+    if tries < 1:
+        raise ValueError("tries must be at least 1")
+    if deadline is None:
+        deadline = tries * (max_backoff + 2 * sender.settings.timeout_seconds)
+    half, half_max = initial_backoff / 2, max_backoff / 2
+    attempts = 0
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and isinstance(error, SmtpError):
+            on_retry(error, state.attempt_number)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(tries) | tenacity.stop_before_delay(deadline),
+        wait=tenacity.wait_exponential(multiplier=half, max=half_max)
+        + tenacity.wait_random_exponential(multiplier=half, max=half_max),
+        retry=tenacity.retry_if_exception(_is_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                sender.send(message)
+    except SmtpError as error:
+        return SendResult(attempts, error)
+    return SendResult(attempts, None)
