@@ -149,6 +149,7 @@ seconds_of() {
   case ${BASH_REMATCH[2]} in
     m) number=$((number * 60)) ;;
     h) number=$((number * 3600)) ;;
+    *) ;;
   esac
   printf '%s\n' "$number"
 }

@@ -67,6 +67,21 @@ if [[ ${env_vars[*]} == *,* ]]; then
   joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
 fi
 
+# The worker reads versions/latest of each secret when an instance starts: without one it
+# would stop at start with "..._SECRET: ...", so stop here instead.
+note "preflight: the secrets the function reads have an enabled latest version"
+secrets=("$DATABASE_URL_SECRET_ID")
+if [[ -n $SMTP_USERNAME ]]; then
+  secrets+=("$SMTP_PASSWORD_SECRET_ID")
+fi
+for secret in "${secrets[@]}"; do
+  state=$(capture ENABLED gcloud secrets versions describe latest --secret="$secret" \
+    "${project[@]}" --format='value(state)') || state=MISSING
+  if [[ $state != ENABLED ]]; then
+    die_config "secret $secret has no enabled latest version ($state): add one with deploy/set-secret.sh $secret"
+  fi
+done
+
 note "function $FUNCTION_NAME from $SOURCE_DIR"
 run gcloud functions deploy "$FUNCTION_NAME" \
   --gen2 \
@@ -79,7 +94,6 @@ run gcloud functions deploy "$FUNCTION_NAME" \
   --service-account="$RUNTIME_SA_EMAIL" \
   --trigger-service-account="$TRIGGER_SA_EMAIL" \
   --ingress-settings="$INGRESS_SETTINGS" \
-  --no-allow-unauthenticated \
   --timeout="$FUNCTION_TIMEOUT" \
   --memory="$MEMORY" \
   --max-instances="$MAX_INSTANCES" \

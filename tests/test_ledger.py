@@ -20,7 +20,11 @@ ALLOWED: dict[Status | None, set[Status]] = {
     None: {Status.QUEUED, Status.IN_PROGRESS, Status.FAILED},
     Status.QUEUED: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER},
     Status.IN_PROGRESS: {
-        Status.IN_PROGRESS, Status.SENT, Status.RETRYING, Status.FAILED, Status.DEAD_LETTER,
+        Status.IN_PROGRESS,
+        Status.SENT,
+        Status.RETRYING,
+        Status.FAILED,
+        Status.DEAD_LETTER,
     },
     Status.RETRYING: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER},
     Status.FAILED: {Status.QUEUED},
@@ -93,10 +97,14 @@ def row_in(conn: psycopg.Connection[Any], status: Status) -> str:
     [(s, t) for s in STATUSES for t in STATUSES if t in ALLOWED[s]],
     ids=str,
 )
-def test_every_allowed_transition_succeeds(admin: psycopg.Connection[Any], source: Status, target: Status) -> None:
+def test_every_allowed_transition_succeeds(
+    admin: psycopg.Connection[Any], source: Status, target: Status
+) -> None:
     delivery_id = row_in(admin, source)
     admin.execute(SET_STATUS, {"id": delivery_id, "to": target})
-    row = admin.execute("SELECT status FROM email.deliveries WHERE delivery_id = %s", (delivery_id,)).fetchone()
+    row = admin.execute(
+        "SELECT status FROM email.deliveries WHERE delivery_id = %s", (delivery_id,)
+    ).fetchone()
     assert row == {"status": target.value}
 
 
@@ -136,7 +144,7 @@ def test_check_constraints_make_bad_rows_impossible(admin: psycopg.Connection[An
     for assignment in bad_updates:
         with pytest.raises(psycopg.errors.CheckViolation):
             admin.execute(
-                f"UPDATE email.deliveries SET {assignment} WHERE delivery_id = %s",  # type: ignore[arg-type]
+                f"UPDATE email.deliveries SET {assignment} WHERE delivery_id = %s",
                 (delivery_id,),
             )
     with pytest.raises(psycopg.errors.CheckViolation):
@@ -146,13 +154,21 @@ def test_check_constraints_make_bad_rows_impossible(admin: psycopg.Connection[An
         )
 
 
-def test_an_event_per_status_change_and_none_without_one(admin: psycopg.Connection[Any], ledger: Ledger) -> None:
+def test_an_event_per_status_change_and_none_without_one(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
     claimed = claim(ledger, "evt")
     assert claimed is not None
     assert ledger.set_retrying_if_claimed(claimed, attempts=1, failure=TRANSIENT)
-    before = admin.execute("SELECT updated_at FROM email.deliveries WHERE delivery_id = 'evt'").fetchone()
-    admin.execute("UPDATE email.deliveries SET metadata = '{\"edited\": true}' WHERE delivery_id = 'evt'")
-    after = admin.execute("SELECT updated_at FROM email.deliveries WHERE delivery_id = 'evt'").fetchone()
+    before = admin.execute(
+        "SELECT updated_at FROM email.deliveries WHERE delivery_id = 'evt'"
+    ).fetchone()
+    admin.execute(
+        "UPDATE email.deliveries SET metadata = '{\"edited\": true}' WHERE delivery_id = 'evt'"
+    )
+    after = admin.execute(
+        "SELECT updated_at FROM email.deliveries WHERE delivery_id = 'evt'"
+    ).fetchone()
     assert before is not None and after is not None and after["updated_at"] > before["updated_at"]
 
     again = claim(ledger, "evt")
@@ -189,7 +205,9 @@ def test_claim_returns_nothing_for_finished_deliveries(ledger: Ledger) -> None:
         assert claim(ledger, final) is None
 
 
-def test_a_live_lease_cannot_be_taken_over_an_expired_one_can(admin: psycopg.Connection[Any], ledger: Ledger) -> None:
+def test_a_live_lease_cannot_be_taken_over_an_expired_one_can(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
     first = claim(ledger, "lease")
     assert first is not None
     assert claim(ledger, "lease") is None
@@ -210,7 +228,10 @@ def test_a_live_lease_cannot_be_taken_over_an_expired_one_can(admin: psycopg.Con
     row = ledger.get("lease")
     assert row is not None and row.provider_message_id == "<new@x>"
     takeover = ledger.events("lease")[1]
-    assert (takeover.status, takeover.payload.get("reason")) == (Status.IN_PROGRESS, "lease_expired")
+    assert (takeover.status, takeover.payload.get("reason")) == (
+        Status.IN_PROGRESS,
+        "lease_expired",
+    )
 
 
 def test_many_threads_claiming_one_new_delivery_exactly_one_wins(ledger: Ledger) -> None:
@@ -220,7 +241,9 @@ def test_many_threads_claiming_one_new_delivery_exactly_one_wins(ledger: Ledger)
             delivery_id = f"race-{round_number}"
             barrier = threading.Barrier(threads)
 
-            def contend(delivery_id: str = delivery_id, barrier: threading.Barrier = barrier) -> bool:
+            def contend(
+                delivery_id: str = delivery_id, barrier: threading.Barrier = barrier
+            ) -> bool:
                 barrier.wait()
                 return claim(ledger, delivery_id) is not None
 
@@ -247,7 +270,9 @@ def test_requeue_gives_a_fresh_budget_and_keeps_history(ledger: Ledger) -> None:
 
 
 def test_invalid_event_rows(ledger: Ledger) -> None:
-    invalid = Failure(code="INVALID_EVENT", message="recipient: must be one address", reason="invalid_event")
+    invalid = Failure(
+        code="INVALID_EVENT", message="recipient: must be one address", reason="invalid_event"
+    )
     assert ledger.set_failed_if_new_or_queued(
         delivery_id="bad", workflow=None, recipient=None, source_message_id="m", failure=invalid
     )
@@ -298,7 +323,7 @@ def test_reads_for_support(ledger: Ledger) -> None:
 
 
 def as_role(conn: psycopg.Connection[Any], role: str) -> None:
-    conn.execute(f"SET ROLE {role}")  # type: ignore[arg-type]  # role names are ours
+    conn.execute(f"SET ROLE {role}")
 
 
 def test_reader_can_read_and_cannot_write(admin: psycopg.Connection[Any]) -> None:
@@ -313,7 +338,7 @@ def test_reader_can_read_and_cannot_write(admin: psycopg.Connection[Any]) -> Non
         "DELETE FROM email.delivery_events",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            admin.execute(statement)  # type: ignore[arg-type]
+            admin.execute(statement)
     assert delivery_id
 
 
@@ -341,21 +366,21 @@ def test_worker_runs_the_whole_lifecycle_but_cannot_delete_or_rewrite_history(
         "TRUNCATE email.deliveries",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            admin.execute(statement)  # type: ignore[arg-type]
+            admin.execute(statement)
 
 
 def test_a_third_role_sees_nothing(admin: psycopg.Connection[Any]) -> None:
     row_in(admin, Status.QUEUED)
     role = f"outsider_{uuid.uuid4().hex[:8]}"
-    admin.execute(f"CREATE ROLE {role} NOLOGIN")  # type: ignore[arg-type]
+    admin.execute(f"CREATE ROLE {role} NOLOGIN")
     try:
         as_role(admin, role)
         for statement in ("SELECT * FROM email.deliveries", "SELECT * FROM email.delivery_events"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                admin.execute(statement)  # type: ignore[arg-type]
+                admin.execute(statement)
     finally:
         admin.execute("RESET ROLE")
-        admin.execute(f"DROP ROLE {role}")  # type: ignore[arg-type]
+        admin.execute(f"DROP ROLE {role}")
 
 
 def test_roles_are_nologin_and_row_level_security_is_on(admin: psycopg.Connection[Any]) -> None:

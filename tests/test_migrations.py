@@ -111,9 +111,11 @@ def test_applies_beside_other_schemas_and_extensions(empty_database_url: str) ->
         conn.execute("CREATE TABLE auth.users (id uuid PRIMARY KEY)")
         conn.execute("CREATE TYPE public.delivery_status AS ENUM ('x')")
         conn.execute("CREATE TABLE public.deliveries (delivery_id int)")
-        conn.execute("CREATE FUNCTION public.now_utc() RETURNS timestamptz LANGUAGE sql AS 'SELECT now()'")
+        conn.execute(
+            "CREATE FUNCTION public.now_utc() RETURNS timestamptz LANGUAGE sql AS 'SELECT now()'"
+        )
         (dbname,) = conn.execute("SELECT current_database()").fetchone() or ("",)
-        conn.execute(f'ALTER DATABASE "{dbname}" SET search_path = public, auth')  # type: ignore[arg-type]
+        conn.execute(f'ALTER DATABASE "{dbname}" SET search_path = public, auth')
     migrate_up(empty_database_url, report=lambda _: None)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(

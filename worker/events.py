@@ -321,7 +321,6 @@ def canonical_locale(tag: str) -> str:
 def _data(value: Any, workflow: Workflow, ctx: _Context) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ctx.error("data", "required: a JSON object of template variables")
-    _check_tree(value, "data", ctx)
     for variable in workflow.required:
         if not variable.check(value.get(variable.name)):
             raise ctx.error(f"data.{variable.name}", f"required: {variable.rule}")
@@ -330,6 +329,8 @@ def _data(value: Any, workflow: Workflow, ctx: _Context) -> dict[str, Any]:
         # null is taken as absent: many serialisers write optional fields that way.
         if found is not None and not variable.check(found):
             raise ctx.error(f"data.{variable.name}", f"optional, but when given {variable.rule}")
+    # After the variables, so a bad one is named; this covers the values no check looks at.
+    _check_tree(value, "data", ctx)
     return value
 
 

@@ -146,7 +146,7 @@ def _address(env: Mapping[str, str], name: str) -> str | None:
     value = _raw(env, name)
     if value is None:
         return None
-    display, address = parseaddr(value)
+    _display, address = parseaddr(value)
     if "@" not in address or "\r" in value or "\n" in value:
         raise SettingsError(f"{name} must be an email address, got {value!r}")
     return value

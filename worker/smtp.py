@@ -6,6 +6,7 @@ that is safe to store in the ledger and to put on a dead-letter message.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import ssl
@@ -174,10 +175,10 @@ def classify(exc: BaseException) -> SmtpError:
         return _from_reply(exc.smtp_code, exc.smtp_error, session=isinstance(exc, _SESSION_ERRORS))
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return _from_disconnect(exc)
+    if isinstance(exc, smtplib.SMTPException):  # e.g. STARTTLS not offered; an OSError too
+        return SmtpError("SMTP_ERROR", str(exc), transient=True)
     if isinstance(exc, OSError):
         return _from_os_error(exc, str(exc))
-    if isinstance(exc, smtplib.SMTPException):  # e.g. STARTTLS not offered
-        return SmtpError("SMTP_ERROR", str(exc), transient=True)
     # Not a delivery problem but a bug (e.g. a malformed message): retrying cannot help.
     return SmtpError("UNEXPECTED", f"{type(exc).__name__}: {exc}", transient=False)
 
@@ -206,10 +207,8 @@ class _StaleConnection(Exception):
 
 
 def _close_quietly(connection: smtplib.SMTP) -> None:
-    try:
+    with contextlib.suppress(OSError):
         connection.close()
-    except OSError:
-        pass
 
 
 def _is_stale(connection: _Connection, exc: Exception) -> bool:

@@ -214,29 +214,47 @@ class Emulator:
                 break
             if last_arrival is None and now >= deadline:
                 break
-            # return_immediately: a long poll cut short by a client deadline could take
-            # messages the caller never sees (redelivered only after the ack deadline).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                response = self.subscriber.pull(
-                    request={
-                        "subscription": path,
-                        "max_messages": max_messages - len(received),
-                        "return_immediately": True,
-                    },
-                    timeout=10,
-                )
-            batch = list(response.received_messages)
+            batch = self.pull_once(path, max_messages - len(received))
             if batch:
-                self.subscriber.acknowledge(
-                    request={"subscription": path, "ack_ids": [m.ack_id for m in batch]},
-                    timeout=10,
-                )
+                self.acknowledge(path, [m.ack_id for m in batch])
                 received.extend(batch)
                 last_arrival = time.monotonic()
             else:
                 time.sleep(0.1)
         return received
+
+    def pull_once(self, subscription: str, max_messages: int = 100) -> list[Any]:
+        """One pull that returns at once (possibly empty) and does not ack."""
+        # return_immediately: a long poll cut short by a client deadline could take
+        # messages the caller never sees (redelivered only after the ack deadline).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            response = self.subscriber.pull(
+                request={
+                    "subscription": self.subscription_path(subscription),
+                    "max_messages": max_messages,
+                    "return_immediately": True,
+                },
+                timeout=10,
+            )
+        return list(response.received_messages)
+
+    def acknowledge(self, subscription: str, ack_ids: list[str]) -> None:
+        self.subscriber.acknowledge(
+            request={"subscription": self.subscription_path(subscription), "ack_ids": ack_ids},
+            timeout=10,
+        )
+
+    def nack(self, subscription: str, ack_ids: list[str]) -> None:
+        """Hand messages back for redelivery now (ack deadline 0)."""
+        self.subscriber.modify_ack_deadline(
+            request={
+                "subscription": self.subscription_path(subscription),
+                "ack_ids": ack_ids,
+                "ack_deadline_seconds": 0,
+            },
+            timeout=10,
+        )
 
     def close(self) -> None:
         for close in (self.publisher.stop, self.publisher.transport.close, self.subscriber.close):

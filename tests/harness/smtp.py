@@ -115,7 +115,9 @@ def _certs() -> _Certs:
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_cert = _certificate("harness test CA", ca_key, "harness test CA", ca_key, ca=True)
     cert = _certificate("localhost", key, "harness test CA", ca_key, ca=False)
-    paths = _Certs(str(directory / "ca.pem"), str(directory / "cert.pem"), str(directory / "key.pem"))
+    paths = _Certs(
+        str(directory / "ca.pem"), str(directory / "cert.pem"), str(directory / "key.pem")
+    )
     Path(paths.ca_file).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     Path(paths.cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     Path(paths.key_file).write_bytes(_pem_key(key))
@@ -283,7 +285,8 @@ class SmtpTestServer:
             and data.login.decode() == self.username
             and data.password.decode() == (self.password or "")
         )
-        return AuthResult(success=ok)
+        # handled=False makes aiosmtpd answer the failure itself (535 5.7.8).
+        return AuthResult(success=ok, handled=ok)
 
     # what a client should use
 
@@ -380,9 +383,7 @@ class SmtpTestServer:
         raw = bytes(envelope.original_content or b"")
         parsed = BytesParser(policy=default_policy).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
-        received = ReceivedMessage(
-            str(envelope.mail_from), tuple(envelope.rcpt_tos), parsed, raw
-        )
+        received = ReceivedMessage(str(envelope.mail_from), tuple(envelope.rcpt_tos), parsed, raw)
         with self._lock:
             self._messages.append(received)
 

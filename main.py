@@ -1,0 +1,28 @@
+"""The Cloud Function: `handle_delivery`, triggered by the delivery topic (Eventarc).
+
+Thin on purpose: the work is in worker/pipeline.py. Importing this module parses the
+settings (a missing one stops the instance with one line) but opens no connection and does
+not import the Pub/Sub client; the database pool and SMTP connection are made on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import functions_framework
+
+from worker import pipeline
+from worker.settings import SettingsError
+
+try:
+    pipeline.configure()
+except SettingsError as error:
+    print(f"email-worker: configuration error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+
+
+@functions_framework.cloud_event
+def handle_delivery(cloud_event: Any) -> None:
+    """Returns when the delivery is finished (ack); raises so Pub/Sub redelivers it."""
+    pipeline.handle(cloud_event)

@@ -1,0 +1,489 @@
+"""Every row of the contract's outcome table (section 2), against real components:
+PostgreSQL, the Pub/Sub emulator (dead letters pulled from a subscription) and an aiosmtpd
+server that records what it accepted."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests import factories
+from tests.harness.pubsub import PubSubNamespace
+from tests.harness.smtp import SmtpTestServer
+from worker.db import connection_kwargs
+from worker.ledger import Ledger, Status
+from worker.pipeline import RetryLater, Worker, handle
+from worker.rendering import Renderer
+from worker.settings import DatabaseSettings, RetrySettings, Settings
+from worker.smtp import SmtpSender
+
+RETRY = RetrySettings(
+    max_attempts=3,
+    tries_per_invocation=2,
+    initial_backoff_seconds=0.01,
+    max_backoff_seconds=0.02,
+    lease_seconds=30,
+)
+MakeWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def make_worker(
+    database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
+) -> Callable[..., Worker]:
+    senders: list[SmtpSender] = []
+
+    def make(**changes: Any) -> Worker:
+        settings = Settings(
+            database=DatabaseSettings(url=database_url),
+            smtp=smtp_server.settings(),
+            pubsub=pubsub.settings,
+            retry=changes.pop("retry", RETRY),
+        )
+        sender = SmtpSender(settings.smtp)
+        senders.append(sender)
+        worker = Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
+        return replace(worker, **changes)
+
+    yield make  # type: ignore[misc]
+    for sender in senders:
+        sender.close()
+
+
+@pytest.fixture
+def worker(make_worker: MakeWorker) -> Worker:
+    return make_worker()
+
+
+def dead_letter_summary(pubsub: PubSubNamespace, timeout: float = 10.0) -> list[dict[str, Any]]:
+    return [
+        {"data": m.message.data, **dict(m.message.attributes)}
+        for m in pubsub.dead_letters(timeout=timeout)
+    ]
+
+
+def test_valid_event_sends_exactly_one_email(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    body = factories.payload("invite")
+    handle(factories.cloud_event(body, message_id="m-1"), worker)
+
+    [received] = smtp_server.messages
+    assert received.rcpt_tos == ("ada@example.com",)
+    assert received.message["Subject"]
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.SENT and row.sent_at is not None
+    assert (row.attempts, row.last_error_code, row.last_error_message) == (1, None, None)
+    assert row.provider_message_id == received.message["Message-ID"]
+    assert row.metadata == {"tenant": "acme"} and row.source_message_id == "m-1"
+    assert [e.status for e in ledger.events(body["delivery_id"])] == [
+        Status.IN_PROGRESS,
+        Status.SENT,
+    ]
+    assert pubsub.dead_letters(timeout=1) == []
+
+
+def test_same_delivery_again_sends_nothing_and_changes_nothing(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    body = factories.payload()
+    handle(factories.cloud_event(body), worker)
+    before = ledger.get(body["delivery_id"])
+    for _ in range(3):
+        handle(factories.cloud_event(body), worker)  # returns: acked
+    assert len(smtp_server.messages) == 1
+    assert ledger.get(body["delivery_id"]) == before
+    assert len(ledger.events(body["delivery_id"])) == 2
+    assert pubsub.dead_letters(timeout=1) == []
+
+
+def test_concurrent_duplicates_send_one_email(
+    make_worker: MakeWorker, smtp_server: SmtpTestServer, ledger: Ledger
+) -> None:
+    workers = [make_worker() for _ in range(8)]  # each its own SMTP connection, like instances
+    rounds = 15
+    with ThreadPoolExecutor(len(workers)) as pool:
+        for round_number in range(rounds):
+            body = factories.payload(delivery_id=f"dup-{round_number}")
+            barrier = threading.Barrier(len(workers))
+
+            def run(
+                w: Worker, body: dict[str, Any] = body, barrier: threading.Barrier = barrier
+            ) -> str:
+                barrier.wait()
+                try:
+                    handle(factories.cloud_event(body), w)
+                    return "returned"
+                except RetryLater:
+                    return "retry"
+
+            outcomes = list(pool.map(run, workers))
+            # Pub/Sub brings back the copies that asked for a retry: they must not send either.
+            for w, outcome in zip(workers, outcomes, strict=True):
+                if outcome == "retry":
+                    handle(factories.cloud_event(body), w)
+            sent_to_this_id = [
+                m
+                for m in smtp_server.messages
+                if body["delivery_id"] in str(m.message["Message-ID"])
+            ]
+            assert len(sent_to_this_id) == 1, f"round {round_number}: {outcomes}"
+    assert len(smtp_server.messages) == rounds
+
+
+def test_transient_failure_retries_then_asks_pubsub_to_redeliver(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    body = factories.payload()
+    smtp_server.fail_next(2, 451, "4.3.0 try again later")
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.RETRYING
+    assert (row.attempts, row.last_error_code) == (2, "SMTP_451")
+    assert smtp_server.messages == []
+    assert pubsub.dead_letters(timeout=1) == []
+
+    handle(factories.cloud_event(body), worker)  # the redelivery
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.SENT and row.attempts == 3
+    assert row.last_error_code is None and len(smtp_server.messages) == 1
+    statuses = [e.status for e in ledger.events(body["delivery_id"])]
+    assert statuses == [Status.IN_PROGRESS, Status.RETRYING, Status.IN_PROGRESS, Status.SENT]
+
+
+@pytest.mark.parametrize("fault", ["421", "drop", "timeout", "refused"])
+def test_transient_failures_up_to_max_attempts_are_dead_lettered(
+    make_worker: MakeWorker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    fault: str,
+) -> None:
+    worker = make_worker()
+    if fault == "421":
+        smtp_server.fail_next(10, 421, "4.7.0 too busy")
+    elif fault == "drop":
+        smtp_server.drop_next(10)
+    elif fault == "timeout":
+        smtp_server.delay(1.5)
+        worker = replace(
+            worker,
+            sender=SmtpSender(replace(worker.settings.smtp, timeout_seconds=0.5)),
+        )
+    else:
+        closed = replace(worker.settings.smtp, port=_closed_port())
+        worker = replace(
+            worker, sender=SmtpSender(closed), settings=replace(worker.settings, smtp=closed)
+        )
+    body = factories.payload("password-reset")
+    event = factories.cloud_event(body, message_id="m-dead")
+
+    with pytest.raises(RetryLater):
+        handle(event, worker)  # attempts 1 and 2 in the first invocation
+    handle(event, worker)  # attempt 3 == MAX_ATTEMPTS: dead-lettered, returns
+
+    assert smtp_server.messages == []
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.DEAD_LETTER and row.attempts == 3
+    expected_code = {
+        "421": "SMTP_421",
+        "drop": "DISCONNECTED",
+        "timeout": "TIMEOUT",
+        "refused": "CONN_REFUSED",
+    }
+    assert row.last_error_code == expected_code[fault]
+    [letter] = dead_letter_summary(pubsub)
+    assert letter["data"] == factories.encode(body)
+    assert letter["reason"] == "retries_exhausted"
+    assert (letter["attempts"], letter["delivery_id"], letter["workflow"]) == (
+        "3",
+        body["delivery_id"],
+        "password-reset",
+    )
+    assert letter["source_message_id"] == "m-dead" and letter["error_code"] == expected_code[fault]
+    handle(event, worker)  # a late redelivery changes nothing
+    assert pubsub.dead_letters(timeout=1) == []
+
+
+def test_permanent_failure_is_failed_and_dead_lettered(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    body = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 <gone@example.com>: no such user")
+    handle(factories.cloud_event(body), worker)
+
+    assert smtp_server.messages == []
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.FAILED
+    assert (row.last_error_code, row.attempts) == ("SMTP_550", 1)
+    assert row.last_error_message is not None and "gone@example.com" not in row.last_error_message
+    [letter] = dead_letter_summary(pubsub)
+    assert (letter["reason"], letter["error_code"]) == ("permanent_failure", "SMTP_550")
+    assert letter["data"] == factories.encode(body)
+
+
+INVALID_BODIES: dict[str, tuple[bytes, str | None]] = {
+    "not json": (b"{not json", None),
+    "not utf-8": (b"\xff\xfe\x00garbage", None),
+    "missing recipient": (
+        json.dumps({"delivery_id": "inv-1", "workflow": "invite", "data": {}}).encode(),
+        "inv-1",
+    ),
+    "crlf recipient": (
+        json.dumps(
+            factories.payload(delivery_id="inv-2", recipient="a@b.com\r\nBcc: x@y.com")
+        ).encode(),
+        "inv-2",
+    ),
+    "unknown workflow": (
+        json.dumps({**factories.payload(delivery_id="inv-3"), "workflow": "newsletter"}).encode(),
+        "inv-3",
+    ),
+    "missing variable": (
+        json.dumps(factories.payload(delivery_id="inv-4", data={})).encode(),
+        "inv-4",
+    ),
+    "bad delivery id": (json.dumps(factories.payload(delivery_id="has space")).encode(), None),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_BODIES), ids=str)
+def test_invalid_events_are_recorded_and_dead_lettered(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger, case: str
+) -> None:
+    raw, delivery_id = INVALID_BODIES[case]
+    handle(factories.cloud_event(raw, message_id="m-bad"), worker)  # returns: never crash-loops
+
+    assert smtp_server.messages == []
+    [letter] = dead_letter_summary(pubsub)
+    assert letter["data"] == raw
+    assert (letter["reason"], letter["error_code"]) == ("invalid_event", "INVALID_EVENT")
+    assert letter["error_message"] and letter["source_message_id"] == "m-bad"
+    assert letter.get("delivery_id") == delivery_id
+    with ledger.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, status, last_error_code FROM email.deliveries"
+        ).fetchall()
+    assert rows == ([(delivery_id, "failed", "INVALID_EVENT")] if delivery_id else [])
+
+
+def test_envelope_that_is_not_base64_is_dead_lettered(
+    worker: Worker, pubsub: PubSubNamespace
+) -> None:
+    event = factories.cloud_event(b"x", message_id="m-b64")
+    event.data["message"]["data"] = "%%% not base64 %%%"
+    handle(event, worker)
+    [letter] = dead_letter_summary(pubsub)
+    assert letter["reason"] == "invalid_event" and letter["source_message_id"] == "m-b64"
+
+
+def test_missing_template_is_a_permanent_failure(
+    make_worker: MakeWorker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    tmp_path: Path,
+) -> None:
+    worker = make_worker(renderer=Renderer(tmp_path))  # no templates at all
+    body = factories.payload()
+    handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.last_error_code) == (
+        Status.FAILED,
+        "TEMPLATE_ERROR",
+    )
+    [letter] = dead_letter_summary(pubsub)
+    assert letter["reason"] == "permanent_failure"
+    assert smtp_server.messages == []
+
+
+def test_database_unreachable_raises_and_sends_nothing(
+    make_worker: MakeWorker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    settings = DatabaseSettings(url=url, connect_timeout_seconds=1)
+    with psycopg_pool.ConnectionPool(
+        url, min_size=0, max_size=1, kwargs=connection_kwargs(settings), timeout=1, open=True
+    ) as down:
+        worker = make_worker(ledger=Ledger(down))
+        with pytest.raises((psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+            handle(factories.cloud_event(factories.payload()), worker)
+    assert smtp_server.messages == []
+    assert pubsub.dead_letters(timeout=1) == []
+
+
+def test_dead_letter_publish_failure_raises_and_does_not_mark_the_row(
+    make_worker: MakeWorker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    dead_pubsub: Any,
+) -> None:
+    worker = make_worker()
+    worker = replace(
+        worker,
+        settings=replace(
+            worker.settings, pubsub=replace(pubsub.settings, publish_timeout_seconds=2)
+        ),
+    )
+    body = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    with pytest.raises(RetryLater, match="dead-letter publish failed"):
+        handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.RETRYING  # not failed, not dead_letter
+
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(b"{broken", message_id="m-x"), worker)
+    assert smtp_server.messages == []
+
+
+def test_dead_letter_publish_recovers_on_redelivery(
+    make_worker: MakeWorker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import pubsub as worker_pubsub
+
+    worker = make_worker()
+    body = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    real_host = pubsub.emulator.host
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{_closed_port()}")
+    worker_pubsub.reset_client()
+    short = replace(
+        worker,
+        settings=replace(
+            worker.settings, pubsub=replace(pubsub.settings, publish_timeout_seconds=2)
+        ),
+    )
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(body), short)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", real_host)
+    worker_pubsub.reset_client()
+    handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.FAILED
+    assert [d["reason"] for d in dead_letter_summary(pubsub)] == ["permanent_failure"]
+
+
+def test_expired_claims_use_up_the_budget(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    """A worker that keeps dying mid-send (lease expiries) must not loop forever."""
+    body = factories.payload()
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status, attempts,"
+            " claim_token, lease_expires_at) VALUES (%s, 'verification-code', 'ada@example.com',"
+            " 'in_progress', 3, gen_random_uuid(), now() - interval '1 second')",
+            (body["delivery_id"],),
+        )
+    handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.DEAD_LETTER
+    assert [d["reason"] for d in dead_letter_summary(pubsub)] == ["retries_exhausted"]
+    assert smtp_server.messages == []
+
+
+def test_logs_carry_no_codes_links_or_passwords(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events = [factories.payload(w) for w in factories.DATA]
+    smtp_server.fail_next(1, 451, "4.3.0 try https://relay.example.com/status?token=abc later")
+    for body in events:
+        try:
+            handle(
+                factories.cloud_event(
+                    body, traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                ),
+                worker,
+            )
+        except RetryLater:
+            handle(factories.cloud_event(body), worker)
+    handle(
+        factories.cloud_event(json.dumps(factories.payload(data={"code": "12"})).encode()), worker
+    )
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines, "the worker logged nothing"
+    for secret in (
+        factories.CODE,
+        factories.INVITE_URL,
+        factories.RESET_URL,
+        "token=abc",
+        "ada@example.com",
+    ):
+        assert secret not in out
+    sent = [line for line in lines if line["message"] == "delivery sent"]
+    assert len(sent) == 3
+    assert all(
+        line["severity"] == "INFO" and line["delivery_id"] and line["workflow"] for line in sent
+    )
+    traced = [line for line in lines if "logging.googleapis.com/trace" in line]
+    assert traced and traced[0]["logging.googleapis.com/trace"].endswith(
+        "/traces/4bf92f3577b34da6a3ce929d0e0e4736"
+    )
+    assert len(smtp_server.messages) == 3
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda children: (
+                st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=10), children, max_size=4)
+            ),
+            max_leaves=20,
+        ).map(lambda value: json.dumps(value).encode()),
+        st.fixed_dictionaries(
+            {
+                "delivery_id": st.text(max_size=30),
+                "workflow": st.sampled_from(["invite", "x"]),
+                "recipient": st.text(max_size=30),
+                "data": st.dictionaries(st.text(max_size=5), st.text(max_size=5)),
+            }
+        ).map(lambda value: json.dumps(value).encode()),
+    )
+)
+def test_arbitrary_input_never_escapes_and_is_dead_lettered(
+    worker: Worker, smtp_server: SmtpTestServer, ledger: Ledger, pubsub: PubSubNamespace, raw: bytes
+) -> None:
+    handle(factories.cloud_event(raw), worker)  # must return: no exception escapes
+    assert smtp_server.messages == []
+    with ledger.pool.connection() as conn:
+        bad = conn.execute(
+            "SELECT count(*) FROM email.deliveries"
+            " WHERE status <> 'failed' OR last_error_code <> 'INVALID_EVENT'"
+        ).fetchone()
+    assert bad == (0,)
+    [letter] = pubsub.emulator.pull(pubsub.dead_letter_subscription, timeout=10, quiet=0.2)
+    assert letter.message.data == raw and letter.message.attributes["reason"] == "invalid_event"
+
+
+def _closed_port() -> int:
+    from tests.harness.postgres import free_port
+
+    return free_port()

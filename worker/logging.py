@@ -1,0 +1,129 @@
+"""structlog, one JSON object per line on stdout, in Cloud Logging's structured format.
+
+Cloud Logging reads `severity`, `message` and `logging.googleapis.com/trace` from each line.
+Per-event fields (`delivery_id`, `workflow`, `attempt`, `message_id`) are bound with
+`bind_event()` and cleared by `clear_event()`. Redaction runs last, on every line: values
+under sensitive keys are dropped and addresses and URLs in any string are masked, so a
+careless `log.info(..., url=...)` cannot leak a reset link.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+from worker.redact import mask_links_and_addresses
+
+SENSITIVE_KEYS = frozenset(
+    {
+        "code",
+        "data",
+        "password",
+        "secret",
+        "token",
+        "url",
+        "invite_url",
+        "reset_url",
+        "html",
+        "text",
+        "body",
+        "authorization",
+        "database_url",
+    }
+)
+_SEVERITY = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warning": "WARNING",
+    "warn": "WARNING",
+    "error": "ERROR",
+    "exception": "ERROR",
+    "critical": "CRITICAL",
+}
+TRACE_KEY = "logging.googleapis.com/trace"
+
+_configured = False
+
+
+class _StdoutLogger:
+    """Writes each line to whatever `sys.stdout` is now (tests swap it), flushed at once."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stdout, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+
+def _severity(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["severity"] = _SEVERITY.get(method, "DEFAULT")
+    return event
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_links_and_addresses(value)
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items() if k not in SENSITIVE_KEYS}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key.lower() in SENSITIVE_KEYS:
+            event[key] = "[redacted]"
+        elif key != TRACE_KEY:
+            event[key] = _redact_value(event[key])
+    return event
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Idempotent: the first call wins (a warm instance configures once)."""
+    global _configured
+    if _configured:
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _severity,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+            structlog.processors.format_exc_info,
+            structlog.processors.EventRenamer("message"),
+            _redact,
+            structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=lambda *_: _StdoutLogger(),
+        cache_logger_on_first_use=True,
+    )
+    _configured = True
+
+
+def get_logger() -> Any:
+    configure_logging()
+    return structlog.get_logger()
+
+
+def bind_event(*, project: str | None = None, trace: str | None = None, **fields: Any) -> None:
+    """Bind per-event fields (and the trace, if the event carried one) to every log line."""
+    structlog.contextvars.clear_contextvars()
+    if trace and project:
+        fields[TRACE_KEY] = f"projects/{project}/traces/{trace}"
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def bind(**fields: Any) -> None:
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def clear_event() -> None:
+    structlog.contextvars.clear_contextvars()

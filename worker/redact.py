@@ -1,0 +1,43 @@
+"""What may leave the process: error text and log values with secrets taken out.
+
+Codes, links and tokens live in an event's `data`, which is never logged or stored; this is
+the second line of defence for text we do not control (SMTP replies, exception messages).
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_ERROR_MESSAGE = 500
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r" {2,}")
+_URL = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)\S+")
+_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]*@([\w-]+(?:\.[\w-]+)*)")
+
+
+def mask_email(address: str) -> str:
+    """`ada@example.com` -> `a***@example.com`: enough for support to recognise it."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_addresses(text: str) -> str:
+    return _ADDRESS.sub(r"\1***@\2", text)
+
+
+def mask_links_and_addresses(text: str) -> str:
+    """URLs become `[url]` (they may carry tokens); addresses are masked."""
+    return mask_addresses(_URL.sub("[url]", text))
+
+
+def sanitise(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """One line, no URLs (they may hold tokens), masked addresses, at most `limit` chars."""
+    text = _CONTROL.sub(" ", text)
+    text = mask_links_and_addresses(text)
+    text = _SPACES.sub(" ", text).strip()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
