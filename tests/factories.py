@@ -13,7 +13,7 @@ CODE = "739154"
 INVITE_URL = "https://app.example.com/i/secret-invite-token-123"
 RESET_URL = "https://app.example.com/reset/secret-reset-token-456"
 
-DATA = {
+DATA: dict[str, dict[str, Any]] = {
     "verification-code": {"code": CODE, "expires_in_minutes": 10},
     "invite": {"organization_name": "Acme", "inviter_name": "Grace", "invite_url": INVITE_URL},
     "password-reset": {"reset_url": RESET_URL, "expires_in_minutes": 30},

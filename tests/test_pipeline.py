@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +41,7 @@ MakeWorker = Callable[..., Worker]
 @pytest.fixture
 def make_worker(
     database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
-) -> Callable[..., Worker]:
+) -> Iterator[MakeWorker]:
     senders: list[SmtpSender] = []
 
     def make(**changes: Any) -> Worker:
@@ -56,7 +56,7 @@ def make_worker(
         worker = Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
         return replace(worker, **changes)
 
-    yield make  # type: ignore[misc]
+    yield make
     for sender in senders:
         sender.close()
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import psycopg
 
 from worker.db import SQL_DIR

@@ -1,0 +1,91 @@
+"""`main.py` served by a real functions-framework process, as Cloud Functions runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FunctionServer:
+    """`functions-framework --target handle_delivery --signature-type cloudevent` on 127.0.0.1.
+
+    Its stdout and stderr (the worker's JSON log lines) go to `log_path`.
+    """
+
+    def __init__(self, env: Mapping[str, str], port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = Path(tempfile.mkdtemp(prefix="email-function-")) / "function.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def push_endpoint(self, project: str, topic: str) -> str:
+        """Where a push subscription delivers (functions-framework reads the topic from it)."""
+        return f"{self.url}/projects/{project}/topics/{topic}"
+
+    def start(self, timeout: float = 30.0) -> FunctionServer:
+        executable = Path(sys.executable).parent / "functions-framework"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(executable),
+                    "--target",
+                    "handle_delivery",
+                    "--signature-type",
+                    "cloudevent",
+                    "--source",
+                    str(ROOT / "main.py"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"functions-framework exited: {self.logs()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"functions-framework did not listen within {timeout}s")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
