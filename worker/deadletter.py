@@ -9,11 +9,11 @@ marked `dead_letter` only after that.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from enum import StrEnum
 
 from worker import pubsub
+from worker.redact import MAX_ERROR_MESSAGE, sanitise
 from worker.settings import PubSubSettings
 
 __all__ = [
@@ -23,24 +23,13 @@ __all__ = [
     "publish_dead_letter",
 ]
 
-MAX_ERROR_MESSAGE_LENGTH = 500
-
-# C0 and C1 control characters (CR, LF and TAB included), DEL, and the Unicode line and
-# paragraph separators: each becomes a space, then runs of spaces collapse.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_SPACES = re.compile(r" {2,}")
+MAX_ERROR_MESSAGE_LENGTH = MAX_ERROR_MESSAGE
 
 
 class Reason(StrEnum):
     retries_exhausted = "retries_exhausted"
     permanent_failure = "permanent_failure"
     invalid_event = "invalid_event"
-
-
-def sanitise_error_message(message: str) -> str:
-    """One line without control characters, at most `MAX_ERROR_MESSAGE_LENGTH` characters."""
-    text = _SPACES.sub(" ", _CONTROL.sub(" ", message)).strip()
-    return text[:MAX_ERROR_MESSAGE_LENGTH]
 
 
 def dead_letter_attributes(
@@ -56,8 +45,8 @@ def dead_letter_attributes(
     """The attributes of one dead-letter message; `delivery_id`/`workflow` only when known."""
     attributes = {
         "reason": Reason(reason).value,
-        "error_code": sanitise_error_message(error_code),
-        "error_message": sanitise_error_message(error_message),
+        "error_code": sanitise(error_code),
+        "error_message": sanitise(error_message),
         "attempts": str(int(attempts)),
         "source_message_id": source_message_id,
     }

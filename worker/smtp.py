@@ -7,7 +7,6 @@ that is safe to store in the ledger and to put on a dead-letter message.
 from __future__ import annotations
 
 import contextlib
-import re
 import smtplib
 import ssl
 import threading
@@ -20,6 +19,7 @@ from email.utils import format_datetime
 
 import tenacity
 
+from worker.redact import sanitise
 from worker.settings import SmtpSettings
 
 __all__ = [
@@ -29,11 +29,8 @@ __all__ = [
     "build_message",
     "classify",
     "message_id_for",
-    "sanitise",
     "send_with_retry",
 ]
-
-MAX_ERROR_MESSAGE = 500
 
 # --- Message-ID ----------------------------------------------------------------------
 
@@ -85,22 +82,6 @@ def build_message(
 
 
 # --- errors ----------------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-_SPACES = re.compile(r" {2,}")
-_URL = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)\S+")
-_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]*@([\w-]+(?:\.[\w-]+)*)")
-
-
-def sanitise(text: str) -> str:
-    """One line, no URLs (they may hold tokens), masked addresses, at most 500 chars."""
-    text = _CONTROL.sub(" ", text)
-    text = _URL.sub("[url]", text)
-    text = _ADDRESS.sub(r"\1***@\2", text)
-    text = _SPACES.sub(" ", text).strip()
-    if len(text) > MAX_ERROR_MESSAGE:
-        text = text[: MAX_ERROR_MESSAGE - 3] + "..."
-    return text
 
 
 class SmtpError(Exception):
