@@ -24,7 +24,7 @@ import tenacity
 from worker import deadletter, events, smtp
 from worker.db import shared_pool
 from worker.deadletter import Reason
-from worker.ledger import Claim, Failure, Ledger, Status
+from worker.ledger import Claim, Failure, Ledger
 from worker.logging import bind, bind_event, clear_event, get_logger
 from worker.pubsub import PublishError
 from worker.redact import mask_email, sanitise
@@ -95,6 +95,7 @@ def handle(cloud_event: Any, worker: Worker | None = None) -> None:
             trace=event.message.trace,
             delivery_id=event.delivery_id,
             workflow=event.workflow,
+            recipient=mask_email(event.recipient),
             message_id=event.message.message_id,
         )
         deliver(worker, event)
@@ -132,7 +133,7 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         rendered = worker.renderer.render(event)
     except TemplateError as template_error:
         failure = Failure("TEMPLATE_ERROR", sanitise(str(template_error)), Reason.permanent_failure)
-        fail_permanently(worker, event, claim, claim.attempts, failure)
+        dead_letter(worker, event, claim, claim.attempts, failure)
         return
 
     message = smtp.build_message(
@@ -159,7 +160,7 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
     error = result.error
     if not error.transient:
         failure = Failure(error.code, error.message, Reason.permanent_failure)
-        fail_permanently(worker, event, claim, attempts, failure)
+        dead_letter(worker, event, claim, attempts, failure)
     elif attempts >= retry.max_attempts:
         failure = Failure(error.code, error.message, Reason.retries_exhausted)
         dead_letter(worker, event, claim, attempts, failure)
@@ -222,28 +223,22 @@ def settle_unclaimed(worker: Worker, event: events.DeliveryEvent) -> None:
 # --- dead letters -------------------------------------------------------------------------
 
 
-def fail_permanently(
-    worker: Worker, event: events.DeliveryEvent, claim: Claim, attempts: int, failure: Failure
-) -> None:
-    _publish_or_release(worker, event, claim, attempts, failure)
-    _durably(lambda: worker.ledger.set_failed_if_claimed(claim, attempts=attempts, failure=failure))
-    log.error(
-        "delivery failed permanently",
-        attempts=attempts,
-        error_code=failure.code,
-        error_message=failure.message,
-    )
-
-
 def dead_letter(
     worker: Worker, event: events.DeliveryEvent, claim: Claim, attempts: int, failure: Failure
 ) -> None:
+    """Publish the dead letter, then close the row: `failed` for a permanent failure,
+    `dead_letter` when the attempts ran out (contract section 2)."""
     _publish_or_release(worker, event, claim, attempts, failure)
-    _durably(
-        lambda: worker.ledger.set_dead_letter_if_claimed(claim, attempts=attempts, failure=failure)
+    ledger = worker.ledger
+    close = (
+        ledger.set_failed_if_claimed
+        if failure.reason == Reason.permanent_failure
+        else ledger.set_dead_letter_if_claimed
     )
+    _durably(lambda: close(claim, attempts=attempts, failure=failure))
     log.error(
         "delivery dead-lettered",
+        reason=failure.reason,
         attempts=attempts,
         error_code=failure.code,
         error_message=failure.message,
@@ -337,10 +332,3 @@ def _log_retry(claim: Claim) -> Callable[[smtp.SmtpError, int], None]:
         )
 
     return on_retry
-
-
-def describe_recipient(recipient: str) -> str:
-    return mask_email(recipient)
-
-
-__all__ = ["RetryLater", "Status", "Worker", "configure", "handle", "instance"]
