@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.harness.smtp import SmtpTestServer, Stage
+from worker.redact import sanitise
 from worker.settings import SmtpSettings
 from worker.smtp import (
     SendResult,
@@ -24,7 +25,6 @@ from worker.smtp import (
     build_message,
     classify,
     message_id_for,
-    sanitise,
     send_with_retry,
 )
 

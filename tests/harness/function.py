@@ -27,10 +27,14 @@ class FunctionServer:
     Its stdout and stderr (the worker's JSON log lines) go to `log_path`.
     """
 
-    def __init__(self, env: Mapping[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str], port: int | None = None, log_path: Path | None = None
+    ) -> None:
         self.port = port or _free_port()
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.log_path = Path(tempfile.mkdtemp(prefix="email-function-")) / "function.log"
+        self.log_path = (
+            log_path or Path(tempfile.mkdtemp(prefix="email-function-")) / "function.log"
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
