@@ -144,3 +144,69 @@ WHERE (status = 'in_progress' AND lease_expires_at < now())
    OR (status IN ('queued', 'retrying') AND updated_at < now() - %(idle_seconds)s * interval '1 second')
 ORDER BY updated_at
 LIMIT %(limit)s;
+
+-- operators' commands
+-- `python -m worker replay/stats/prune` (worker/replay.py, worker/reports.py).
+
+-- name: lease_expired
+-- Replay's dry run asks this instead of comparing clocks: the database's now() is the one
+-- the claim and set_dead_letter_if_abandoned use.
+SELECT delivery_id FROM email.deliveries
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND lease_expires_at < now();
+
+-- name: stats_by_workflow
+-- One row per workflow plus a total (is_total). Success rate and mean attempts are over
+-- finished rows; the percentiles over sent rows (percentile_cont skips the NULLs of the rest).
+SELECT
+    coalesce(workflow, '(none)') AS workflow,
+    grouping(workflow) = 1 AS is_total,
+    count(*) AS total,
+    count(*) FILTER (WHERE status = 'queued') AS queued,
+    count(*) FILTER (WHERE status = 'in_progress') AS in_progress,
+    count(*) FILTER (WHERE status = 'retrying') AS retrying,
+    count(*) FILTER (WHERE status = 'sent') AS sent,
+    count(*) FILTER (WHERE status = 'failed') AS failed,
+    count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
+    (avg(attempts) FILTER (WHERE status IN ('sent', 'failed', 'dead_letter')))::float8
+        AS mean_attempts,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - queued_at))
+        AS p50_seconds,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - queued_at))
+        AS p95_seconds
+FROM email.deliveries
+WHERE queued_at >= now() - %(since_seconds)s * interval '1 second'
+GROUP BY GROUPING SETS ((workflow), ())
+HAVING count(*) > 0  -- the grand total exists even over no rows
+ORDER BY grouping(workflow), workflow NULLS LAST;
+
+-- name: count_prunable
+SELECT
+    count(*) AS deliveries,
+    (SELECT count(*) FROM email.delivery_events e
+     JOIN email.deliveries d USING (delivery_id)
+     WHERE d.status IN ('sent', 'failed', 'dead_letter')
+       AND d.updated_at < now() - %(older_than_seconds)s * interval '1 second') AS events
+FROM email.deliveries
+WHERE status IN ('sent', 'failed', 'dead_letter')
+  AND updated_at < now() - %(older_than_seconds)s * interval '1 second';
+
+-- name: prune_batch
+-- One short transaction per batch: rows a replay or worker holds are skipped (SKIP LOCKED),
+-- and the row lock re-checks the status, so a row requeued meanwhile is not deleted. Events
+-- go with their delivery (ON DELETE CASCADE); they are counted first for the report.
+WITH doomed AS (
+    SELECT delivery_id FROM email.deliveries
+    WHERE status IN ('sent', 'failed', 'dead_letter')
+      AND updated_at < now() - %(older_than_seconds)s * interval '1 second'
+    ORDER BY updated_at
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), doomed_events AS (
+    SELECT count(*) AS n FROM email.delivery_events
+    WHERE delivery_id IN (SELECT delivery_id FROM doomed)
+), gone AS (
+    DELETE FROM email.deliveries
+    WHERE delivery_id IN (SELECT delivery_id FROM doomed)
+    RETURNING delivery_id
+)
+SELECT (SELECT count(*) FROM gone) AS deliveries, (SELECT n FROM doomed_events) AS events;

@@ -1,18 +1,34 @@
-"""The operators' command line: `python -m worker COMMAND`.
+"""The operators' command line: `python -m worker COMMAND` (`--help` on each command).
 
 Exit codes: 0 success, 1 failure (one clear line on stderr), 2 bad usage (argparse).
+This module parses arguments and formats output; the logic lives in worker/replay.py and
+worker/reports.py. Nothing here imports google.cloud.pubsub: only a replay or a publish does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, TextIO
 
 import psycopg
 
-from worker import migrations
-from worker.settings import SettingsError, database_settings
+from worker import events, migrations, replay, reports
+from worker.db import connection_kwargs, open_pool
+from worker.ledger import Delivery, Ledger, Status
+from worker.pubsub import PublishError
+from worker.settings import (
+    PubSubSettings,
+    SettingsError,
+    database_settings,
+    pubsub_settings,
+)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -21,7 +37,11 @@ class CommandError(Exception):
     """A failure the operator can act on; printed as one line, exit code 1."""
 
 
+# --- commands -----------------------------------------------------------------------------
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply the sql/migrations that are not applied yet (or roll back with --down)."""
     url = database_settings().url
     if args.down:
         migrations.migrate_down(url, steps=args.steps)
@@ -30,18 +50,292 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    migrate = commands.add_parser(
-        "migrate", help="apply sql/migrations (DATABASE_URL)", description=cmd_migrate.__doc__
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Pull dead letters, requeue their ledger rows and republish them to DELIVERY_TOPIC
+    (needs DATABASE_URL, GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC). A message is acked only once
+    its republish is confirmed; messages that do not match the filters are left for later."""
+    settings = _delivery_pubsub()
+    options = replay.ReplayOptions(
+        subscription=args.subscription,
+        filters=replay.Filters(args.reason, args.workflow, args.delivery_id),
+        limit=args.limit,
+        dry_run=args.dry_run,
+        wait_seconds=args.wait,
     )
+    progress = _Progress(sys.stderr)
+    printer = _ReplayPrinter(progress)
+    with _ledger() as ledger:
+        summary = replay.replay(
+            ledger, settings, options, on_item=printer.item, on_progress=progress.show
+        )
+    progress.clear()
+    print(_replay_summary(summary))
+    if summary.failed:
+        raise CommandError(f"{summary.failed} message(s) could not be replayed; run it again")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A delivery's ledger row and its status history (needs DATABASE_URL)."""
+    with _ledger() as ledger:
+        report = reports.delivery_report(ledger, args.delivery_id)
+    if report is None:
+        raise CommandError(f"no delivery with id {args.delivery_id!r}")
+    if args.json:
+        _print_json({"delivery": _plain(report.delivery), "events": _plain(report.events)})
+        return 0
+    _print_delivery(report.delivery)
+    print()
+    print(
+        _table(
+            ["WHEN", "STATUS", "FROM", "ATTEMPT", "REASON", "ERROR"],
+            [
+                [
+                    _when(e.created_at),
+                    e.status,
+                    e.payload.get("from"),
+                    e.attempt,
+                    e.payload.get("reason"),
+                    _error(e.error_code, e.error_message),
+                ]
+                for e in report.events
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """A recipient's deliveries, most recently changed first (needs DATABASE_URL)."""
+    with _ledger() as ledger:
+        rows = reports.history(ledger, args.recipient, limit=args.limit)
+    if args.json:
+        _print_json(_plain(rows))
+        return 0
+    if not rows:
+        print(f"no deliveries for {args.recipient}")
+        return 0
+    print(
+        _table(
+            ["UPDATED", "DELIVERY_ID", "WORKFLOW", "STATUS", "ATTEMPTS", "REPLAYS", "ERROR"],
+            [_history_row(row) for row in rows],
+        )
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Per workflow, over deliveries queued in the window: counts by status, success rate
+    (sent / finished), mean attempts (finished rows), p50 and p95 seconds from queued to
+    sent (needs DATABASE_URL)."""
+    since: _Duration = args.since
+    with _ledger() as ledger:
+        rows = reports.stats(ledger, since=since.delta)
+    if args.json:
+        _print_json(
+            {
+                "since": since.text,
+                "since_seconds": since.delta.total_seconds(),
+                "workflows": [_stats_json(row) for row in rows],
+            }
+        )
+        return 0
+    if not rows:
+        print(f"no deliveries queued in the last {since.text}")
+        return 0
+    print(f"deliveries queued in the last {since.text}")
+    print(_table(_STATS_HEADERS, [_stats_row(row) for row in rows]))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete finished deliveries (sent, failed, dead_letter) not updated for --older-than,
+    with their events, in batches of short transactions (needs DATABASE_URL and a role that
+    may delete: the table owner)."""
+    older_than: _Duration = args.older_than
+    with _ledger() as ledger:
+        result = reports.prune(
+            ledger, older_than=older_than.delta, batch_size=args.batch_size, dry_run=args.dry_run
+        )
+    scope = f"finished, last updated more than {older_than.text} ago"
+    if result.dry_run:
+        print(f"would delete {result.deliveries} deliveries and {result.events} events ({scope})")
+    else:
+        print(
+            f"deleted {result.deliveries} deliveries and {result.events} events ({scope}) "
+            f"in {result.batches} batch(es)"
+        )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Enqueue one delivery on DELIVERY_TOPIC, checked as the worker would check it (needs
+    GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC). Prints the delivery id and the message id."""
+    body: dict[str, Any] = {
+        "delivery_id": args.delivery_id or replay.new_delivery_id(),
+        "workflow": args.workflow,
+        "recipient": args.recipient,
+        "data": _json_arg("--data", args.data),
+    }
+    if args.metadata is not None:
+        body["metadata"] = _json_arg("--metadata", args.metadata)
+    if args.locale is not None:
+        body["locale"] = args.locale
+    try:
+        event = replay.check_delivery(body)  # refused here, not dead-lettered later
+    except events.InvalidEvent as invalid:
+        raise CommandError(f"invalid event: {invalid}") from None
+    enqueued = replay.enqueue(_delivery_pubsub(), event)
+    print(f"delivery_id {enqueued.delivery_id}")
+    print(f"message_id {enqueued.message_id}")
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Duration:
+    """A parsed duration and what the operator typed, for the output ("the last 24h")."""
+
+    text: str
+    delta: timedelta
+
+
+def _duration(text: str) -> _Duration:
+    try:
+        return _Duration(text, reports.parse_duration(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add(commands: Any, name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help_text, description=handler.__doc__
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_migrate(commands: Any) -> None:
+    migrate = _add(commands, "migrate", cmd_migrate, "apply sql/migrations (DATABASE_URL)")
     migrate.add_argument(
         "--down", action="store_true", help="roll back instead: the newest migration(s)"
     )
     migrate.add_argument("--steps", type=int, default=1, help="with --down: how many (default 1)")
-    migrate.set_defaults(handler=cmd_migrate)
+
+
+def _add_replay(commands: Any) -> None:
+    p = _add(commands, "replay", cmd_replay, "republish dead letters to DELIVERY_TOPIC")
+    p.add_argument(
+        "--subscription",
+        required=True,
+        metavar="SUB",
+        help="the dead-letter subscription: an id in GOOGLE_CLOUD_PROJECT or a full path",
+    )
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="replay at most N")
+    p.add_argument(
+        "--reason",
+        metavar="R",
+        help="only this reason (permanent_failure, retries_exhausted, invalid_event, "
+        f"{replay.POLICY_REASON})",
+    )
+    p.add_argument("--workflow", metavar="W", help="only this workflow")
+    p.add_argument("--delivery-id", metavar="ID", help="only this delivery")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be replayed; change nothing"
+    )
+    p.add_argument(
+        "--wait",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="stop once the subscription has returned nothing for this long (default 2)",
+    )
+
+
+def _add_reads(commands: Any) -> None:
+    status = _add(commands, "status", cmd_status, "one delivery and its history")
+    status.add_argument("delivery_id", metavar="DELIVERY_ID")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    history = _add(commands, "history", cmd_history, "a recipient's deliveries, newest first")
+    history.add_argument("--recipient", required=True, metavar="ADDRESS")
+    history.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N rows (default 20)"
+    )
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stats = _add(commands, "stats", cmd_stats, "per-workflow counts, success rate, latency")
+    stats.add_argument(
+        "--since",
+        type=_duration,
+        default="24h",
+        metavar="DURATION",
+        help="window by queued_at: 30m, 24h, 7d, 90d ... (default 24h)",
+    )
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_prune(commands: Any) -> None:
+    p = _add(commands, "prune", cmd_prune, "delete old finished deliveries and their events")
+    p.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help="last updated longer ago than this: 30m, 24h, 7d, 90d ...",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count only; delete nothing")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="rows per transaction (default 1000)",
+    )
+
+
+def _add_publish(commands: Any) -> None:
+    p = _add(commands, "publish", cmd_publish, "enqueue one delivery on DELIVERY_TOPIC")
+    p.add_argument("--workflow", required=True, metavar="W")
+    p.add_argument("--recipient", required=True, metavar="R")
+    p.add_argument("--data", required=True, metavar="JSON", help="the template variables")
+    p.add_argument("--delivery-id", metavar="ID", help="default: cli_<random hex>")
+    p.add_argument("--metadata", metavar="JSON", help="stored with the ledger row")
+    p.add_argument("--locale", metavar="L", help="default: en")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Operate the email worker. Exit codes: 0 success, 1 failure (one line on "
+        "stderr), 2 bad usage. Settings come from the environment (DATABASE_URL, "
+        "GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC, ...).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_migrate, _add_replay, _add_reads, _add_prune, _add_publish):
+        add(commands)
     return parser
 
 
@@ -50,10 +344,230 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Command = args.handler
     try:
         return handler(args)
-    except (SettingsError, CommandError) as error:
+    except (SettingsError, CommandError, replay.ReplayError, PublishError) as error:
         print(f"error: {error}", file=sys.stderr)
     except psycopg.Error as error:
-        print(f"error: database: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: database: {_first_line(error)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     return 1
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _ledger() -> Iterator[Ledger]:
+    settings = database_settings()
+    # Connect once directly first: the pool would hide why a connection failed behind a
+    # timeout, and log its retries to stderr.
+    psycopg.connect(settings.url, **connection_kwargs(settings)).close()
+    pool = open_pool(settings)
+    try:
+        yield Ledger(pool)
+    finally:
+        pool.close()
+
+
+def _delivery_pubsub() -> PubSubSettings:
+    settings = pubsub_settings()
+    if settings.delivery_topic is None:
+        raise SettingsError("DELIVERY_TOPIC is required but not set")
+    return settings
+
+
+def _json_arg(option: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise CommandError(f"{option} is not valid JSON: {error}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+class _Progress:
+    """One self-overwriting line on a terminal; nothing when stderr is a file or pipe."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.shown = False
+
+    def show(self, summary: replay.Summary) -> None:
+        if self.enabled:
+            self.stream.write(f"\r\x1b[K{_replay_summary(summary, progress=True)}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+class _ReplayPrinter:
+    COLUMNS = ("OUTCOME", "DELIVERY_ID", "WORKFLOW", "REASON", "ERROR_CODE", "DECISION")
+    WIDTHS = (13, 28, 18, 26, 14)
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+        self.header_shown = False
+
+    def item(self, item: replay.Item) -> None:
+        self.progress.clear()
+        if not self.header_shown:
+            print(self._line(self.COLUMNS))
+            self.header_shown = True
+        letter = item.letter
+        decision = item.action.description if item.action else ""
+        detail = "; ".join(part for part in (decision, item.detail) if part)
+        cells = (
+            item.outcome,
+            letter.delivery_id,
+            letter.workflow,
+            letter.reason,
+            letter.error_code,
+            detail,
+        )
+        print(self._line(tuple(_cell(cell) for cell in cells)))
+
+    def _line(self, cells: tuple[str, ...]) -> str:
+        padded = [cell.ljust(width) for cell, width in zip(cells, self.WIDTHS, strict=False)]
+        return "  ".join([*padded, cells[-1]]).rstrip()
+
+
+def _replay_summary(summary: replay.Summary, *, progress: bool = False) -> str:
+    verb = "would replay" if summary.dry_run else "replayed"
+    text = f"{verb} {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
+    text += f", left for later {summary.left}"
+    if progress:
+        return f"replay: pulled {summary.pulled}, {text}"
+    return text + (" (dry run: nothing changed)" if summary.dry_run else "")
+
+
+def _print_delivery(d: Delivery) -> None:
+    fields = [
+        ("delivery_id", d.delivery_id),
+        ("status", f"{d.status}" + (f" ({d.status_reason})" if d.status_reason else "")),
+        ("workflow", d.workflow),
+        ("recipient", d.recipient),
+        ("locale", d.locale),
+        ("attempts", d.attempts),
+        ("replays", d.replays),
+        ("last error", _error(d.last_error_code, d.last_error_message)),
+        ("queued at", _when(d.queued_at)),
+        ("last attempted at", _when(d.last_attempted_at)),
+        ("sent at", _when(d.sent_at)),
+        ("lease expires at", _when(d.lease_expires_at)),
+        ("provider message id", d.provider_message_id),
+        ("source message id", d.source_message_id),
+        ("metadata", None if d.metadata is None else json.dumps(d.metadata, sort_keys=True)),
+        ("created at", _when(d.created_at)),
+        ("updated at", _when(d.updated_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name.ljust(width)}  {_cell(value)}")
+
+
+def _history_row(d: Delivery) -> list[Any]:
+    return [
+        _when(d.updated_at),
+        d.delivery_id,
+        d.workflow,
+        d.status,
+        d.attempts,
+        d.replays,
+        _error(d.last_error_code, None),
+    ]
+
+
+_STATS_HEADERS = [
+    "WORKFLOW",
+    "TOTAL",
+    *(status.value.upper() for status in Status),  # the order of WorkflowStats.counts
+    "SUCCESS",
+    "MEAN_ATTEMPTS",
+    "P50",
+    "P95",
+]
+
+
+def _stats_row(row: reports.WorkflowStats) -> list[Any]:
+    rate = None if row.success_rate is None else f"{row.success_rate:.1%}"
+    return [
+        row.workflow,
+        row.total,
+        *row.counts.values(),
+        rate,
+        _number(row.mean_attempts, "{:.2f}"),
+        _number(row.p50_seconds, "{:.1f}s"),
+        _number(row.p95_seconds, "{:.1f}s"),
+    ]
+
+
+def _stats_json(row: reports.WorkflowStats) -> dict[str, Any]:
+    return {
+        "workflow": row.workflow,
+        "is_total": row.is_total,
+        "total": row.total,
+        "counts": {status.value: count for status, count in row.counts.items()},
+        "finished": row.finished,
+        "success_rate": row.success_rate,
+        "mean_attempts": row.mean_attempts,
+        "p50_seconds": row.p50_seconds,
+        "p95_seconds": row.p95_seconds,
+    }
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(headers), *[[_cell(value) for value in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _number(value: float | None, template: str) -> str | None:
+    return None if value is None else template.format(value)
+
+
+def _when(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(sep=" ", timespec="seconds")
+
+
+def _error(code: str | None, message: str | None) -> str | None:
+    if code is None:
+        return message
+    return f"{code}: {message}" if message else code
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (and lists of them) as JSON-ready dicts."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return dataclasses.asdict(value)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

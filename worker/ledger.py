@@ -225,3 +225,9 @@ class Ledger:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query(name), params)
             return cur.fetchall()
+
+    # --- operators' reads (python -m worker replay) -------------------------------------
+
+    def lease_expired(self, delivery_id: str) -> bool:
+        """In progress under a lease that has run out, by the database's clock."""
+        return self._fetch_one("lease_expired", delivery_id=delivery_id) is not None

@@ -1,0 +1,434 @@
+"""`python -m worker replay` against PostgreSQL, the Pub/Sub emulator and aiosmtpd: dead letters
+the worker made and ones Pub/Sub's dead-letter policy forwarded go back on the delivery topic,
+the worker then sends each exactly once, and nothing is replayed twice or lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from cloudevents.http import CloudEvent
+
+from tests import factories
+from tests.harness.postgres import wait_until
+from tests.harness.pubsub import PubSubNamespace
+from tests.harness.smtp import SmtpTestServer
+from worker import cli
+from worker.ledger import Ledger, Status
+from worker.pipeline import RetryLater, Worker, handle
+from worker.rendering import Renderer
+from worker.settings import DatabaseSettings, RetrySettings, Settings
+from worker.smtp import SmtpSender
+
+WAIT = "0.5"  # seconds of empty pulls that end a run: the emulator answers at once
+RETRY = RetrySettings(
+    max_attempts=5,
+    tries_per_invocation=1,
+    initial_backoff_seconds=0.01,
+    max_backoff_seconds=0.02,
+    lease_seconds=30,
+)
+
+
+@pytest.fixture
+def worker(
+    database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
+) -> Iterator[Worker]:
+    settings = Settings(
+        database=DatabaseSettings(url=database_url),
+        smtp=smtp_server.settings(),
+        pubsub=pubsub.settings,
+        retry=RETRY,
+    )
+    sender = SmtpSender(settings.smtp)
+    yield Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
+    sender.close()
+
+
+def replay(capsys: pytest.CaptureFixture[str], pubsub: PubSubNamespace, *args: str) -> str:
+    """Run `replay` in-process on the namespace's dead-letter subscription; its stdout."""
+    code, out, err = run(capsys, "replay", "--subscription", pubsub.dead_letter_subscription, *args)
+    assert (code, err) == (0, ""), out
+    return out
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.main([*args, "--wait", WAIT])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary(out: str) -> str:
+    return out.strip().splitlines()[-1]
+
+
+def as_event(received: Any) -> CloudEvent:
+    """A message pulled from the delivery subscription, as the function would receive it."""
+    message = received.message
+    return factories.cloud_event(
+        bytes(message.data), message_id=message.message_id, attributes=dict(message.attributes)
+    )
+
+
+def publish_dead_letter(
+    pubsub: PubSubNamespace, body: dict[str, Any] | bytes, **attributes: str
+) -> str:
+    """A dead letter as the worker writes it (contract section 2)."""
+    defaults = {
+        "reason": "permanent_failure",
+        "error_code": "SMTP_550",
+        "error_message": "5.1.1 no such user",
+        "attempts": "1",
+        "source_message_id": "m-1",
+    }
+    if isinstance(body, dict):
+        defaults |= {"delivery_id": body["delivery_id"], "workflow": body["workflow"]}
+    return pubsub.emulator.publish(
+        pubsub.dead_letter_topic, factories.encode(body), **(defaults | attributes)
+    )
+
+
+def delivery_ids(received: list[Any]) -> list[str]:
+    return sorted(json.loads(m.message.data)["delivery_id"] for m in received)
+
+
+def statuses(ledger: Ledger, delivery_id: str) -> list[Status]:
+    return [e.status for e in ledger.events(delivery_id)]
+
+
+# --- the two kinds of dead letter -------------------------------------------------------------
+
+
+def test_a_worker_dead_letter_is_replayed_and_sent_exactly_once(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    body = factories.payload("invite", recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    handle(factories.cloud_event(body), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.FAILED
+    smtp_server.reset()  # the mailbox exists now
+
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    line = next(line for line in out.splitlines() if body["delivery_id"] in line)
+    assert line.split()[:6] == [
+        "replayed",
+        body["delivery_id"],
+        "invite",
+        "permanent_failure",
+        "SMTP_550",
+        "row",
+    ]
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.attempts, row.replays) == (Status.QUEUED, 0, 1)
+
+    [republished] = pubsub.deliveries(timeout=5)
+    assert bytes(republished.message.data) == factories.encode(body)
+    assert set(republished.message.attributes) == {"replayed_from"}
+    handle(as_event(republished), worker)
+    handle(as_event(republished), worker)  # a duplicate delivery changes nothing
+
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("gone@example.com",)]
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.replays, row.attempts) == (Status.SENT, 1, 1)
+    assert statuses(ledger, body["delivery_id"]) == [
+        Status.IN_PROGRESS,
+        Status.FAILED,
+        Status.QUEUED,
+        Status.IN_PROGRESS,
+        Status.SENT,
+    ]
+    queued = ledger.events(body["delivery_id"])[2]
+    assert queued.payload["reason"] == "replay" and queued.payload["replays"] == 1
+
+    # A second run finds nothing: the dead letter was acked after the republish.
+    assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"
+    assert pubsub.deliveries(timeout=0.5) == []
+
+
+def test_a_dead_letter_forwarded_by_the_pubsub_policy_is_replayed(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    emulator = pubsub.emulator
+    policy_sub = emulator.create_pull_subscription(
+        pubsub.delivery_topic,
+        f"policy-{uuid.uuid4().hex[:12]}",
+        dead_letter_topic=pubsub.dead_letter_topic,
+        max_delivery_attempts=5,
+    )
+    body = factories.payload("password-reset")
+    # The worker saw it once and asked for a retry; Pub/Sub then gave up on the message.
+    smtp_server.fail_next(1, 451, "4.3.0 try again later")
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(body), worker)
+    emulator.publish(pubsub.delivery_topic, factories.encode(body), origin="upstream")
+    pubsub.deliveries(timeout=5)  # drain the harness's own copy of the original
+
+    letters: list[Any] = []
+
+    def forwarded() -> bool:
+        """Nack the delivery until the emulator gives up on it; peek at the dead letter."""
+        for received in emulator.pull_once(policy_sub):
+            emulator.nack(policy_sub, [received.ack_id])
+        letters.extend(emulator.pull_once(pubsub.dead_letter_subscription))
+        if letters:  # only looking: hand it back for the replay
+            emulator.nack(pubsub.dead_letter_subscription, [m.ack_id for m in letters])
+        return bool(letters)
+
+    wait_until(forwarded, timeout=20)
+    attributes = dict(letters[0].message.attributes)
+    assert attributes["CloudPubSubDeadLetterSourceDeliveryCount"] == "5"
+    assert attributes["CloudPubSubDeadLetterSourceSubscription"].endswith(policy_sub.split("/")[-1])
+    assert "reason" not in attributes and attributes["origin"] == "upstream"
+    emulator.delete_subscription(policy_sub)  # it would pull the republished copy too
+
+    out = replay(capsys, pubsub, "--reason", "pubsub_dead_letter_policy")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    assert "abandoned row closed and requeued" in out and "password-reset" in out
+    [republished] = pubsub.deliveries(timeout=5)
+    assert dict(republished.message.attributes) == {
+        "origin": "upstream",
+        "replayed_from": letters[0].message.message_id,
+    }
+    smtp_server.reset()
+    handle(as_event(republished), worker)
+
+    assert len(smtp_server.messages) == 1
+    events = ledger.events(body["delivery_id"])
+    assert [e.status for e in events] == [
+        Status.IN_PROGRESS,
+        Status.RETRYING,
+        Status.DEAD_LETTER,
+        Status.QUEUED,
+        Status.IN_PROGRESS,
+        Status.SENT,
+    ]
+    assert events[2].payload["reason"] == "pubsub_dead_letter_policy"
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.SENT, 1)
+
+
+# --- what is and is not replayed ------------------------------------------------------------
+
+
+def test_filters_leave_other_messages_for_a_later_run(
+    pubsub: PubSubNamespace, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    invite = factories.payload("invite")
+    reset = factories.payload("password-reset")
+    publish_dead_letter(pubsub, invite)
+    publish_dead_letter(pubsub, reset, reason="retries_exhausted", error_code="SMTP_421")
+    publish_dead_letter(pubsub, b"{not json", reason="invalid_event", error_code="INVALID_EVENT")
+
+    out = replay(capsys, pubsub, "--reason", "retries_exhausted")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 2"
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [reset["delivery_id"]]
+
+    out = replay(capsys, pubsub, "--workflow", "invite")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 1"
+    out = replay(capsys, pubsub, "--delivery-id", "not-there")
+    assert summary(out) == "replayed 0, skipped 0, failed 0, left for later 1"
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [invite["delivery_id"]]
+
+    out = replay(capsys, pubsub)  # the invalid one has no delivery id: republished as is
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    [invalid] = pubsub.deliveries(timeout=5)
+    assert bytes(invalid.message.data) == b"{not json"
+
+
+def test_dry_run_lists_and_changes_nothing(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    body = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    handle(factories.cloud_event(body), worker)
+    unknown = factories.payload("invite")
+    publish_dead_letter(pubsub, unknown, reason="invalid_event", error_code="INVALID_EVENT")
+    before = ledger.get(body["delivery_id"])
+
+    out = replay(capsys, pubsub, "--dry-run")
+    assert summary(out) == (
+        "would replay 2, skipped 0, failed 0, left for later 0 (dry run: nothing changed)"
+    )
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "OUTCOME",
+        "DELIVERY_ID",
+        "WORKFLOW",
+        "REASON",
+        "ERROR_CODE",
+        "DECISION",
+    ]
+    rows = {line.split()[2]: line for line in lines[1:-1]}
+    assert "verification-code" in rows[body["delivery_id"]]
+    assert "SMTP_550" in rows[body["delivery_id"]] and "row requeued" in rows[body["delivery_id"]]
+    assert "INVALID_EVENT" in rows[unknown["delivery_id"]]
+    assert "no ledger row" in rows[unknown["delivery_id"]]
+
+    assert ledger.get(body["delivery_id"]) == before
+    assert len(ledger.events(body["delivery_id"])) == 2
+    assert ledger.get(unknown["delivery_id"]) is None
+    assert pubsub.deliveries(timeout=0.5) == []
+    # Nothing was acked: the real run finds both.
+    assert summary(replay(capsys, pubsub)) == "replayed 2, skipped 0, failed 0, left for later 0"
+
+
+def test_sent_rows_are_skipped_and_acked_live_leases_left_expired_ones_requeued(
+    worker: Worker,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sent = factories.payload()
+    handle(factories.cloud_event(sent), worker)
+    live, expired = factories.payload(), factories.payload()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for body, lease in ((live, "1 hour"), (expired, "-1 second")):
+            conn.execute(
+                "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+                " attempts, claim_token, lease_expires_at) VALUES (%s, %s, %s, 'in_progress',"
+                " 1, gen_random_uuid(), now() + %s::interval)",
+                (body["delivery_id"], body["workflow"], body["recipient"], lease),
+            )
+    for body in (sent, live, expired):
+        publish_dead_letter(pubsub, body)
+
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 2, failed 0, left for later 0"
+    assert "already sent" in out and "in progress under a live lease" in out
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [expired["delivery_id"]]
+    row = ledger.get(expired["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.QUEUED, 1)
+    assert statuses(ledger, expired["delivery_id"])[-2:] == [Status.DEAD_LETTER, Status.QUEUED]
+    live_row = ledger.get(live["delivery_id"])
+    assert live_row is not None and live_row.status is Status.IN_PROGRESS
+
+    # The sent one was acked, the live one released for later.
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+    assert live["delivery_id"] in out and sent["delivery_id"] not in out
+
+
+def test_limit(
+    pubsub: PubSubNamespace, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bodies = [factories.payload() for _ in range(3)]
+    for body in bodies:
+        publish_dead_letter(pubsub, body)
+
+    out = replay(capsys, pubsub, "--limit", "2")
+    assert summary(out) == "replayed 2, skipped 0, failed 0, left for later 0"
+    first = pubsub.deliveries(timeout=5)
+    assert len(first) == 2
+    out = replay(capsys, pubsub, "--limit", "2")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    second = pubsub.deliveries(timeout=5)
+    assert delivery_ids(first + second) == sorted(b["delivery_id"] for b in bodies)
+
+
+def test_one_delivery_dead_lettered_twice_is_replayed_once(
+    pubsub: PubSubNamespace, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = factories.payload()
+    publish_dead_letter(pubsub, body)
+    publish_dead_letter(pubsub, body, reason="retries_exhausted")
+
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 1, failed 0, left for later 0"
+    assert "already replayed in this run" in out
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [body["delivery_id"]]
+    assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"
+
+
+def test_a_failed_republish_is_counted_and_left_on_the_subscription(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    handle(factories.cloud_event(body), worker)
+    monkeypatch.setenv("DELIVERY_TOPIC", "no-such-topic")
+
+    code, out, err = run(capsys, "replay", "--subscription", pubsub.dead_letter_subscription)
+    assert code == 1
+    assert summary(out) == "replayed 0, skipped 0, failed 1, left for later 0"
+    assert err.count("\n") == 1 and err.startswith("error: 1 message(s) could not be replayed")
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.QUEUED  # the next run republishes it
+
+    monkeypatch.setenv("DELIVERY_TOPIC", pubsub.delivery_topic)
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    assert "row already queued" in out
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [body["delivery_id"]]
+
+
+def test_subscription_by_id_and_a_missing_one(
+    pubsub: PubSubNamespace, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish_dead_letter(pubsub, factories.payload())
+    subscription_id = pubsub.dead_letter_subscription.rsplit("/", 1)[1]
+    code, out, _ = run(capsys, "replay", "--subscription", subscription_id)
+    assert code == 0 and summary(out).startswith("replayed 1,")
+
+    code, out, err = run(capsys, "replay", "--subscription", "no-such-subscription")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "no-such-subscription" in err
+
+
+def test_replay_needs_its_settings(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
+    monkeypatch.delenv("DELIVERY_TOPIC", raising=False)
+    code, _, err = run(capsys, "replay", "--subscription", "dead-letters")
+    assert (code, err) == (1, "error: DELIVERY_TOPIC is required but not set\n")
+
+
+def test_progress_is_shown_on_a_terminal_only(
+    pubsub: PubSubNamespace,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    publish_dead_letter(pubsub, factories.payload())
+    controller, terminal = pty.openpty()
+    shown = b""
+    with os.fdopen(terminal, "w") as tty:
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "stderr", tty)
+            out = replay(capsys, pubsub)
+        while select.select([controller], [], [], 0.2)[0]:
+            shown += os.read(controller, 65536)
+    os.close(controller)
+    shown_text = shown.decode()
+    assert "replay: pulled 1, replayed 1, skipped 0, failed 0, left for later 0" in shown_text
+    assert shown_text.endswith("\r\x1b[K")  # cleared before the summary went to stdout
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"

@@ -1,0 +1,518 @@
+"""Put dead letters back on the delivery topic: `python -m worker replay` and `publish`.
+
+A run pulls the dead-letter subscription in batches (synchronous pull) and, per message:
+  1. identifies the delivery: our own dead letters name it in attributes; those Pub/Sub's
+     dead-letter policy forwarded (`CloudPubSubDeadLetter*` attributes, no `reason`) only in
+     their data, which is parsed best effort;
+  2. leaves a message that does not match the filters for later: it stays leased for the run,
+     so the run does not pull it again, and is released (ack deadline 0) at the end;
+  3. decides from the ledger row (`Action`) and makes the row replayable *before* the
+     republish: a worker that got the message first would otherwise find the row finished
+     and drop it;
+  4. republishes the original bytes without the dead-letter attributes, with
+     `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed.
+Acked messages are gone, so a second run replays nothing twice; a row already `sent` is acked
+without a republish.
+
+`google.cloud.pubsub_v1` is imported only when a run starts: importing the CLI stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from worker import events
+from worker import pubsub as worker_pubsub
+from worker.ledger import Ledger, Status
+from worker.settings import PubSubSettings, SettingsError
+
+__all__ = [
+    "POLICY_REASON",
+    "Action",
+    "DeadLetter",
+    "Enqueued",
+    "Filters",
+    "Item",
+    "ReplayError",
+    "ReplayOptions",
+    "Summary",
+    "check_delivery",
+    "enqueue",
+    "replay",
+]
+
+T = TypeVar("T")
+POLICY_REASON = "pubsub_dead_letter_policy"
+POLICY_PREFIX = "CloudPubSubDeadLetter"
+OUR_ATTRIBUTES = frozenset(
+    {"reason", "error_code", "error_message", "attempts", "source_message_id"}
+    | {"delivery_id", "workflow"}
+)
+# Held messages are leased this long (Pub/Sub's maximum) and re-leased at half-time, so a long
+# run never sees them twice; a run killed hard lets them go after at most this long.
+HOLD_SECONDS = 600
+RPC_TIMEOUT_SECONDS = 30.0
+POLL_SECONDS = 0.2
+RELEASE_CHUNK = 1000
+# A row that changes under the replay this often (a worker racing it) is left for a later run.
+MAX_DECISIONS = 3
+
+
+class ReplayError(Exception):
+    """The run cannot go on (subscription missing, Pub/Sub unreachable). One line."""
+
+
+class Action(StrEnum):
+    """What a dead letter's ledger row calls for."""
+
+    NEW = "new"  # no ledger row (or no delivery id): republish
+    QUEUED = "queued"  # requeued by an earlier replay, not processed yet: republish
+    REQUEUE = "requeue"  # failed/dead_letter -> queued, then republish
+    CLOSE_AND_REQUEUE = "close_and_requeue"  # retrying/expired lease -> dead_letter -> queued
+    SKIP_SENT = "skip_sent"  # already sent: ack, nothing to do
+    SKIP_IN_PROGRESS = "skip_in_progress"  # a live lease: leave for later
+    SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
+
+    @property
+    def republishes(self) -> bool:
+        return self in (Action.NEW, Action.QUEUED, Action.REQUEUE, Action.CLOSE_AND_REQUEUE)
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Action.NEW: "no ledger row",
+    Action.QUEUED: "row already queued",
+    Action.REQUEUE: "row requeued",
+    Action.CLOSE_AND_REQUEUE: "abandoned row closed and requeued",
+    Action.SKIP_SENT: "already sent",
+    Action.SKIP_IN_PROGRESS: "in progress under a live lease",
+    Action.SKIP_DUPLICATE: "already replayed in this run",
+}
+
+
+class Outcome(StrEnum):
+    REPLAYED = "replayed"
+    WOULD_REPLAY = "would replay"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+# --- one dead letter ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    ack_id: str = field(repr=False)
+    message_id: str
+    data: bytes = field(repr=False)  # the original event: holds codes and links
+    attributes: Mapping[str, str]
+    reason: str
+    error_code: str | None
+    delivery_id: str | None
+    workflow: str | None
+
+    @classmethod
+    def from_received(cls, received: Any) -> DeadLetter:
+        """From a `google.pubsub_v1.types.ReceivedMessage`."""
+        message = received.message
+        attributes = dict(message.attributes)
+        data = bytes(message.data)
+        ours = "reason" in attributes
+        from_data = (None, None) if ours else identify(data)
+        return cls(
+            ack_id=received.ack_id,
+            message_id=message.message_id,
+            data=data,
+            attributes=attributes,
+            reason=attributes.get("reason") or _policy_or_unknown(attributes),
+            error_code=attributes.get("error_code"),
+            delivery_id=attributes.get("delivery_id") if ours else from_data[0],
+            workflow=attributes.get("workflow") if ours else from_data[1],
+        )
+
+    def republish_attributes(self) -> dict[str, str]:
+        """The original attributes without any dead-letter ones, plus where it came from."""
+        kept = {
+            key: value
+            for key, value in self.attributes.items()
+            if key not in OUR_ATTRIBUTES and not key.startswith(POLICY_PREFIX)
+        }
+        return {**kept, "replayed_from": self.message_id}
+
+
+def _policy_or_unknown(attributes: Mapping[str, str]) -> str:
+    forwarded = any(key.startswith(POLICY_PREFIX) for key in attributes)
+    return POLICY_REASON if forwarded else "unknown"
+
+
+def identify(data: bytes) -> tuple[str | None, str | None]:
+    """Best-effort (delivery id, workflow) of an event's bytes; None where unreadable."""
+    message = events.PubSubMessage(data=data, attributes={}, message_id="")
+    try:
+        event = events.parse_delivery(message)
+    except events.InvalidEvent as invalid:
+        return invalid.delivery_id, invalid.workflow
+    return event.delivery_id, event.workflow
+
+
+@dataclass(frozen=True)
+class Filters:
+    reason: str | None = None
+    workflow: str | None = None
+    delivery_id: str | None = None
+
+    def match(self, letter: DeadLetter) -> bool:
+        wanted = (
+            (self.reason, letter.reason),
+            (self.workflow, letter.workflow),
+            (self.delivery_id, letter.delivery_id),
+        )
+        return all(want is None or want == got for want, got in wanted)
+
+
+# --- a run ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    subscription: str  # an id in the project, or projects/P/subscriptions/S
+    filters: Filters = Filters()
+    limit: int | None = None  # replay at most this many
+    dry_run: bool = False
+    # Stop once pulls have come back empty for this long. Pulls return at once (a long poll
+    # cut short by a client deadline can take messages the caller never sees).
+    wait_seconds: float = 2.0
+    batch_size: int = 100
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dead letter the run acted on (or, in a dry run, would have)."""
+
+    letter: DeadLetter
+    action: Action | None  # None: the decision itself failed
+    outcome: Outcome
+    detail: str = ""
+
+
+@dataclass
+class Summary:
+    dry_run: bool
+    pulled: int = 0
+    replayed: int = 0  # in a dry run: would replay
+    skipped: int = 0
+    failed: int = 0
+    left: int = 0  # did not match the filters, or over the limit: released for later
+
+
+OnItem = Callable[[Item], None]
+OnProgress = Callable[[Summary], None]
+
+
+def replay(
+    ledger: Ledger,
+    settings: PubSubSettings,
+    options: ReplayOptions,
+    *,
+    on_item: OnItem = lambda _item: None,
+    on_progress: OnProgress = lambda _summary: None,
+) -> Summary:
+    """One replay run against the subscription; see the module docstring."""
+    if settings.delivery_topic is None:
+        raise SettingsError("DELIVERY_TOPIC is required but not set")
+    with _subscriber() as subscriber:
+        run = _Run(ledger, settings, options, _Subscription(subscriber, settings, options))
+        return run.execute(on_item, on_progress)
+
+
+@contextlib.contextmanager
+def _subscriber() -> Iterator[Any]:
+    from google.cloud.pubsub_v1 import SubscriberClient  # deferred: the CLI imports this module
+
+    client = SubscriberClient()
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def subscription_path(settings: PubSubSettings, subscription_id: str) -> str:
+    return f"projects/{settings.project}/subscriptions/{subscription_id}"
+
+
+class _Subscription:
+    """The RPCs of one run, each bounded and turned into a one-line `ReplayError`."""
+
+    def __init__(self, client: Any, settings: PubSubSettings, options: ReplayOptions) -> None:
+        self.client = client
+        sub = options.subscription
+        self.path = sub if sub.startswith("projects/") else subscription_path(settings, sub)
+
+    def pull(self, max_messages: int) -> list[Any]:
+        def call() -> list[Any]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # return_immediately
+                response = self.client.pull(
+                    request={
+                        "subscription": self.path,
+                        "max_messages": max_messages,
+                        "return_immediately": True,
+                    },
+                    timeout=RPC_TIMEOUT_SECONDS,
+                )
+            return list(response.received_messages)
+
+        return self._rpc("pull", call)
+
+    def ack(self, ack_ids: Sequence[str]) -> None:
+        request = {"subscription": self.path, "ack_ids": list(ack_ids)}
+        self._rpc(
+            "ack", lambda: self.client.acknowledge(request=request, timeout=RPC_TIMEOUT_SECONDS)
+        )
+
+    def lease(self, ack_ids: Sequence[str], seconds: int) -> None:
+        """Set the ack deadline: HOLD_SECONDS keeps a message from this run, 0 releases it."""
+        for start in range(0, len(ack_ids), RELEASE_CHUNK):
+            self._modify_ack_deadline(ack_ids[start : start + RELEASE_CHUNK], seconds)
+
+    def _modify_ack_deadline(self, ack_ids: Sequence[str], seconds: int) -> None:
+        request = {
+            "subscription": self.path,
+            "ack_ids": list(ack_ids),
+            "ack_deadline_seconds": seconds,
+        }
+        self._rpc(
+            "modify_ack_deadline",
+            lambda: self.client.modify_ack_deadline(request=request, timeout=RPC_TIMEOUT_SECONDS),
+        )
+
+    def _rpc(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except Exception as error:
+            text = " ".join(str(error).split()) or type(error).__name__
+            raise ReplayError(f"{what} on {self.path} failed: {text[:300]}") from error
+
+
+class _Run:
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: PubSubSettings,
+        options: ReplayOptions,
+        subscription: _Subscription,
+    ) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.options = options
+        self.sub = subscription
+        self.summary = Summary(dry_run=options.dry_run)
+        self.held: dict[str, str] = {}  # message id -> latest ack id, released at the end
+        self.acked: set[str] = set()
+        self.replayed_ids: set[str] = set()
+        self.leased_at = time.monotonic()
+
+    def execute(self, on_item: OnItem, on_progress: OnProgress) -> Summary:
+        try:
+            self._loop(on_item, on_progress)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self._release()
+            raise
+        self._release()
+        return self.summary
+
+    def _loop(self, on_item: OnItem, on_progress: OnProgress) -> None:
+        last_message = time.monotonic()
+        while (want := self._room()) > 0:
+            batch = self.sub.pull(want)
+            if not batch:
+                if time.monotonic() - last_message >= self.options.wait_seconds:
+                    return
+                time.sleep(POLL_SECONDS)
+                continue
+            last_message = time.monotonic()
+            # Lease the whole batch first: working through it may outlast the ack deadline.
+            self.sub.lease([m.ack_id for m in batch], HOLD_SECONDS)
+            for received in batch:
+                self._one(DeadLetter.from_received(received), on_item)
+                on_progress(self.summary)
+            self._renew_held()
+
+    def _room(self) -> int:
+        """How many messages the next pull may take."""
+        if self.options.limit is None:
+            return self.options.batch_size
+        return min(self.options.batch_size, self.options.limit - self.summary.replayed)
+
+    def _one(self, letter: DeadLetter, on_item: OnItem) -> None:
+        if letter.message_id in self.acked or letter.message_id in self.held:
+            self._seen_again(letter)
+            return
+        self.summary.pulled += 1
+        if not self.options.filters.match(letter) or self._room() <= 0:
+            self._hold(letter)
+            self.summary.left += 1
+            return
+        item = self._dry(letter) if self.options.dry_run else self._live(letter)
+        on_item(item)
+
+    def _seen_again(self, letter: DeadLetter) -> None:
+        """Pub/Sub gave back a message this run already handled (a lost ack or lease)."""
+        if letter.message_id in self.acked:
+            self.sub.ack([letter.ack_id])
+        else:
+            self._hold(letter)
+
+    # --- decisions --------------------------------------------------------------------------
+
+    def _plan(self, delivery_id: str | None) -> Action:
+        """The action the row calls for now; reads only."""
+        if delivery_id is None:
+            return Action.NEW
+        if delivery_id in self.replayed_ids:
+            return Action.SKIP_DUPLICATE
+        row = self.ledger.get(delivery_id)
+        if row is None:
+            return Action.NEW
+        if row.status is Status.SENT:
+            return Action.SKIP_SENT
+        if row.status in (Status.FAILED, Status.DEAD_LETTER):
+            return Action.REQUEUE
+        if row.status is Status.QUEUED:
+            return Action.QUEUED
+        if row.status is Status.RETRYING or self.ledger.lease_expired(delivery_id):
+            # Its Pub/Sub message is gone (the policy forwarded it): nobody will finish it.
+            return Action.CLOSE_AND_REQUEUE
+        return Action.SKIP_IN_PROGRESS
+
+    def _apply(self, delivery_id: str, action: Action) -> bool:
+        """Make the row replayable; False when a guard did not hold (the row moved on)."""
+        if action is Action.CLOSE_AND_REQUEUE:
+            closed = self.ledger.set_dead_letter_if_abandoned(delivery_id, reason=POLICY_REASON)
+            return closed and self.ledger.set_queued_if_finished(delivery_id)
+        if action is Action.REQUEUE:
+            return self.ledger.set_queued_if_finished(delivery_id)
+        return True
+
+    def _decide(self, letter: DeadLetter) -> Action | None:
+        if letter.delivery_id is None:
+            return Action.NEW
+        for _ in range(MAX_DECISIONS):
+            action = self._plan(letter.delivery_id)
+            if self._apply(letter.delivery_id, action):
+                return action
+        return None
+
+    # --- acting -----------------------------------------------------------------------------
+
+    def _dry(self, letter: DeadLetter) -> Item:
+        self._hold(letter)  # a dry run acks nothing
+        action = self._plan(letter.delivery_id)
+        if action.republishes:
+            self._count_replayed(letter)
+            return Item(letter, action, Outcome.WOULD_REPLAY)
+        self.summary.skipped += 1
+        return Item(letter, action, Outcome.SKIPPED)
+
+    def _live(self, letter: DeadLetter) -> Item:
+        action = self._decide(letter)
+        if action is None:
+            self._hold(letter)
+            self.summary.failed += 1
+            return Item(letter, None, Outcome.FAILED, "the ledger row kept changing; try again")
+        if action.republishes:
+            return self._republish(letter, action)
+        if action is Action.SKIP_IN_PROGRESS:
+            self._hold(letter)
+        else:
+            self._ack(letter)
+        self.summary.skipped += 1
+        return Item(letter, action, Outcome.SKIPPED)
+
+    def _republish(self, letter: DeadLetter, action: Action) -> Item:
+        assert self.settings.delivery_topic is not None  # checked by replay()
+        try:
+            message_id = worker_pubsub.publish(
+                self.settings.topic_path(self.settings.delivery_topic),
+                letter.data,
+                letter.republish_attributes(),
+                timeout=self.settings.publish_timeout_seconds,
+            )
+        except worker_pubsub.PublishError as error:
+            # Released (nacked) at the end, not now: this run would only pull it again. A
+            # requeued row waits in `queued`, which the next run republishes.
+            self._hold(letter)
+            self.summary.failed += 1
+            return Item(letter, action, Outcome.FAILED, str(error))
+        self._ack(letter)
+        self._count_replayed(letter)
+        return Item(letter, action, Outcome.REPLAYED, f"as message {message_id}")
+
+    def _count_replayed(self, letter: DeadLetter) -> None:
+        self.summary.replayed += 1
+        if letter.delivery_id is not None:
+            self.replayed_ids.add(letter.delivery_id)
+
+    # --- leases -----------------------------------------------------------------------------
+
+    def _ack(self, letter: DeadLetter) -> None:
+        self.sub.ack([letter.ack_id])
+        self.acked.add(letter.message_id)
+
+    def _hold(self, letter: DeadLetter) -> None:
+        """Keep it from this run (leased since its pull); released at the end."""
+        self.held[letter.message_id] = letter.ack_id
+
+    def _renew_held(self) -> None:
+        if self.held and time.monotonic() - self.leased_at > HOLD_SECONDS / 2:
+            self.sub.lease(list(self.held.values()), HOLD_SECONDS)
+            self.leased_at = time.monotonic()
+
+    def _release(self) -> None:
+        if self.held:
+            self.sub.lease(list(self.held.values()), 0)
+            self.held.clear()
+
+
+# --- enqueueing one delivery (python -m worker publish) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    delivery_id: str
+    message_id: str
+    topic: str
+
+
+def new_delivery_id() -> str:
+    return f"cli_{uuid.uuid4().hex}"
+
+
+def check_delivery(body: Mapping[str, Any]) -> events.DeliveryEvent:
+    """The event as the worker will read it, or `events.InvalidEvent` (field and rule)."""
+    data = json.dumps(dict(body), ensure_ascii=False, separators=(",", ":")).encode()
+    return events.parse_delivery(events.PubSubMessage(data=data, attributes={}, message_id=""))
+
+
+def enqueue(settings: PubSubSettings, event: events.DeliveryEvent) -> Enqueued:
+    """Publish a checked event to the delivery topic; returns once Pub/Sub confirmed it."""
+    if settings.delivery_topic is None:
+        raise SettingsError("DELIVERY_TOPIC is required but not set")
+    topic = settings.topic_path(settings.delivery_topic)
+    message_id = worker_pubsub.publish(
+        topic, event.message.data, {}, timeout=settings.publish_timeout_seconds
+    )
+    return Enqueued(event.delivery_id, message_id, topic)

@@ -1,0 +1,159 @@
+"""What operators read and clean up: `python -m worker status|history|stats|prune`.
+
+Logic only: worker/cli.py parses the arguments and formats what these return. Reads of one
+row go through `Ledger`; the aggregate and the batched delete are named queries of
+`sql/queries.sql` (section "operators' commands") run on the ledger's pool, each statement
+its own short transaction (the pool is in autocommit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from psycopg.rows import dict_row
+
+from worker.db import query
+from worker.ledger import Delivery, Ledger, Status, StatusChange
+
+__all__ = [
+    "DeliveryReport",
+    "PruneResult",
+    "WorkflowStats",
+    "delivery_report",
+    "history",
+    "parse_duration",
+    "prune",
+    "stats",
+]
+
+# Six digits are plenty (999999d) and keep timedelta far from overflowing.
+_DURATION = re.compile(r"([0-9]{1,6})([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+FINISHED = (Status.SENT, Status.FAILED, Status.DEAD_LETTER)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30m`, `24h`, `7d`, `90d` (also `s` and `w`), greater than zero; else ValueError."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h, 7d or 90d")
+    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+# --- status and history ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    delivery: Delivery
+    events: list[StatusChange]
+
+
+def delivery_report(ledger: Ledger, delivery_id: str) -> DeliveryReport | None:
+    delivery = ledger.get(delivery_id)
+    if delivery is None:
+        return None
+    return DeliveryReport(delivery, ledger.events(delivery_id))
+
+
+def history(ledger: Ledger, recipient: str, *, limit: int) -> list[Delivery]:
+    """The recipient's deliveries, most recently changed first."""
+    return ledger.for_recipient(recipient, limit=limit)
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkflowStats:
+    """One workflow's deliveries queued in the window (or all of them: `is_total`)."""
+
+    workflow: str
+    is_total: bool
+    counts: dict[Status, int]
+    mean_attempts: float | None  # over finished rows
+    p50_seconds: float | None  # queued_at -> sent_at, over sent rows
+    p95_seconds: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts[status] for status in FINISHED)
+
+    @property
+    def success_rate(self) -> float | None:
+        """sent / finished; None while nothing has finished."""
+        return self.counts[Status.SENT] / self.finished if self.finished else None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> WorkflowStats:
+        return cls(
+            workflow="all" if row["is_total"] else row["workflow"],
+            is_total=row["is_total"],
+            counts={status: int(row[status.value]) for status in Status},
+            mean_attempts=row["mean_attempts"],
+            p50_seconds=row["p50_seconds"],
+            p95_seconds=row["p95_seconds"],
+        )
+
+
+def stats(ledger: Ledger, *, since: timedelta) -> list[WorkflowStats]:
+    """Per workflow, then the total; empty when nothing was queued in the window."""
+    rows = _fetch_all(ledger, "stats_by_workflow", since_seconds=since.total_seconds())
+    return [WorkflowStats.from_row(row) for row in rows]
+
+
+# --- prune ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deliveries: int
+    events: int
+    batches: int
+    dry_run: bool
+
+
+def prune(
+    ledger: Ledger,
+    *,
+    older_than: timedelta,
+    batch_size: int,
+    dry_run: bool,
+) -> PruneResult:
+    """Delete finished deliveries (and, by cascade, their events) not updated for
+    `older_than`, `batch_size` rows per transaction; with `dry_run`, only count them."""
+    seconds = older_than.total_seconds()
+    if dry_run:
+        row = _fetch_one(ledger, "count_prunable", older_than_seconds=seconds)
+        return PruneResult(int(row["deliveries"]), int(row["events"]), 0, dry_run=True)
+    total = PruneResult(0, 0, 0, dry_run=False)
+    while True:
+        # Short transactions keep locks brief and let the worker run alongside a big prune.
+        row = _fetch_one(ledger, "prune_batch", older_than_seconds=seconds, batch_size=batch_size)
+        if row["deliveries"] == 0:
+            return total
+        total = PruneResult(
+            total.deliveries + int(row["deliveries"]),
+            total.events + int(row["events"]),
+            total.batches + 1,
+            dry_run=False,
+        )
+
+
+def _fetch_all(ledger: Ledger, name: str, **params: Any) -> list[dict[str, Any]]:
+    with ledger.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query(name), params)
+        return cur.fetchall()
+
+
+def _fetch_one(ledger: Ledger, name: str, **params: Any) -> dict[str, Any]:
+    """The one row an aggregate query always returns."""
+    [row] = _fetch_all(ledger, name, **params)
+    return row
