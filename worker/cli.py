@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from worker import events, migrations, replay, reports
+from worker import enqueue, events, migrations, replay, reports
 from worker.db import connection_kwargs, open_pool
 from worker.ledger import Delivery, Ledger, Status
 from worker.pubsub import PublishError
@@ -172,7 +172,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Enqueue one delivery on DELIVERY_TOPIC, checked as the worker would check it (needs
     GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC). Prints the delivery id and the message id."""
     body: dict[str, Any] = {
-        "delivery_id": args.delivery_id or replay.new_delivery_id(),
+        "delivery_id": args.delivery_id or enqueue.new_delivery_id(),
         "workflow": args.workflow,
         "recipient": args.recipient,
         "data": _json_arg("--data", args.data),
@@ -182,10 +182,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.locale is not None:
         body["locale"] = args.locale
     try:
-        event = replay.check_delivery(body)  # refused here, not dead-lettered later
+        event = enqueue.check_delivery(body)  # refused here, not dead-lettered later
     except events.InvalidEvent as invalid:
         raise CommandError(f"invalid event: {invalid}") from None
-    enqueued = replay.enqueue(_delivery_pubsub(), event)
+    enqueued = enqueue.enqueue(_delivery_pubsub(), event)
     print(f"delivery_id {enqueued.delivery_id}")
     print(f"message_id {enqueued.message_id}")
     return 0

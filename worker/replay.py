@@ -1,4 +1,4 @@
-"""Put dead letters back on the delivery topic: `python -m worker replay` and `publish`.
+"""Put dead letters back on the delivery topic: `python -m worker replay`.
 
 A run pulls the dead-letter subscription in batches (synchronous pull) and, per message:
   1. identifies the delivery: our own dead letters name it in attributes; those Pub/Sub's
@@ -20,9 +20,7 @@ without a republish.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,14 +36,11 @@ __all__ = [
     "POLICY_REASON",
     "Action",
     "DeadLetter",
-    "Enqueued",
     "Filters",
     "Item",
     "ReplayError",
     "ReplayOptions",
     "Summary",
-    "check_delivery",
-    "enqueue",
     "replay",
 ]
 
@@ -485,34 +480,3 @@ class _Run:
         if self.held:
             self.sub.lease(list(self.held.values()), 0)
             self.held.clear()
-
-
-# --- enqueueing one delivery (python -m worker publish) ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    delivery_id: str
-    message_id: str
-    topic: str
-
-
-def new_delivery_id() -> str:
-    return f"cli_{uuid.uuid4().hex}"
-
-
-def check_delivery(body: Mapping[str, Any]) -> events.DeliveryEvent:
-    """The event as the worker will read it, or `events.InvalidEvent` (field and rule)."""
-    data = json.dumps(dict(body), ensure_ascii=False, separators=(",", ":")).encode()
-    return events.parse_delivery(events.PubSubMessage(data=data, attributes={}, message_id=""))
-
-
-def enqueue(settings: PubSubSettings, event: events.DeliveryEvent) -> Enqueued:
-    """Publish a checked event to the delivery topic; returns once Pub/Sub confirmed it."""
-    if settings.delivery_topic is None:
-        raise SettingsError("DELIVERY_TOPIC is required but not set")
-    topic = settings.topic_path(settings.delivery_topic)
-    message_id = worker_pubsub.publish(
-        topic, event.message.data, {}, timeout=settings.publish_timeout_seconds
-    )
-    return Enqueued(event.delivery_id, message_id, topic)
