@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import functions_framework
+from werkzeug.exceptions import ServiceUnavailable
 
 from worker import pipeline
 from worker.settings import SettingsError
@@ -25,4 +26,10 @@ except SettingsError as error:
 @functions_framework.cloud_event
 def handle_delivery(cloud_event: Any) -> None:
     """Returns when the delivery is finished (ack); raises so Pub/Sub redelivers it."""
-    pipeline.handle(cloud_event)
+    try:
+        pipeline.handle(cloud_event)
+    except pipeline.RetryLater as retry_later:
+        # An expected "not yet": answer 503 (Pub/Sub redelivers with backoff) without the
+        # framework's crash traceback; the worker already logged why. Other exceptions are bugs
+        # or outages (database down) and keep their traceback.
+        raise ServiceUnavailable(str(retry_later)) from None

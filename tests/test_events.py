@@ -532,8 +532,10 @@ def test_metadata_size_limit() -> None:
     assert parse_delivery(message(delivery(metadata=exact))).metadata == exact
     err = rejected(delivery(metadata={"k": "x" * (MAX_METADATA_BYTES - overhead + 1)}))
     assert err.field == "metadata"
-    # Non-ASCII counts as its \\u escape, as json.dumps writes it.
-    assert rejected(delivery(metadata={"k": "é" * 3000})).field == "metadata"
+    # Non-ASCII counts as its UTF-8 bytes: 2 for `é`, so 8000 fit and 8200 do not.
+    accents = {"k": "é" * 8000}
+    assert parse_delivery(message(delivery(metadata=accents))).metadata == accents
+    assert rejected(delivery(metadata={"k": "é" * 8200})).field == "metadata"
 
 
 @pytest.mark.parametrize(

@@ -340,7 +340,9 @@ def _metadata(value: Any, ctx: _Context) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ctx.error("metadata", "must be a JSON object when given")
     _check_tree(value, "metadata", ctx)
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+    # UTF-8 bytes of compact JSON: `é` counts 2, as it is sent, not 6 as `\u00e9`.
+    serialised = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(serialised) > MAX_METADATA_BYTES:
         raise ctx.error("metadata", f"must be at most {MAX_METADATA_BYTES} bytes serialised")
     return value
 

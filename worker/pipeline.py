@@ -32,6 +32,8 @@ from worker.rendering import Renderer, TemplateError
 from worker.settings import Settings, load_settings
 
 T = TypeVar("T")
+# Slack between the last SMTP attempt's worst-case end and the lease's expiry.
+LEASE_MARGIN_SECONDS = 1.0
 log = get_logger()
 
 
@@ -151,6 +153,7 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         initial_backoff=retry.initial_backoff_seconds,
         max_backoff=retry.max_backoff_seconds,
         on_retry=_log_retry(claim),
+        deadline=_last_start_within_lease(worker, started),
     )
     attempts = claim.attempts + result.attempts - 1
     if result.error is None:
@@ -320,6 +323,19 @@ def _durably(record: Callable[[], T]) -> T:
         reraise=True,
     )
     return retrying(record)
+
+
+def _last_start_within_lease(worker: Worker, started: float) -> float:
+    """Seconds from now in which another SMTP attempt may still start.
+
+    An attempt must end inside the claim's lease: once the lease expires, a redelivered copy
+    may claim the row and send, and a late attempt here would be a second email. One attempt
+    takes at most about two command timeouts; `started` is taken before the claim, so the
+    lease (which starts at the claim) is never overestimated.
+    """
+    elapsed = time.monotonic() - started
+    attempt = 2 * worker.settings.smtp.timeout_seconds
+    return worker.settings.retry.lease_seconds - elapsed - attempt - LEASE_MARGIN_SECONDS
 
 
 def _log_retry(claim: Claim) -> Callable[[smtp.SmtpError, int], None]:

@@ -228,9 +228,13 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     pubsub = pubsub_settings(env)
     if pubsub.dead_letter_topic is None:
         raise SettingsError("DEAD_LETTER_TOPIC is required but not set")
-    return Settings(
-        database=database_settings(env),
-        smtp=smtp_settings(env),
-        pubsub=pubsub,
-        retry=retry_settings(env),
-    )
+    smtp = smtp_settings(env)
+    retry = retry_settings(env)
+    # One SMTP attempt (about two command timeouts) must fit inside a claim's lease, or a
+    # slow attempt could still be sending when a redelivered copy takes the claim over.
+    if retry.lease_seconds <= 2 * smtp.timeout_seconds + 1:
+        raise SettingsError(
+            f"LEASE_SECONDS ({retry.lease_seconds}) must be more than twice "
+            f"SMTP_TIMEOUT_SECONDS ({smtp.timeout_seconds:g}) plus one"
+        )
+    return Settings(database=database_settings(env), smtp=smtp, pubsub=pubsub, retry=retry)

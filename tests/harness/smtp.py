@@ -168,7 +168,9 @@ class _Handler:
         delay, drop, reply = self._owner._data_cues()
         if delay:
             await asyncio.sleep(delay)
-        if drop:
+        if drop is not None:
+            if drop == "accept":
+                self._owner._record(envelope, ambiguous=True)
             # Close without a reply: the client sees the server disconnect mid-transaction.
             assert server.transport is not None
             server.transport.close()
@@ -209,6 +211,7 @@ class _Cues:
     failures: deque[tuple[Stage, str]] = field(default_factory=deque)
     refused: dict[str, str] = field(default_factory=dict)
     drops: int = 0
+    accept_drops: int = 0
     delay: float = 0.0
 
 
@@ -231,6 +234,7 @@ class SmtpTestServer:
         self.ca_file: str | None = _certs().ca_file if tls != "none" else None
         self._lock = threading.Lock()
         self._messages: list[ReceivedMessage] = []
+        self._ambiguous: list[str] = []
         self._connections = 0
         self._transactions = 0
         self._cues = _Cues()
@@ -338,6 +342,24 @@ class SmtpTestServer:
         with self._lock:
             self._cues.drops += n
 
+    def accept_then_drop_next(self, n: int) -> None:
+        """Accept the message (record it, as a relay that queued it), then close the connection
+        before the 250 reply, `n` times. The client cannot tell this from `drop_next`: it is
+        the window in which resending makes a duplicate. Their Message-IDs are in `ambiguous`."""
+        with self._lock:
+            self._cues.accept_drops += n
+
+    def pending_cues(self) -> int:
+        """Failures and drops cued but not yet used."""
+        with self._lock:
+            cues = self._cues
+            return len(cues.failures) + cues.drops + cues.accept_drops
+
+    @property
+    def ambiguous(self) -> list[str]:
+        with self._lock:
+            return list(self._ambiguous)
+
     def delay(self, seconds: float) -> None:
         """Wait this long before answering every DATA (until `reset()`)."""
         with self._lock:
@@ -348,6 +370,7 @@ class SmtpTestServer:
         with self._lock:
             self._cues = _Cues()
             self._messages.clear()
+            self._ambiguous.clear()
             self._connections = 0
             self._transactions = 0
 
@@ -368,24 +391,31 @@ class SmtpTestServer:
                 return cues.failures.popleft()[1]
             return cues.refused.get(address.lower())
 
-    def _data_cues(self) -> tuple[float, bool, str | None]:
+    def _data_cues(self) -> tuple[float, Literal["drop", "accept"] | None, str | None]:
+        """(delay, drop: None, "drop" or "accept" then drop, a reply to answer instead)."""
         with self._lock:
             cues = self._cues
-            drop = cues.drops > 0
-            if drop:
+            drop: Literal["drop", "accept"] | None = None
+            if cues.drops > 0:
                 cues.drops -= 1
+                drop = "drop"
+            elif cues.accept_drops > 0:
+                cues.accept_drops -= 1
+                drop = "accept"
             reply = None
-            if not drop and cues.failures and cues.failures[0][0] == "data":
+            if drop is None and cues.failures and cues.failures[0][0] == "data":
                 reply = cues.failures.popleft()[1]
             return cues.delay, drop, reply
 
-    def _record(self, envelope: Envelope) -> None:
+    def _record(self, envelope: Envelope, *, ambiguous: bool = False) -> None:
         raw = bytes(envelope.original_content or b"")
         parsed = BytesParser(policy=default_policy).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
         received = ReceivedMessage(str(envelope.mail_from), tuple(envelope.rcpt_tos), parsed, raw)
         with self._lock:
             self._messages.append(received)
+            if ambiguous:
+                self._ambiguous.append(str(parsed["Message-ID"]))
 
 
 # --- fixtures --------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Settings: every variable parsed once, every problem one clear line naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.settings import SettingsError, load_settings
+
+BASE = {
+    "DATABASE_URL": "postgresql://worker@127.0.0.1/email",
+    "SMTP_HOST": "smtp.example.com",
+    "EMAIL_FROM": "Acme <no-reply@acme.example>",
+    "GOOGLE_CLOUD_PROJECT": "acme-mail",
+    "DEAD_LETTER_TOPIC": "email-dead-letter",
+}
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings(BASE)
+    assert (settings.smtp.port, settings.smtp.security, settings.smtp.timeout_seconds) == (
+        587,
+        "starttls",
+        10.0,
+    )
+    assert settings.retry.max_attempts == 5
+    assert settings.smtp.message_id_domain == "acme.example"
+    assert settings.pubsub.topic_path("email-dead-letter") == (
+        "projects/acme-mail/topics/email-dead-letter"
+    )
+    assert settings.pubsub.topic_path("projects/other/topics/t") == "projects/other/topics/t"
+    assert "worker@" not in repr(settings)  # the URL may hold a password
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"SMTP_HOST": ""}, "SMTP_HOST is required but not set"),
+        ({"SMTP_PORT": "abc"}, "SMTP_PORT must be an integer 1..65535, got 'abc'"),
+        ({"SMTP_PORT": "70000"}, "SMTP_PORT must be an integer 1..65535, got '70000'"),
+        ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY must be starttls, ssl or none, got 'tls'"),
+        (
+            {"SMTP_TIMEOUT_SECONDS": "-1"},
+            "SMTP_TIMEOUT_SECONDS must be a positive number, got '-1'",
+        ),
+        ({"EMAIL_FROM": "nobody"}, "EMAIL_FROM must be an email address, got 'nobody'"),
+        ({"SMTP_PASSWORD": "pw"}, "SMTP_PASSWORD is set but SMTP_USERNAME is not"),
+        ({"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS must be an integer 1..100, got '0'"),
+        ({"DEAD_LETTER_TOPIC": ""}, "DEAD_LETTER_TOPIC is required but not set"),
+        ({"DATABASE_URL": ""}, "DATABASE_URL or DATABASE_URL_SECRET is required but not set"),
+        (
+            {"LEASE_SECONDS": "20", "SMTP_TIMEOUT_SECONDS": "10"},
+            "LEASE_SECONDS (20) must be more than twice SMTP_TIMEOUT_SECONDS (10) plus one",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(change: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({**BASE, **change})
+    assert str(error.value) == message
+    assert "\n" not in str(error.value)
