@@ -1,0 +1,48 @@
+"""Who used the CPU during a run: utime+stime of every process, grouped by role."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "benchmark client"
+    if "functions-framework" in cmdline or "gunicorn" in cmdline:
+        return "workers (functions-framework)"
+    if cmdline.startswith("postgres") or "/postgresql/" in cmdline:
+        return "postgresql"
+    if "bench.delaysink" in cmdline or "smtp-sink" in cmdline:
+        return "smtp sink"
+    return "other"
+
+
+def snapshot() -> dict[str, float]:
+    """CPU seconds used so far per role (processes alive now; threads included)."""
+    used: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # after the comm: state ppid ... utime is field 14 of the full line, index 11 here.
+        seconds = (int(fields[11]) + int(fields[12])) / TICK
+        role = _role(int(entry.name), cmdline)
+        used[role] = used.get(role, 0.0) + seconds
+    return used
+
+
+def since(start: dict[str, float]) -> dict[str, float]:
+    now = snapshot()
+    return {
+        role: used - start.get(role, 0.0)
+        for role, used in now.items()
+        if used > start.get(role, 0.0)
+    }
