@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
+from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.harness.smtp import SmtpTestServer, Stage
 from worker.redact import sanitise
 from worker.settings import SmtpSettings
 from worker.smtp import (
+    OutgoingEmail,
     SendResult,
     SmtpError,
     SmtpSender,
@@ -36,7 +38,7 @@ ATEXT_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'
 FAST_RETRY: dict[str, Any] = {"initial_backoff": 0.01, "max_backoff": 0.02}
 
 
-def make_message(settings: SmtpSettings, delivery_id: str = "inv_2f6c9d1e") -> EmailMessage:
+def make_message(settings: SmtpSettings, delivery_id: str = "inv_2f6c9d1e") -> OutgoingEmail:
     return build_message(
         settings,
         delivery_id=delivery_id,
@@ -54,7 +56,7 @@ def sender(smtp_server: SmtpTestServer) -> Iterator[SmtpSender]:
     sender.close()
 
 
-def send_error(sender: SmtpSender, message: EmailMessage) -> SmtpError:
+def send_error(sender: SmtpSender, message: OutgoingEmail) -> SmtpError:
     with pytest.raises(SmtpError) as caught:
         sender.send(message)
     return caught.value
@@ -88,9 +90,41 @@ def test_delivers_headers_and_both_parts(smtp_server: SmtpTestServer) -> None:
     assert received.raw.isascii()  # quoted-printable: no 8BITMIME needed
 
 
+def parsed(message: OutgoingEmail) -> EmailMessage:
+    result = message_from_bytes(message.data, policy=policy.default)
+    assert isinstance(result, EmailMessage)
+    return result
+
+
 def test_no_reply_to_unless_configured(smtp_server: SmtpTestServer) -> None:
     message = make_message(smtp_server.settings())
-    assert "Reply-To" not in message
+    assert "Reply-To" not in parsed(message)
+
+
+def test_wire_format_survives_awkward_text(smtp_server: SmtpTestServer) -> None:
+    settings = smtp_server.settings(sender="Équipe Acme <noreply@example.com>")
+    text = ".leading dot\nFrom the start\n--=_not-a-boundary\r\nlong " + "x" * 300 + "\n= sign"
+    message = build_message(
+        settings,
+        delivery_id="awk",
+        recipient="ada@example.com",
+        subject="Votre code — " + "é" * 80,
+        text=text,
+        html="<p>" + text + "</p>",
+    )
+    assert message.data.isascii() and b"\n" not in message.data.replace(b"\r\n", b"")
+    assert all(len(line) <= 998 for line in message.data.split(b"\r\n"))
+    sender = SmtpSender(settings)
+    sender.send(message)
+    sender.close()
+    received = smtp_server.messages[-1].message
+    assert received["Subject"] == "Votre code — " + "é" * 80
+    assert received["From"].addresses[0].display_name == "Équipe Acme"
+    plain = received.get_body(("plain",))
+    html = received.get_body(("html",))
+    assert plain is not None and html is not None
+    assert plain.get_content().replace("\r\n", "\n") == text.replace("\r\n", "\n")
+    assert "--=_not-a-boundary" in html.get_content()
 
 
 def test_subject_is_one_line(smtp_server: SmtpTestServer) -> None:
@@ -103,7 +137,7 @@ def test_subject_is_one_line(smtp_server: SmtpTestServer) -> None:
         text="",
         html="",
     )
-    assert message["Subject"] == "a Bcc: b"
+    assert parsed(message)["Subject"] == "a Bcc: b"
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
     )
     attempts = claim.attempts + result.attempts - 1
     if result.error is None:
-        record_sent(worker, claim, attempts, str(message["Message-ID"]), started)
+        record_sent(worker, claim, attempts, message.message_id, started)
         return
 
     error = result.error

@@ -6,16 +6,18 @@ that is safe to store in the ledger and to put on a dead-letter message.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
+import functools
 import smtplib
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.utils import format_datetime
+from dataclasses import dataclass, field
+from email.header import Header
+from email.utils import formataddr, formatdate, parseaddr
 
 import tenacity
 
@@ -23,6 +25,7 @@ from worker.redact import sanitise
 from worker.settings import SmtpSettings
 
 __all__ = [
+    "OutgoingEmail",
     "SendResult",
     "SmtpError",
     "SmtpSender",
@@ -54,6 +57,45 @@ def message_id_for(delivery_id: str, domain: str) -> str:
     return f"<{''.join(out)}@{domain}>"
 
 
+@dataclass(frozen=True)
+class OutgoingEmail:
+    """One email as it goes on the wire: the envelope and the RFC 5322 bytes (CRLF lines)."""
+
+    sender: str  # envelope MAIL FROM: the addr-spec of EMAIL_FROM
+    recipients: tuple[str, ...]
+    message_id: str
+    data: bytes = field(repr=False)  # the body holds codes and links
+
+
+@functools.lru_cache(maxsize=8)
+def _sender_headers(sender: str, reply_to: str | None) -> tuple[str, bytes]:
+    """The envelope sender and the From/Reply-To lines, encoded once per setting."""
+    lines = f"From: {_address_header(sender)}\r\n"
+    if reply_to:
+        lines += f"Reply-To: {_address_header(reply_to)}\r\n"
+    return parseaddr(sender)[1], lines.encode("ascii")
+
+
+def _address_header(value: str) -> str:
+    name, address = parseaddr(value)
+    return formataddr((name, address), charset="utf-8")  # RFC 2047 for a non-ASCII name
+
+
+def _subject_header(subject: str) -> str:
+    # A rendered subject must be one line; folding whitespace also defeats header injection.
+    subject = " ".join(subject.split())
+    if subject.isascii() and len(subject) <= 900:
+        return subject
+    return Header(subject, "utf-8").encode(linesep="\r\n")
+
+
+def _quoted_printable(text: str) -> bytes:
+    """UTF-8, quoted-printable, CRLF lines: 7-bit clean, so a relay without 8BITMIME
+    accepts it, and no line can look like a MIME boundary (`=` is always escaped)."""
+    crlf = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    return binascii.b2a_qp(crlf.encode("utf-8"), istext=True)
+
+
 def build_message(
     settings: SmtpSettings,
     *,
@@ -62,23 +104,37 @@ def build_message(
     subject: str,
     text: str,
     html: str,
-) -> EmailMessage:
-    """A multipart/alternative (text, then HTML) utf-8 message ready for `SmtpSender.send`."""
-    message = EmailMessage()
-    message["From"] = settings.sender
-    message["To"] = recipient
-    # A rendered subject must be one line; folding whitespace also defeats header injection.
-    message["Subject"] = " ".join(subject.split())
-    message["Date"] = format_datetime(datetime.now(UTC))
-    message["Message-ID"] = message_id_for(delivery_id, settings.message_id_domain)
-    if settings.reply_to:
-        message["Reply-To"] = settings.reply_to
-    # RFC 3834: tells auto-responders (vacation replies) not to answer.
-    message["Auto-Submitted"] = "auto-generated"
-    # quoted-printable keeps the body 7-bit clean: a relay without 8BITMIME accepts it too.
-    message.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-    message.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-    return message
+) -> OutgoingEmail:
+    """A multipart/alternative (text, then HTML) UTF-8 email, written straight to bytes.
+
+    The standard library's EmailMessage took about 2 ms per email to build and flatten,
+    more than the SMTP exchange itself; the format here is fixed, so it is written directly
+    (tests parse the result with the standard library's parser).
+    """
+    envelope_sender, sender_lines = _sender_headers(settings.sender, settings.reply_to)
+    message_id = message_id_for(delivery_id, settings.message_id_domain)
+    boundary = f"=_{uuid.uuid4().hex}"  # `=_` never occurs in quoted-printable text
+    head = (
+        f"To: {recipient}\r\n"
+        f"Subject: {_subject_header(subject)}\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"
+        f"Message-ID: {message_id}\r\n"
+        # RFC 3834: tells auto-responders (vacation replies) not to answer.
+        "Auto-Submitted: auto-generated\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+        "\r\n"
+    ).encode("ascii")
+    parts = b"".join(
+        f"--{boundary}\r\n"
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode("ascii")
+        + _quoted_printable(body)
+        + b"\r\n"
+        for subtype, body in (("plain", text), ("html", html))
+    )
+    data = sender_lines + head + parts + f"--{boundary}--\r\n".encode("ascii")
+    return OutgoingEmail(envelope_sender, (recipient,), message_id, data)
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -233,7 +289,7 @@ class SmtpSender:
         self._idle: list[_Idle] = []
         self._lock = threading.Lock()
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: OutgoingEmail) -> None:
         """Deliver one message or raise `SmtpError`."""
         connection = self._take_idle()
         if connection is not None:
@@ -254,10 +310,10 @@ class SmtpSender:
             except (smtplib.SMTPException, OSError):
                 _close_quietly(entry.connection)
 
-    def _deliver(self, connection: _Connection, message: EmailMessage, *, reused: bool) -> None:
+    def _deliver(self, connection: _Connection, message: OutgoingEmail, *, reused: bool) -> None:
         connection.mail_accepted = False
         try:
-            connection.send_message(message)
+            connection.sendmail(message.sender, list(message.recipients), message.data)
         except (smtplib.SMTPException, OSError) as exc:
             _close_quietly(connection)  # its state is unknown after an error
             if reused and _is_stale(connection, exc):
@@ -332,7 +388,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 def send_with_retry(
     sender: SmtpSender,
-    message: EmailMessage,
+    message: OutgoingEmail,
     *,
     tries: int,
     initial_backoff: float,
