@@ -437,6 +437,11 @@ def test_logs_carry_no_codes_links_or_passwords(
     assert all(
         line["severity"] == "INFO" and line["delivery_id"] and line["workflow"] for line in sent
     )
+    # Ids stay verbatim (a log line must match its email); the recipient is masked.
+    assert {line["provider_message_id"] for line in sent} == {
+        f"<{body['delivery_id']}@example.com>" for body in events
+    }
+    assert {line["recipient"] for line in sent} == {"a***@example.com"}
     traced = [line for line in lines if "logging.googleapis.com/trace" in line]
     assert traced and traced[0]["logging.googleapis.com/trace"].endswith(
         "/traces/4bf92f3577b34da6a3ce929d0e0e4736"

@@ -46,6 +46,9 @@ _SEVERITY = {
     "critical": "CRITICAL",
 }
 TRACE_KEY = "logging.googleapis.com/trace"
+# Ids that only look like addresses (`<inv_2f6c9d1e@example.com>`): kept as they are, so a
+# log line can be matched to the email and the ledger row.
+VERBATIM_KEYS = frozenset({TRACE_KEY, "provider_message_id", "message_id", "delivery_id"})
 
 _configured = False
 
@@ -78,7 +81,7 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for key in list(event):
         if key.lower() in SENSITIVE_KEYS:
             event[key] = "[redacted]"
-        elif key != TRACE_KEY:
+        elif key not in VERBATIM_KEYS:
             event[key] = _redact_value(event[key])
     return event
 
