@@ -10,7 +10,8 @@ A run pulls the dead-letter subscription in batches (synchronous pull) and, per 
      republish: a worker that got the message first would otherwise find the row finished
      and drop it;
   4. republishes the original bytes without the dead-letter attributes, with
-     `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed.
+     `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed;
+     the republishes of one pulled batch run concurrently and are acked in one call.
 Acked messages are gone, so a second run replays nothing twice; a row already `sent` is acked
 without a republish.
 
@@ -23,6 +24,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -57,6 +59,8 @@ HOLD_SECONDS = 600
 RPC_TIMEOUT_SECONDS = 30.0
 POLL_SECONDS = 0.2
 RELEASE_CHUNK = 1000
+# Republishes of one pulled batch in flight at once; the publisher client batches them.
+PUBLISH_CONCURRENCY = 32
 # A row that changes under the replay this often (a worker racing it) is left for a later run.
 MAX_DECISIONS = 3
 
@@ -318,10 +322,14 @@ class _Run:
         self.acked: set[str] = set()
         self.replayed_ids: set[str] = set()
         self.leased_at = time.monotonic()
+        # Decided and made replayable, waiting for the batch's concurrent republish.
+        self.pending: list[tuple[DeadLetter, Action]] = []
+        self.publishers = ThreadPoolExecutor(PUBLISH_CONCURRENCY, "replay-publish")
 
     def execute(self, on_item: OnItem, on_progress: OnProgress) -> Summary:
         try:
-            self._loop(on_item, on_progress)
+            with self.publishers:
+                self._loop(on_item, on_progress)
         except BaseException:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 self._release()
@@ -344,13 +352,17 @@ class _Run:
             for received in batch:
                 self._one(DeadLetter.from_received(received), on_item)
                 on_progress(self.summary)
+            for item in self._republish_pending():
+                on_item(item)
+            on_progress(self.summary)
             self._renew_held()
 
     def _room(self) -> int:
         """How many messages the next pull may take."""
         if self.options.limit is None:
             return self.options.batch_size
-        return min(self.options.batch_size, self.options.limit - self.summary.replayed)
+        taken = self.summary.replayed + len(self.pending)
+        return min(self.options.batch_size, self.options.limit - taken)
 
     def _one(self, letter: DeadLetter, on_item: OnItem) -> None:
         if letter.message_id in self.acked or letter.message_id in self.held:
@@ -362,7 +374,8 @@ class _Run:
             self.summary.left += 1
             return
         item = self._dry(letter) if self.options.dry_run else self._live(letter)
-        on_item(item)
+        if item is not None:
+            on_item(item)
 
     def _seen_again(self, letter: DeadLetter) -> None:
         """Pub/Sub gave back a message this run already handled (a lost ack or lease)."""
@@ -422,14 +435,18 @@ class _Run:
         self.summary.skipped += 1
         return Item(letter, action, Outcome.SKIPPED)
 
-    def _live(self, letter: DeadLetter) -> Item:
+    def _live(self, letter: DeadLetter) -> Item | None:
+        """The item, or None when the letter waits for the batch's republish."""
         action = self._decide(letter)
         if action is None:
             self._hold(letter)
             self.summary.failed += 1
             return Item(letter, None, Outcome.FAILED, "the ledger row kept changing; try again")
         if action.republishes:
-            return self._republish(letter, action)
+            self.pending.append((letter, action))
+            if letter.delivery_id is not None:  # a second copy in this run is a duplicate
+                self.replayed_ids.add(letter.delivery_id)
+            return None
         if action is Action.SKIP_IN_PROGRESS:
             self._hold(letter)
         else:
@@ -437,24 +454,45 @@ class _Run:
         self.summary.skipped += 1
         return Item(letter, action, Outcome.SKIPPED)
 
-    def _republish(self, letter: DeadLetter, action: Action) -> Item:
+    def _republish_pending(self) -> list[Item]:
+        """Republish the batch's decided letters at once (one confirmation wait, not one per
+        message), then ack every confirmed one in a single call."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        results = list(self.publishers.map(lambda entry: self._publish(entry[0]), pending))
+        confirmed = [
+            letter
+            for (letter, _), result in zip(pending, results, strict=True)
+            if not isinstance(result, worker_pubsub.PublishError)
+        ]
+        if confirmed:
+            self.sub.ack([letter.ack_id for letter in confirmed])
+            self.acked.update(letter.message_id for letter in confirmed)
+        items = []
+        for (letter, action), result in zip(pending, results, strict=True):
+            if isinstance(result, worker_pubsub.PublishError):
+                # Released (nacked) at the end, not now: this run would only pull it again.
+                # A requeued row waits in `queued`, which the next run republishes.
+                self._hold(letter)
+                self.summary.failed += 1
+                items.append(Item(letter, action, Outcome.FAILED, str(result)))
+            else:
+                self._count_replayed(letter)
+                items.append(Item(letter, action, Outcome.REPLAYED, f"as message {result}"))
+        return items
+
+    def _publish(self, letter: DeadLetter) -> str | worker_pubsub.PublishError:
         assert self.settings.delivery_topic is not None  # checked by replay()
         try:
-            message_id = worker_pubsub.publish(
+            return worker_pubsub.publish(
                 self.settings.topic_path(self.settings.delivery_topic),
                 letter.data,
                 letter.republish_attributes(),
                 timeout=self.settings.publish_timeout_seconds,
             )
         except worker_pubsub.PublishError as error:
-            # Released (nacked) at the end, not now: this run would only pull it again. A
-            # requeued row waits in `queued`, which the next run republishes.
-            self._hold(letter)
-            self.summary.failed += 1
-            return Item(letter, action, Outcome.FAILED, str(error))
-        self._ack(letter)
-        self._count_replayed(letter)
-        return Item(letter, action, Outcome.REPLAYED, f"as message {message_id}")
+            return error
 
     def _count_replayed(self, letter: DeadLetter) -> None:
         self.summary.replayed += 1
