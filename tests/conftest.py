@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.harness.smtp",
     "tests.harness.pubsub",
     "tests.harness.secretmanager",
+    "tests.harness.worker",
 ]

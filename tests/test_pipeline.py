@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -21,44 +20,13 @@ from hypothesis import strategies as st
 from tests import factories
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
+from tests.harness.worker import MakeWorker
 from worker.db import connection_kwargs
 from worker.ledger import Ledger, Status
 from worker.pipeline import RetryLater, Worker, handle
 from worker.rendering import Renderer
-from worker.settings import DatabaseSettings, RetrySettings, Settings
+from worker.settings import DatabaseSettings
 from worker.smtp import SmtpSender
-
-RETRY = RetrySettings(
-    max_attempts=3,
-    tries_per_invocation=2,
-    initial_backoff_seconds=0.01,
-    max_backoff_seconds=0.02,
-    lease_seconds=30,
-)
-MakeWorker = Callable[..., Worker]
-
-
-@pytest.fixture
-def make_worker(
-    database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
-) -> Iterator[MakeWorker]:
-    senders: list[SmtpSender] = []
-
-    def make(**changes: Any) -> Worker:
-        settings = Settings(
-            database=DatabaseSettings(url=database_url),
-            smtp=smtp_server.settings(),
-            pubsub=pubsub.settings,
-            retry=changes.pop("retry", RETRY),
-        )
-        sender = SmtpSender(settings.smtp)
-        senders.append(sender)
-        worker = Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
-        return replace(worker, **changes)
-
-    yield make
-    for sender in senders:
-        sender.close()
 
 
 @pytest.fixture

@@ -36,11 +36,11 @@ from tests.harness.function import ROOT
 from tests.harness.postgres import PostgresServer
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer, Stage
+from tests.harness.worker import MakeWorker
 from worker.ledger import Ledger
 from worker.pipeline import RetryLater, Worker, handle
-from worker.rendering import Renderer
-from worker.settings import DatabaseSettings, RetrySettings, Settings
-from worker.smtp import SmtpSender, message_id_for
+from worker.settings import RetrySettings
+from worker.smtp import message_id_for
 
 MESSAGE_ID_DOMAIN = "example.com"
 FIGURES_PATH = ROOT / "run" / "reliability.json"
@@ -674,7 +674,6 @@ CORPUS = bad_inputs.corpus()
 SENTINELS = workload(3, "sentinel")
 
 
-MakeWorker = Callable[[RetrySettings], Worker]
 FAST_RETRY = RetrySettings(
     max_attempts=3,
     tries_per_invocation=1,
@@ -685,30 +684,8 @@ FAST_RETRY = RetrySettings(
 
 
 @pytest.fixture
-def make_worker(
-    database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
-) -> Iterator[MakeWorker]:
-    """In-process workers (each its own SMTP connections, like separate instances)."""
-    senders: list[SmtpSender] = []
-
-    def make(retry: RetrySettings) -> Worker:
-        settings = Settings(
-            database=DatabaseSettings(url=database_url),
-            smtp=smtp_server.settings(message_id_domain=MESSAGE_ID_DOMAIN),
-            pubsub=pubsub.settings,
-            retry=retry,
-        )
-        senders.append(SmtpSender(settings.smtp))
-        return Worker(settings=settings, ledger=ledger, sender=senders[-1], renderer=Renderer())
-
-    yield make
-    for sender in senders:
-        sender.close()
-
-
-@pytest.fixture
-def worker(make_worker: MakeWorker) -> Worker:
-    return make_worker(FAST_RETRY)
+def worker(make_worker: MakeWorker, smtp_server: SmtpTestServer) -> Worker:
+    return make_worker(FAST_RETRY, smtp=smtp_server.settings(message_id_domain=MESSAGE_ID_DOMAIN))
 
 
 def corpus_message_id(index: int) -> str:

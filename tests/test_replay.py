@@ -10,7 +10,6 @@ import pty
 import select
 import sys
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -21,12 +20,11 @@ from tests import factories
 from tests.harness.postgres import wait_until
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
+from tests.harness.worker import MakeWorker
 from worker import cli
 from worker.ledger import Ledger, Status
 from worker.pipeline import RetryLater, Worker, handle
-from worker.rendering import Renderer
-from worker.settings import DatabaseSettings, RetrySettings, Settings
-from worker.smtp import SmtpSender
+from worker.settings import RetrySettings
 
 WAIT = "0.5"  # seconds of empty pulls that end a run: the emulator answers at once
 RETRY = RetrySettings(
@@ -39,18 +37,8 @@ RETRY = RetrySettings(
 
 
 @pytest.fixture
-def worker(
-    database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
-) -> Iterator[Worker]:
-    settings = Settings(
-        database=DatabaseSettings(url=database_url),
-        smtp=smtp_server.settings(),
-        pubsub=pubsub.settings,
-        retry=RETRY,
-    )
-    sender = SmtpSender(settings.smtp)
-    yield Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
-    sender.close()
+def worker(make_worker: MakeWorker) -> Worker:
+    return make_worker(RETRY)
 
 
 def replay(capsys: pytest.CaptureFixture[str], pubsub: PubSubNamespace, *args: str) -> str:
