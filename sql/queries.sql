@@ -44,33 +44,11 @@ UPDATE email.deliveries SET
 WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
 RETURNING delivery_id;
 
--- name: set_retrying_if_claimed
+-- name: set_unsent_if_claimed
+-- The claim ends without an email: `retrying` (Pub/Sub will redeliver), `failed` (permanent)
+-- or `dead_letter` (attempts exhausted). Like set_sent_if_claimed, fenced by the claim token.
 UPDATE email.deliveries SET
-    status = 'retrying',
-    status_reason = %(reason)s,
-    attempts = greatest(attempts, %(attempts)s),
-    last_error_code = %(error_code)s,
-    last_error_message = %(error_message)s,
-    claim_token = NULL,
-    lease_expires_at = NULL
-WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
-RETURNING delivery_id;
-
--- name: set_failed_if_claimed
-UPDATE email.deliveries SET
-    status = 'failed',
-    status_reason = %(reason)s,
-    attempts = greatest(attempts, %(attempts)s),
-    last_error_code = %(error_code)s,
-    last_error_message = %(error_message)s,
-    claim_token = NULL,
-    lease_expires_at = NULL
-WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
-RETURNING delivery_id;
-
--- name: set_dead_letter_if_claimed
-UPDATE email.deliveries SET
-    status = 'dead_letter',
+    status = %(status)s::email.delivery_status,
     status_reason = %(reason)s,
     attempts = greatest(attempts, %(attempts)s),
     last_error_code = %(error_code)s,

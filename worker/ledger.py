@@ -144,13 +144,13 @@ class Ledger:
         )
 
     def set_retrying_if_claimed(self, claim: Claim, *, attempts: int, failure: Failure) -> bool:
-        return self._transition("set_retrying_if_claimed", claim, attempts, failure)
+        return self._set_unsent(Status.RETRYING, claim, attempts, failure)
 
     def set_failed_if_claimed(self, claim: Claim, *, attempts: int, failure: Failure) -> bool:
-        return self._transition("set_failed_if_claimed", claim, attempts, failure)
+        return self._set_unsent(Status.FAILED, claim, attempts, failure)
 
     def set_dead_letter_if_claimed(self, claim: Claim, *, attempts: int, failure: Failure) -> bool:
-        return self._transition("set_dead_letter_if_claimed", claim, attempts, failure)
+        return self._set_unsent(Status.DEAD_LETTER, claim, attempts, failure)
 
     def set_failed_if_new_or_queued(
         self,
@@ -202,9 +202,10 @@ class Ledger:
 
     # --- plumbing --------------------------------------------------------------------
 
-    def _transition(self, name: str, claim: Claim, attempts: int, failure: Failure) -> bool:
+    def _set_unsent(self, status: Status, claim: Claim, attempts: int, failure: Failure) -> bool:
         return self._changed(
-            name,
+            "set_unsent_if_claimed",
+            status=status.value,
             delivery_id=claim.delivery_id,
             claim_token=claim.claim_token,
             attempts=attempts,
