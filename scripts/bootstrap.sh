@@ -3,7 +3,8 @@
 # Sourced or run by every other script, so a fresh machine needs nothing by hand.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/.venv"
+# VENV and PYTHON choose another environment, e.g. the Cloud Functions runtime's Python 3.12.
+venv="${VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
