@@ -1,4 +1,5 @@
-"""The Cloud Function: `handle_delivery`, triggered by the delivery topic (Eventarc).
+"""The Cloud Functions: `handle_delivery`, triggered by the delivery topic (Eventarc), and
+`delivery_console`, the read-only support console (HTTP, worker/console/).
 
 Thin on purpose: the work is in worker/pipeline.py. Importing this module parses the
 settings (a missing one stops the instance with one line) but opens no connection and does
@@ -7,6 +8,7 @@ not import the Pub/Sub client; the database pool and SMTP connection are made on
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,8 +18,17 @@ from werkzeug.exceptions import ServiceUnavailable
 from worker import pipeline
 from worker.settings import SettingsError
 
+# Each target checks only its own settings: the console needs no SMTP or Pub/Sub ones.
+# functions-framework sets FUNCTION_TARGET before it imports this module.
+_TARGET = os.environ.get("FUNCTION_TARGET", "handle_delivery")
+
 try:
-    pipeline.configure()
+    if _TARGET == "delivery_console":
+        from worker.console import app as console_app
+
+        console_app.configure()
+    else:
+        pipeline.configure()
 except SettingsError as error:
     print(f"email-worker: configuration error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
@@ -33,3 +44,11 @@ def handle_delivery(cloud_event: Any) -> None:
         # framework's crash traceback; the worker already logged why. Other exceptions are bugs
         # or outages (database down) and keep their traceback.
         raise ServiceUnavailable(str(retry_later)) from None
+
+
+@functions_framework.http
+def delivery_console(request: Any) -> Any:
+    """The support console's pages and JSON API (GET only; see worker/console/app.py)."""
+    from worker.console import app  # only this target loads the console
+
+    return app.shared_console().handle(request)

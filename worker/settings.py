@@ -238,3 +238,20 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
             f"SMTP_TIMEOUT_SECONDS ({smtp.timeout_seconds:g}) plus one"
         )
     return Settings(database=database_settings(env), smtp=smtp, pubsub=pubsub, retry=retry)
+
+
+def console_database_settings(env: Mapping[str, str] = os.environ) -> DatabaseSettings:
+    """The support console's own login (an `email_reader` one), never the worker's: its own
+    variable, so a console cannot be pointed at the worker's credentials by accident."""
+    url = _secret_or_env(env, "CONSOLE_DATABASE_URL")
+    if url is None:
+        raise SettingsError(
+            "CONSOLE_DATABASE_URL or CONSOLE_DATABASE_URL_SECRET is required but not set"
+        )
+    return DatabaseSettings(
+        url=url,
+        pool_max_size=_parsed(env, "DB_POOL_MAX_SIZE", 4, _int_in(1, 100), "an integer 1..100"),
+        connect_timeout_seconds=_parsed(
+            env, "DB_TIMEOUT_SECONDS", 10.0, _positive_float, "a positive number"
+        ),
+    )

@@ -1,0 +1,336 @@
+"""The support console's JSON API, served by functions-framework (`delivery_console`) as an
+`email_reader` login against real PostgreSQL: lookups, pagination edges, bad parameters,
+hostile stored text, the response headers, and a role that cannot write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import psycopg
+import pytest
+
+from tests.harness.console import Console, ConsoleDb, Reply, seed
+from tests.harness.function import ROOT
+
+XSS_WORKFLOW = '<img src=x onerror="window.__xss=1">'
+XSS_ERROR = "<script>window.__xss=2</script> 550 rejected"
+XSS_RECIPIENT = '"<svg/onload=window.__xss=3>"@example.com'
+
+
+def api(console: Console, path: str, **params: Any) -> Reply:
+    query = f"?{urlencode(params)}" if params else ""
+    return console.get(path + query)
+
+
+def ok(console: Console, path: str, **params: Any) -> Any:
+    reply = api(console, path, **params)
+    assert reply.status == 200, reply.text
+    return reply.json()
+
+
+def bad(console: Console, path: str, parameter: str, **params: Any) -> str:
+    reply = api(console, path, **params)
+    assert reply.status == 400, reply.text
+    doc = reply.json()
+    assert (doc["error"], doc["parameter"]) == ("bad_parameter", parameter)
+    assert doc["message"].startswith(f"{parameter}: ")
+    return str(doc["message"])
+
+
+# --- one delivery ---------------------------------------------------------------------------
+
+
+def test_a_delivery_with_its_events_in_order(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    delivery_id = seed(admin_conn, recipient="grace@example.com", transient_errors=2)
+    doc = ok(console, f"/api/deliveries/{delivery_id}")
+    delivery = doc["delivery"]
+    assert delivery["delivery_id"] == delivery_id
+    assert (delivery["status"], delivery["attempts"], delivery["workflow"]) == ("sent", 3, "invite")
+    # Masked: this was a lookup by id, not a search for the address.
+    assert (delivery["recipient"], delivery["recipient_masked"]) == ("g***@example.com", True)
+    assert delivery["provider_message_id"] == f"<{delivery_id}@example.com>"
+    assert delivery["sent_at"].endswith("Z") and delivery["last_error_code"] is None
+    # No template data and no metadata: the console shows only the ledger's own columns.
+    assert "metadata" not in delivery and "claim_token" not in delivery
+    statuses = [(e["status"], e["attempt"], e["error_code"]) for e in doc["events"]]
+    assert statuses == [
+        ("in_progress", 1, None),
+        ("retrying", 1, "SMTP_421"),
+        ("in_progress", 2, None),
+        ("retrying", 2, "SMTP_421"),
+        ("in_progress", 3, None),
+        ("sent", 3, None),
+    ]
+    assert [e["from"] for e in doc["events"]][:3] == [None, "in_progress", "retrying"]
+    assert doc["events"] == sorted(doc["events"], key=lambda e: e["id"])
+    assert set(doc) == {"delivery", "events", "provider_events", "suppression"}
+
+
+def test_unknown_and_malformed_delivery_ids(console: Console) -> None:
+    reply = api(console, "/api/deliveries/no-such-delivery")
+    assert reply.status == 404
+    assert reply.json() == {"error": "not_found", "message": "no delivery with id no-such-delivery"}
+    # Not an id at all (the ledger's rule): 400, naming the parameter, never echoing the value.
+    for hostile in ("<script>alert(1)</script>", "a" * 201, "x y"):
+        reply = console.get(f"/api/deliveries/{quote(hostile, safe='')}")
+        assert reply.status == 400, hostile
+        doc = reply.json()
+        assert doc["parameter"] == "delivery_id" and "<" not in reply.text
+    assert bad(console, "/api/deliveries/c0001", "verbose", verbose="1")
+
+
+# --- searches and pagination ------------------------------------------------------------------
+
+
+def test_search_by_recipient_shows_the_full_address_newest_first(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    older = seed(admin_conn, recipient="Ada.Lovelace@Example.com", created_ago=7200)
+    newer = seed(admin_conn, recipient="ada.lovelace@example.com", created_ago=60)
+    seed(admin_conn, recipient="someone-else@example.com", created_ago=30)
+    # As stored, with the domain's case ignored, and all lower-case are the same address.
+    doc = ok(console, "/api/deliveries", recipient="Ada.Lovelace@EXAMPLE.com")
+    assert [d["delivery_id"] for d in doc["deliveries"]] == [newer, older]
+    assert [d["recipient"] for d in doc["deliveries"]] == [
+        "ada.lovelace@example.com",
+        "Ada.Lovelace@Example.com",
+    ]
+    assert not any(d["recipient_masked"] for d in doc["deliveries"])
+    assert doc["next_cursor"] is None
+    # Without the address in the search, every recipient is masked.
+    everyone = ok(console, "/api/deliveries", limit=200)["deliveries"]
+    assert everyone and all(d["recipient_masked"] for d in everyone if d["recipient"])
+    assert "ada.lovelace@example.com" not in json.dumps(everyone).lower()
+
+
+def test_cursor_pagination_edges(console: Console, admin_conn: psycopg.Connection[Any]) -> None:
+    recipient = "pages@example.com"
+    ids = [seed(admin_conn, recipient=recipient, created_ago=1000 - n) for n in range(5)]
+    # Two rows created in the same instant are ordered by id, and neither is lost at a cut.
+    admin_conn.execute(
+        "UPDATE email.deliveries SET created_at = (SELECT created_at FROM email.deliveries"
+        " WHERE delivery_id = %s) WHERE delivery_id = %s",
+        (ids[2], ids[3]),
+    )
+    expected = [ids[4], ids[3], ids[2], ids[1], ids[0]]  # ids[3] > ids[2] at the same instant
+
+    def walk(limit: int) -> list[list[str]]:
+        pages, cursor = [], None
+        while True:
+            params: dict[str, Any] = {"recipient": recipient, "limit": limit}
+            if cursor:
+                params["cursor"] = cursor
+            doc = ok(console, "/api/deliveries", **params)
+            pages.append([d["delivery_id"] for d in doc["deliveries"]])
+            cursor = doc["next_cursor"]
+            if cursor is None:
+                return pages
+
+    assert walk(2) == [expected[0:2], expected[2:4], expected[4:5]]
+    assert walk(1) == [[delivery_id] for delivery_id in expected]
+    # Exactly one full page: no cursor to an empty page.
+    assert walk(5) == [expected]
+    assert walk(200) == [expected]
+
+    # A delivery created after page 1 was read does not shift page 2.
+    first = ok(console, "/api/deliveries", recipient=recipient, limit=2)
+    seed(admin_conn, recipient=recipient, created_ago=0)
+    second = ok(
+        console, "/api/deliveries", recipient=recipient, limit=2, cursor=first["next_cursor"]
+    )
+    assert [d["delivery_id"] for d in second["deliveries"]] == expected[2:4]
+
+
+def test_filters(console: Console, admin_conn: psycopg.Connection[Any]) -> None:
+    recipient = "filters@example.com"
+    sent = seed(admin_conn, recipient=recipient, workflow="password-reset", created_ago=100)
+    failed = seed(admin_conn, recipient=recipient, workflow="password-reset", outcome="failed")
+    old = seed(admin_conn, recipient=recipient, workflow="password-reset", created_ago=3 * 86400)
+    base = {"recipient": recipient, "workflow": "password-reset"}
+
+    def found(**params: Any) -> list[str]:
+        return [
+            d["delivery_id"] for d in ok(console, "/api/deliveries", **base, **params)["deliveries"]
+        ]
+
+    assert found() == [sent, failed, old]
+    assert found(status="failed") == [failed]
+    assert found(since="24h") == [sent, failed]
+    assert found(status="sent", since="7d") == [sent, old]
+    assert ok(console, "/api/deliveries", workflow="no-such-workflow")["deliveries"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "201"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"status": "delivered"}, "status"),
+        ({"since": "yesterday"}, "since"),
+        ({"since": "0h"}, "since"),
+        ({"since": "400d"}, "since"),
+        ({"recipient": "not-an-address"}, "recipient"),
+        ({"recipient": "a b@example.com"}, "recipient"),
+        ({"cursor": "garbage!"}, "cursor"),
+        ({"cursor": "WyJub3QtYS1kYXRlIiwieCJd"}, "cursor"),  # ["not-a-date","x"]
+        ({"recipeint": "ada@example.com"}, "recipeint"),
+        ({"workflow": "w" * 101}, "workflow"),
+    ],
+)
+def test_malformed_search_parameters_are_400_naming_the_parameter(
+    console: Console, params: dict[str, str], parameter: str
+) -> None:
+    message = bad(console, "/api/deliveries", parameter, **params)
+    # The rule, never the value (a long enough value would show if it were echoed).
+    for value in params.values():
+        assert len(value) < 4 or value not in message
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def test_stats_match_the_cli_and_count_the_window(console_db: ConsoleDb, console: Console) -> None:
+    doc = ok(console, "/api/stats", since="7d")
+    assert (doc["since"], doc["since_seconds"]) == ("7d", 7 * 86400.0)
+    assert len(doc["timeline"]) == 24
+    rows = {row["workflow"]: row for row in doc["workflows"]}
+    total = rows.pop("all")
+    assert total["is_total"] and total["total"] == sum(row["total"] for row in rows.values())
+    assert (
+        sum(sum(v for k, v in s.items() if k != "start") for s in doc["timeline"]) == total["total"]
+    )
+    assert total["counts"]["sent"] == sum(s["sent"] for s in doc["timeline"])
+
+    # What `python -m worker stats --json` prints, field for field, for the same window.
+    cli = subprocess.run(
+        [sys.executable, "-m", "worker", "stats", "--since", "7d", "--json"],
+        env={**os.environ, "DATABASE_URL": console_db.reader_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for printed in json.loads(cli.stdout)["workflows"]:
+        shown = total if printed["is_total"] else rows[printed["workflow"]]
+        assert {key: shown[key] for key in printed} == printed
+    assert bad(console, "/api/stats", "since", since="forever")
+
+
+# --- hostile stored text, headers, no write path -----------------------------------------------
+
+
+def test_hostile_stored_text_comes_back_as_data(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    delivery_id = seed(
+        admin_conn,
+        workflow=XSS_WORKFLOW,
+        recipient=XSS_RECIPIENT,
+        outcome="failed",
+        error=("SMTP_550", XSS_ERROR),
+    )
+    reply = console.get(f"/api/deliveries/{delivery_id}")
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    delivery = reply.json()["delivery"]
+    assert (delivery["workflow"], delivery["last_error_message"]) == (XSS_WORKFLOW, XSS_ERROR)
+
+
+def test_every_response_carries_the_security_headers(console: Console) -> None:
+    for path in ("/", "/stats", "/api/stats", "/api/deliveries/nope", "/nowhere", "/api/x"):
+        headers = console.get(path).headers
+        csp = headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp, path
+        assert "frame-ancestors 'none'" in csp
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"
+        assert headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_there_is_no_write_path(console: Console, method: str) -> None:
+    for path in ("/api/deliveries/c0001", "/api/deliveries", "/api/suppressions", "/"):
+        reply = console.get(path, method=method)
+        assert reply.status == 405, (method, path)
+        assert reply.headers["allow"] == "GET, HEAD"
+
+
+def test_unknown_paths_are_404_json_under_api(console: Console) -> None:
+    reply = console.get("/api/nothing-here")
+    assert reply.status == 404 and reply.json()["error"] == "not_found"
+    assert console.get("/nothing-here").headers["content-type"].startswith("text/html")
+
+
+def test_the_console_role_cannot_write(console_db: ConsoleDb) -> None:
+    from worker.console.app import open_console_pool
+    from worker.settings import console_database_settings
+
+    settings = console_database_settings({"CONSOLE_DATABASE_URL": console_db.reader_url})
+    pool = open_console_pool(settings)
+    try:
+        with pool.connection() as conn:
+            assert conn.execute("SELECT count(*) FROM email.deliveries").fetchone()
+            for statement in (
+                "UPDATE email.deliveries SET attempts = attempts + 1",
+                "DELETE FROM email.delivery_events",
+                "INSERT INTO email.deliveries (delivery_id, status) VALUES ('w', 'queued')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+    finally:
+        pool.close()
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def import_main(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "DATABASE_URL"))}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, main; print(sorted(m for m in sys.modules"
+            " if m.startswith('worker.console')))",
+        ],
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_the_console_target_needs_only_its_own_setting() -> None:
+    missing = import_main({"FUNCTION_TARGET": "delivery_console"})
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "email-worker: configuration error: CONSOLE_DATABASE_URL or CONSOLE_DATABASE_URL_SECRET"
+        " is required but not set"
+    ]
+    url = "postgresql://reader@127.0.0.1:1/none"
+    started = import_main({"FUNCTION_TARGET": "delivery_console", "CONSOLE_DATABASE_URL": url})
+    assert started.returncode == 0, started.stderr
+
+
+def test_the_delivery_path_never_loads_the_console() -> None:
+    env = {
+        "DATABASE_URL": "postgresql://worker@127.0.0.1:1/none",
+        "SMTP_HOST": "127.0.0.1",
+        "EMAIL_FROM": "no-reply@example.com",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "DELIVERY_TOPIC": "t",
+        "DEAD_LETTER_TOPIC": "d",
+    }
+    loaded = import_main(env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"

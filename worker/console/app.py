@@ -1,0 +1,301 @@
+"""The support console: `delivery_console` in main.py hands every request to `Console.handle`.
+
+Read-only by construction: it connects as an `email_reader` login (CONSOLE_DATABASE_URL or
+CONSOLE_DATABASE_URL_SECRET), its SQL is SELECTs only (sql/console.sql), and it routes GET
+and HEAD only. Every response carries the same defence-in-depth headers; pages are Jinja
+templates with autoescaping and no script at all, so the Content-Security-Policy allows none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+import psycopg
+from psycopg_pool import ConnectionPool
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from worker.console import chart, views
+from worker.console.store import ConsoleStore, DeliverySearch
+from worker.db import connection_kwargs
+from worker.redact import mask_email
+from worker.settings import DatabaseSettings, console_database_settings
+
+HERE = Path(__file__).resolve().parent
+SECURITY_HEADERS = {
+    # No script source at all: the pages have none, and an injected one would not run.
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    # Pages hold recipients' addresses: no shared or browser cache keeps them.
+    "Cache-Control": "no-store",
+}
+ROUTES = Map(
+    [
+        Rule("/", endpoint="search_page"),
+        Rule("/deliveries/<path:delivery_id>", endpoint="delivery_page"),
+        Rule("/stats", endpoint="stats_page"),
+        Rule("/static/console.css", endpoint="stylesheet"),
+        Rule("/api/deliveries", endpoint="api_deliveries"),
+        Rule("/api/deliveries/<path:delivery_id>", endpoint="api_delivery"),
+        Rule("/api/stats", endpoint="api_stats"),
+        Rule("/api/suppressions", endpoint="api_suppressions"),
+    ],
+    strict_slashes=False,
+)
+_ALLOWED = ("GET", "HEAD")
+
+
+class Unavailable(Exception):
+    """Something the page needs is not there (the database, or migration 002): 503."""
+
+
+class Console:
+    def __init__(self, store: ConsoleStore, now: Callable[[], datetime] | None = None) -> None:
+        self.store = store
+        self.now = now or (lambda: datetime.now(UTC))
+        self.pages = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.pages.filters.update(when=_when, seconds=_seconds, percent=_percent, masked=mask_email)
+        self.pages.globals.update(quote=lambda text: quote(text, safe=""))
+
+    def handle(self, request: Request) -> Response:
+        api = request.path.startswith("/api/")
+        try:
+            if request.method not in _ALLOWED:
+                raise MethodNotAllowed(valid_methods=list(_ALLOWED))
+            endpoint, args = ROUTES.bind_to_environ(request.environ).match(request.path, "GET")
+            params = {key: request.args[key] for key in request.args}
+            response: Response = getattr(self, str(endpoint))(params, **args)
+        except views.BadParameter as error:
+            response = self._error(api, 400, "bad_parameter", str(error), error.parameter)
+        except Unavailable as error:
+            response = self._error(api, 503, "unavailable", str(error))
+        except psycopg.OperationalError as error:
+            print(f"email-console: database unavailable: {error}", file=sys.stderr, flush=True)
+            response = self._error(api, 503, "unavailable", "the ledger database is unreachable")
+        except _Missing as error:
+            response = self._error(api, 404, "not_found", error.message)
+        except MethodNotAllowed as error:
+            response = self._error(api, 405, "method_not_allowed", "the console is read-only")
+            response.headers["Allow"] = ", ".join(error.valid_methods or _ALLOWED)
+        except HTTPException as error:
+            code = error.code or 404
+            response = self._error(api, code, "not_found", "no such page")
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    # --- the JSON API ---------------------------------------------------------------------
+
+    def api_delivery(self, params: Mapping[str, str], delivery_id: str) -> Response:
+        views.only(params, ())
+        report = self._report(views.delivery_id(delivery_id))
+        if report is None:
+            raise _Missing(f"no delivery with id {delivery_id}")
+        return _json(report)
+
+    def api_deliveries(self, params: Mapping[str, str]) -> Response:
+        search = views.delivery_search(params, self.now())
+        page = self.store.deliveries(search)
+        searched = params.get("recipient")
+        items = [views.delivery_json(row, searched) for row in page.rows]
+        return _json(views.page_json(page, "deliveries", items, "delivery_id"))
+
+    def api_stats(self, params: Mapping[str, str]) -> Response:
+        views.only(params, ("since",))
+        label, window = views.since(params, default="24h") or ("24h", None)
+        assert window is not None
+        result = self.store.stats(window, buckets=views.CHART_BUCKETS)
+        return _json(views.stats_json(label, window, result))
+
+    def api_suppressions(self, params: Mapping[str, str]) -> Response:
+        search = views.suppression_search(params)
+        if not self.store.features().suppressions:
+            raise Unavailable("the ledger has no suppression list yet (migration 002)")
+        page = self.store.suppressions(search)
+        items = [views.suppression_json(row, search.address) for row in page.rows]
+        return _json(views.page_json(page, "suppressions", items, "address"))
+
+    # --- the pages --------------------------------------------------------------------------
+
+    def search_page(self, params: Mapping[str, str]) -> Response:
+        views.only(params, ("q", "cursor"))
+        q = params.get("q", "").strip()
+        if len(q) > views.MAX_ADDRESS:
+            raise views.BadParameter("q", f"must be at most {views.MAX_ADDRESS} characters")
+        after = views.decode_cursor(params)
+        context: dict[str, Any] = {"q": q, "searched": None, "suppression": None, "missing": False}
+        if q and views.DELIVERY_ID.fullmatch(q) and self.store.delivery(q) is not None:
+            # One search answers "what happened to delivery X": straight to its timeline.
+            return Response(status=303, headers={"Location": f"/deliveries/{quote(q, safe='')}"})
+        if q and "@" in q:
+            searched = views.address(q, "q")
+            context["searched"] = searched
+            context["suppression"] = self._suppression(searched)
+            search = DeliverySearch(recipient=searched, after=after, limit=50)
+        elif q:
+            context["missing"] = True
+            search = DeliverySearch(limit=0)
+        else:
+            search = DeliverySearch(after=after, limit=25)
+        page = self.store.deliveries(search) if search.limit else None
+        rows = [] if page is None else page.rows
+        context["deliveries"] = [views.delivery_json(row, context["searched"]) for row in rows]
+        cursor = views.page_json(page, "x", [], "delivery_id")["next_cursor"] if page else None
+        context["older"] = "/?" + urlencode({"q": q, "cursor": cursor}) if cursor else None
+        return self._page("search.html", **context)
+
+    def delivery_page(self, params: Mapping[str, str], delivery_id: str) -> Response:
+        views.only(params, ())
+        report = self._report(views.delivery_id(delivery_id))
+        if report is None:
+            raise _Missing(f"no delivery with id {delivery_id}")
+        return self._page("delivery.html", timeline=_timeline(report), **report)
+
+    def stats_page(self, params: Mapping[str, str]) -> Response:
+        views.only(params, ("since",))
+        label, window = views.since(params, default="24h") or ("24h", None)
+        assert window is not None
+        result = self.store.stats(window, buckets=views.CHART_BUCKETS)
+        doc = views.stats_json(label, window, result)
+        starts = [datetime.fromisoformat(row["start"]) for row in doc["timeline"]]
+        fmt = "%H:%M" if window.total_seconds() <= 2 * 86400 else "%b %d"
+        bars = chart.stacked_bars(result.timeline, starts, fmt)
+        return self._page("stats.html", stats=doc, chart=bars)
+
+    def stylesheet(self, params: Mapping[str, str]) -> Response:
+        css = (HERE / "static" / "console.css").read_bytes()
+        return Response(css, content_type="text/css; charset=utf-8")
+
+    # --- shared ----------------------------------------------------------------------------
+
+    def _report(self, delivery_id: str) -> dict[str, Any] | None:
+        row = self.store.delivery(delivery_id)
+        if row is None:
+            return None
+        provider_events = self.store.provider_events(delivery_id)
+        return {
+            "delivery": views.delivery_json(row),
+            "events": [views.event_json(event) for event in self.store.events(delivery_id)],
+            "provider_events": None
+            if provider_events is None
+            else [views.provider_event_json(event) for event in provider_events],
+            "suppression": self._suppression(row["recipient"]) if row["recipient"] else None,
+        }
+
+    def _suppression(self, address: str) -> dict[str, Any] | None:
+        entry = self.store.suppression(address)
+        return None if entry is None else views.suppression_json(entry)
+
+    def _page(self, template: str, status: int = 200, **context: Any) -> Response:
+        body = self.pages.get_template(template).render(**context)
+        return Response(body, status=status, content_type="text/html; charset=utf-8")
+
+    def _error(
+        self, api: bool, status: int, code: str, message: str, parameter: str | None = None
+    ) -> Response:
+        if api:
+            doc: dict[str, Any] = {"error": code, "message": message}
+            if parameter is not None:
+                doc["parameter"] = parameter
+            return _json(doc, status)
+        return self._page("error.html", status, status_code=status, message=message)
+
+
+class _Missing(NotFound):
+    """An unknown delivery: 404, with a message that names what was asked for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    body = json.dumps(doc, indent=2, sort_keys=True)
+    return Response(body + "\n", status=status, content_type="application/json")
+
+
+def _timeline(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Ledger events and provider events in one list, in the order they happened."""
+    entries = [{"kind": "ledger", "at": event["created_at"], **event} for event in report["events"]]
+    entries += [
+        {"kind": "provider", "at": event["occurred_at"], **event}
+        for event in report["provider_events"] or []
+    ]
+    return sorted(entries, key=lambda entry: entry["at"] or "")
+
+
+def _when(value: str | None) -> str:
+    if not value:
+        return "—"
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+# --- the instance's console (main.py) ---------------------------------------------------------
+
+_settings: DatabaseSettings | None = None
+_console: Console | None = None
+_lock = threading.Lock()
+
+
+def configure(env: Mapping[str, str] = os.environ) -> None:
+    """Parse the console's settings at start (a bad one stops the instance with one line)."""
+    global _settings
+    _settings = console_database_settings(env)
+
+
+def shared_console() -> Console:
+    """The instance's console; its pool opens on first use and is kept."""
+    global _console
+    if _console is None:
+        with _lock:
+            if _console is None:
+                if _settings is None:
+                    configure()
+                assert _settings is not None
+                _console = Console(ConsoleStore(open_console_pool(_settings)))
+    return _console
+
+
+def open_console_pool(settings: DatabaseSettings) -> ConnectionPool:
+    pool = ConnectionPool(
+        settings.url,
+        min_size=1,
+        max_size=settings.pool_max_size,
+        kwargs={**connection_kwargs(settings), "application_name": "email-console"},
+        timeout=settings.connect_timeout_seconds,
+        max_idle=300,
+        open=False,
+        name="email-console",
+    )
+    pool.open(wait=False)
+    return pool

@@ -1,0 +1,321 @@
+"""What the console shows, decided without I/O: query parameters parsed into searches, rows
+shaped into the API's stable JSON fields, recipients masked.
+
+`BadParameter(name, rule)` names the parameter and the rule, never the value (the value may
+be an address, or something built to be echoed). Both the JSON API and the HTML pages use
+these functions, so a page never shows what the API would hide.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from worker.console.store import DeliverySearch, Page, StatsResult, SuppressionSearch
+from worker.ledger import Status
+from worker.redact import mask_addresses, mask_email
+from worker.reports import WorkflowStats, parse_duration
+
+DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
+DELIVERY_ID_RULE = "must be 1..200 characters from A-Z a-z 0-9 . _ : @ -"
+MAX_ADDRESS = 254
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+MAX_STATS_WINDOW = timedelta(days=366)
+SUPPRESSION_REASONS = ("hard_bounce", "complaint", "manual")
+CHART_BUCKETS = 24
+
+
+class BadParameter(ValueError):
+    """A query parameter the console refuses: 400, naming the parameter and the rule."""
+
+    def __init__(self, parameter: str, rule: str) -> None:
+        super().__init__(f"{parameter}: {rule}")
+        self.parameter = parameter
+        self.rule = rule
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def only(params: Mapping[str, str], allowed: tuple[str, ...]) -> None:
+    """An unknown parameter is refused rather than ignored: a typo (`recipeint=`) would
+    otherwise silently widen a search."""
+    for name in params:
+        if name not in allowed:
+            raise BadParameter(name, f"unknown parameter (known: {', '.join(allowed)})")
+
+
+def delivery_id(text: str, parameter: str = "delivery_id") -> str:
+    if DELIVERY_ID.fullmatch(text) is None:
+        raise BadParameter(parameter, DELIVERY_ID_RULE)
+    return text
+
+
+def address(text: str, parameter: str) -> str:
+    text = text.strip()
+    local, at, domain = text.rpartition("@")
+    if not (at and local and domain) or len(text) > MAX_ADDRESS or any(c.isspace() for c in text):
+        raise BadParameter(parameter, f"must be one email address of at most {MAX_ADDRESS} chars")
+    return text
+
+
+def limit(params: Mapping[str, str]) -> int:
+    text = params.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise BadParameter("limit", f"must be an integer 1..{MAX_LIMIT}")
+    return int(text)
+
+
+def since(params: Mapping[str, str], *, default: str | None = None) -> tuple[str, timedelta] | None:
+    text = params.get("since", default)
+    if text is None:
+        return None
+    try:
+        window = parse_duration(text)
+    except ValueError:
+        raise BadParameter("since", "must be a duration like 30m, 24h, 7d or 90d") from None
+    if window > MAX_STATS_WINDOW:
+        raise BadParameter("since", "must be at most 366d")
+    return text.strip().lower(), window
+
+
+def status(params: Mapping[str, str]) -> str | None:
+    text = params.get("status")
+    if text is None:
+        return None
+    values = [s.value for s in Status]
+    if text not in values:
+        raise BadParameter("status", f"must be one of {', '.join(values)}")
+    return text
+
+
+def workflow(params: Mapping[str, str]) -> str | None:
+    text = params.get("workflow")
+    if text is None:
+        return None
+    if not 1 <= len(text) <= 100:
+        raise BadParameter("workflow", "must be 1..100 characters")
+    return text
+
+
+def boolean(params: Mapping[str, str], name: str) -> bool | None:
+    text = params.get(name)
+    if text is None:
+        return None
+    if text not in ("true", "false"):
+        raise BadParameter(name, "must be true or false")
+    return text == "true"
+
+
+def encode_cursor(created_at: datetime, key: str) -> str:
+    raw = json.dumps([created_at.isoformat(), key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(params: Mapping[str, str]) -> tuple[datetime, str] | None:
+    text = params.get("cursor")
+    if text is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        when, key = json.loads(raw)
+        created_at = datetime.fromisoformat(when)
+        if created_at.tzinfo is None or not isinstance(key, str) or len(key) > MAX_ADDRESS:
+            raise ValueError(text)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadParameter("cursor", "must be a next_cursor value from an earlier page") from None
+    return created_at, key
+
+
+def delivery_search(params: Mapping[str, str], now: datetime) -> DeliverySearch:
+    only(params, ("recipient", "workflow", "status", "since", "limit", "cursor"))
+    recipient = params.get("recipient")
+    window = since(params)
+    return DeliverySearch(
+        recipient=None if recipient is None else address(recipient, "recipient"),
+        workflow=workflow(params),
+        status=status(params),
+        since=None if window is None else now - window[1],
+        after=decode_cursor(params),
+        limit=limit(params),
+    )
+
+
+def suppression_search(params: Mapping[str, str]) -> SuppressionSearch:
+    only(params, ("address", "reason", "active", "limit", "cursor"))
+    text = params.get("address")
+    reason = params.get("reason")
+    if reason is not None and reason not in SUPPRESSION_REASONS:
+        raise BadParameter("reason", f"must be one of {', '.join(SUPPRESSION_REASONS)}")
+    return SuppressionSearch(
+        address=None if text is None else address(text, "address"),
+        reason=reason,
+        active=boolean(params, "active"),
+        after=decode_cursor(params),
+        limit=limit(params),
+    )
+
+
+# --- rows as JSON ---------------------------------------------------------------------------
+
+
+def shown_address(stored: str | None, searched: str | None) -> tuple[str | None, bool]:
+    """(what to show, whether it is masked): the full address only to whoever searched for
+    exactly that address."""
+    if stored is None:
+        return None, False
+    if searched is not None and stored.lower() == searched.lower():
+        return stored, False
+    return mask_email(stored), True
+
+
+# The stable fields of a delivery in the API (README "Support console"); the provider ones
+# are null until migration 002 and the first provider event.
+DELIVERY_FIELDS = (
+    "delivery_id",
+    "workflow",
+    "locale",
+    "status",
+    "status_reason",
+    "attempts",
+    "replays",
+    "last_error_code",
+    "last_error_message",
+    "last_attempted_at",
+    "queued_at",
+    "sent_at",
+    "lease_expires_at",
+    "provider_message_id",
+    "relay_message_id",
+    "source_message_id",
+    "provider_status",
+    "delivered_at",
+    "opened_at",
+    "clicked_at",
+    "bounced_at",
+    "complained_at",
+    "bounce_type",
+    "created_at",
+    "updated_at",
+)
+
+
+def delivery_json(row: Mapping[str, Any], searched: str | None = None) -> dict[str, Any]:
+    recipient, masked = shown_address(row.get("recipient"), searched)
+    doc = {name: _plain(row.get(name)) for name in DELIVERY_FIELDS}
+    doc["recipient"] = recipient
+    doc["recipient_masked"] = masked
+    return doc
+
+
+def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    payload = row["payload"] or {}
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "from": payload.get("from"),
+        "reason": payload.get("reason"),
+        "attempt": row["attempt"],
+        "error_code": row["error_code"],
+        "error_message": row["error_message"],
+        "payload": _masked(payload),
+        "created_at": _plain(row["created_at"]),
+    }
+
+
+def provider_event_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "provider": row["provider"],
+        "provider_event_id": row["provider_event_id"],
+        "event_type": row["event_type"],
+        "occurred_at": _plain(row["occurred_at"]),
+        "received_at": _plain(row["received_at"]),
+        # A bounce's diagnostic may quote the recipient: masked like everywhere else.
+        "detail": _masked(row["detail"] or {}),
+    }
+
+
+def suppression_json(row: Mapping[str, Any], searched: str | None = None) -> dict[str, Any]:
+    shown, masked = shown_address(row["address"], searched)
+    return {
+        "address": shown,
+        "address_masked": masked,
+        "reason": row["reason"],
+        "delivery_id": row["delivery_id"],
+        "created_at": _plain(row["created_at"]),
+        "expires_at": _plain(row["expires_at"]),
+        "active": row["active"],
+    }
+
+
+def page_json(page: Page, key: str, items: list[dict[str, Any]], cursor_key: str) -> dict[str, Any]:
+    last = page.rows[-1] if page.rows else None
+    next_cursor = (
+        encode_cursor(last["created_at"], last[cursor_key]) if page.more and last else None
+    )
+    return {key: items, "next_cursor": next_cursor}
+
+
+def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, Any]:
+    step = window / len(result.timeline) if result.timeline else window
+    start = datetime.now(UTC) - window
+    return {
+        "since": label,
+        "since_seconds": window.total_seconds(),
+        "provider_events": result.provider is not None,
+        "workflows": [workflow_stats_json(row, result.provider) for row in result.workflows],
+        "timeline": [
+            {"start": _plain(start + step * index), **counts}
+            for index, counts in enumerate(result.timeline)
+        ],
+    }
+
+
+def workflow_stats_json(
+    row: WorkflowStats, provider: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """What `python -m worker stats --json` prints per workflow, plus the provider's side:
+    bounce and complaint rates over the emails sent (null before migration 002)."""
+    theirs = (provider or {}).get(row.workflow)
+    sent = int(theirs["sent"]) if theirs else 0
+    return {
+        "workflow": row.workflow,
+        "is_total": row.is_total,
+        "total": row.total,
+        "counts": {status.value: count for status, count in row.counts.items()},
+        "finished": row.finished,
+        "success_rate": row.success_rate,
+        "mean_attempts": row.mean_attempts,
+        "p50_seconds": row.p50_seconds,
+        "p95_seconds": row.p95_seconds,
+        "delivered": int(theirs["delivered"]) if theirs else None,
+        "bounced": int(theirs["bounced"]) if theirs else None,
+        "complained": int(theirs["complained"]) if theirs else None,
+        "bounce_rate": int(theirs["bounced"]) / sent if theirs and sent else None,
+        "complaint_rate": int(theirs["complained"]) / sent if theirs and sent else None,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return value
+
+
+def _masked(value: Any) -> Any:
+    """Addresses inside stored JSON (payloads, provider details) masked, recursively."""
+    if isinstance(value, str):
+        return mask_addresses(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
