@@ -49,7 +49,8 @@ ROUTES = Map(
         Rule("/", endpoint="search_page"),
         Rule("/deliveries/<path:delivery_id>", endpoint="delivery_page"),
         Rule("/stats", endpoint="stats_page"),
-        Rule("/static/console.css", endpoint="stylesheet"),
+        # Not /static/: functions-framework's Flask app keeps that path for its own files.
+        Rule("/assets/console.css", endpoint="stylesheet"),
         Rule("/api/deliveries", endpoint="api_deliveries"),
         Rule("/api/deliveries/<path:delivery_id>", endpoint="api_delivery"),
         Rule("/api/stats", endpoint="api_stats"),
@@ -207,6 +208,8 @@ class Console:
         return None if entry is None else views.suppression_json(entry)
 
     def _page(self, template: str, status: int = 200, **context: Any) -> Response:
+        if template != "error.html":
+            context.setdefault("has_suppressions", self.store.features().suppressions)
         body = self.pages.get_template(template).render(**context)
         return Response(body, status=status, content_type="text/html; charset=utf-8")
 
