@@ -297,3 +297,51 @@ bind() {
   printf '%s: giving up: %s\n' "$SCRIPT_NAME" "$*" >&2
   return 1
 }
+
+# --- the support console (deploy-console.sh) --------------------------------------------------
+# A second function, HTTP, read-only, never public: only the IAM members in CONSOLE_INVOKERS
+# may invoke it (support opens it through `gcloud run services proxy`).
+: "${CONSOLE_FUNCTION_NAME:=email-console}"
+: "${CONSOLE_SA:=email-console-runtime}"  # its identity: reads its one secret, nothing else
+# Holds the libpq URI of a LOGIN role granted email_reader and nothing more, never the worker's.
+: "${CONSOLE_DATABASE_URL_SECRET_ID:=email-console-database-url}"
+# Comma-separated IAM members given roles/run.invoker on the console, e.g.
+# group:support@acme.example. Required by deploy-console.sh; all.sh deploys the console only
+# when it is set.
+: "${CONSOLE_INVOKERS:=}"
+: "${CONSOLE_MAX_INSTANCES:=3}"
+: "${CONSOLE_MEMORY:=256Mi}"
+: "${CONSOLE_TIMEOUT:=60s}"
+# `all`: IAM, not the network, keeps it private, and `gcloud run services proxy` reaches it.
+: "${CONSOLE_INGRESS_SETTINGS:=all}"
+
+# load_console_config: what deploy-console.sh needs on top of load_config.
+load_console_config() {
+  load_config
+  require CONSOLE_INVOKERS
+  matches CONSOLE_FUNCTION_NAME '^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$' "a function name (lowercase letters, digits, hyphens)"
+  [[ $CONSOLE_FUNCTION_NAME != "$FUNCTION_NAME" ]] || die_config "CONSOLE_FUNCTION_NAME must differ from FUNCTION_NAME"
+  matches CONSOLE_SA "$ID_RE" "a service account id (6-30 lowercase letters, digits, hyphens)"
+  [[ $CONSOLE_SA != "$RUNTIME_SA" && $CONSOLE_SA != "$TRIGGER_SA" ]] || die_config "CONSOLE_SA must differ from RUNTIME_SA and TRIGGER_SA"
+  matches CONSOLE_DATABASE_URL_SECRET_ID "$SECRET_RE" "a secret id (letters, digits, _ and -)"
+  [[ $CONSOLE_DATABASE_URL_SECRET_ID != "$DATABASE_URL_SECRET_ID" ]] || die_config "CONSOLE_DATABASE_URL_SECRET_ID must differ from DATABASE_URL_SECRET_ID (the console logs in as an email_reader, never as the worker)"
+  local member
+  IFS=, read -r -a CONSOLE_INVOKER_LIST <<<"$CONSOLE_INVOKERS"
+  ((${#CONSOLE_INVOKER_LIST[@]} > 0)) || die_config "CONSOLE_INVOKERS must name at least one IAM member"
+  for member in "${CONSOLE_INVOKER_LIST[@]}"; do
+    [[ $member =~ ^(group|user|serviceAccount|domain):[^[:space:],]+$ ]] || die_config "CONSOLE_INVOKERS must be IAM members like group:support@example.com (never allUsers), got '$member'"
+  done
+  int_in CONSOLE_MAX_INSTANCES 1 100
+  local timeout
+  timeout=$(seconds_of CONSOLE_TIMEOUT)
+  ((timeout >= 1 && timeout <= 3600)) || die_config "CONSOLE_TIMEOUT must be 1s..3600s, got '$CONSOLE_TIMEOUT'"
+  matches CONSOLE_INGRESS_SETTINGS '^(all|internal-only|internal-and-gclb)$' "all, internal-only or internal-and-gclb"
+  [[ -d $SOURCE_DIR ]] || die_config "SOURCE_DIR is not a directory: $SOURCE_DIR"
+  SOURCE_DIR=$(cd "$SOURCE_DIR" && pwd)
+  local file
+  for file in main.py requirements.txt .gcloudignore; do
+    [[ -f $SOURCE_DIR/$file ]] || die_config "$file is missing from $SOURCE_DIR (the function's source; .gcloudignore keeps tests/, bench/ and .venv/ out of the upload)"
+  done
+  CONSOLE_SA_EMAIL="$CONSOLE_SA@$PROJECT_ID.iam.gserviceaccount.com"
+  CONSOLE_DATABASE_URL_SECRET="projects/$PROJECT_ID/secrets/$CONSOLE_DATABASE_URL_SECRET_ID/versions/latest"
+}

@@ -1,5 +1,6 @@
 # Sourced: checks (and where it can, installs) what the tests and the local stack run for
-# real: PostgreSQL 15 server binaries, gcloud's Pub/Sub emulator and Java.
+# real: PostgreSQL 15 server binaries, gcloud's Pub/Sub emulator, Java, and chromium (the
+# console's page tests drive it through Playwright, which cannot download browsers here).
 need_pg="/usr/lib/postgresql/15/bin/initdb"
 if [ ! -x "$need_pg" ]; then
   echo "installing PostgreSQL 15 server binaries (apt)"
@@ -12,4 +13,8 @@ fi
 if ! command -v java >/dev/null 2>&1; then
   echo "installing Java 17 for the Pub/Sub emulator (apt)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+fi
+if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+  echo "installing chromium for the support console's page tests (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi

@@ -18,11 +18,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-SCRIPTS = ["setup-project.sh", "deploy-function.sh", "set-secret.sh", "all.sh"]
+SCRIPTS = [
+    "setup-project.sh",
+    "deploy-function.sh",
+    "set-secret.sh",
+    "all.sh",
+    "deploy-console.sh",
+]
 
 PROJECT = "acme-mail"
 RUNTIME_SA = f"email-worker-runtime@{PROJECT}.iam.gserviceaccount.com"
 TRIGGER_SA = f"email-worker-trigger@{PROJECT}.iam.gserviceaccount.com"
+CONSOLE_SA = f"email-console-runtime@{PROJECT}.iam.gserviceaccount.com"
+SUPPORT = "group:support@acme.example"
 PUBSUB_AGENT = "serviceAccount:service-<project-number>@gcp-sa-pubsub.iam.gserviceaccount.com"
 APIS = [
     "cloudfunctions.googleapis.com",
@@ -112,6 +120,7 @@ class Deploy:
             "SMTP_HOST": "smtp.example.com",
             "EMAIL_FROM": "no-reply@acme.example",
             "SOURCE_DIR": str(self.source),
+            "CONSOLE_INVOKERS": SUPPORT,
         }
 
     def run(
@@ -417,11 +426,26 @@ def test_deploy_function_needs_a_gcloudignore(deploy: Deploy) -> None:
 # --- all.sh ------------------------------------------------------------------------------------
 
 
-def test_all_runs_setup_then_deploy(deploy: Deploy) -> None:
+def test_all_runs_setup_then_deploy_then_the_console(deploy: Deploy) -> None:
     result = deploy.dry("all.sh")
     setup = deploy.dry("setup-project.sh")
     function = deploy.dry("deploy-function.sh")
+    console = deploy.dry("deploy-console.sh")
+    assert result.stdout == setup.stdout + function.stdout + console.stdout
+
+
+def test_all_leaves_the_console_out_without_invokers(deploy: Deploy) -> None:
+    result = deploy.dry("all.sh", env={"CONSOLE_INVOKERS": None})
+    setup = deploy.dry("setup-project.sh")
+    function = deploy.dry("deploy-function.sh")
     assert result.stdout == setup.stdout + function.stdout
+
+
+def test_all_checks_the_console_settings_before_changing_anything(deploy: Deploy) -> None:
+    result = deploy.run("all.sh", "--dry-run", env={"CONSOLE_INVOKERS": "allUsers"})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "CONSOLE_INVOKERS" in result.stderr
 
 
 # --- set-secret.sh -----------------------------------------------------------------------------
@@ -527,3 +551,77 @@ def test_bad_settings_are_one_line_and_exit_2(
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
     assert named in result.stderr
+
+
+# --- deploy-console.sh ---------------------------------------------------------------------
+
+
+def test_console_is_a_private_http_function_with_only_its_reader_secret(deploy: Deploy) -> None:
+    argv = deploy.dry("deploy-console.sh").one("gcloud", "functions", "deploy")
+    assert argv[3] == "email-console"
+    assert "--gen2" in argv and "--trigger-http" in argv
+    assert "--no-allow-unauthenticated" in argv and "--allow-unauthenticated" not in argv
+    assert flag(argv, "entry-point") == "delivery_console"
+    assert flag(argv, "runtime") == "python312"
+    assert flag(argv, "source") == str(deploy.source)
+    assert flag(argv, "service-account") == CONSOLE_SA
+    assert flag(argv, "max-instances") == "3"
+    # No SMTP, no Pub/Sub, not the worker's database secret: the console's own reader login.
+    assert env_vars(argv) == {
+        "CONSOLE_DATABASE_URL_SECRET": (
+            f"projects/{PROJECT}/secrets/email-console-database-url/versions/latest"
+        )
+    }
+
+
+def test_console_grants_least_privilege_on_resources_only(deploy: Deploy) -> None:
+    result = deploy.dry(
+        "deploy-console.sh",
+        env={"CONSOLE_INVOKERS": f"{SUPPORT},user:oncall@acme.example"},
+    )
+    assert not project_level_bindings(result)
+    secret = result.one("gcloud", "secrets", "add-iam-policy-binding")
+    assert secret[3] == "email-console-database-url"
+    assert flag(secret, "member") == f"serviceAccount:{CONSOLE_SA}"
+    assert flag(secret, "role") == "roles/secretmanager.secretAccessor"
+    invokers = result.find("gcloud", "run", "services", "add-iam-policy-binding")
+    assert [(argv[4], flag(argv, "member"), flag(argv, "role")) for argv in invokers] == [
+        ("email-console", SUPPORT, "roles/run.invoker"),
+        ("email-console", "user:oncall@acme.example", "roles/run.invoker"),
+    ]
+    commands = result.commands
+    deployed = commands.index(result.one("gcloud", "functions", "deploy"))
+    assert commands.index(secret) < deployed < commands.index(invokers[0])
+    assert "gcloud run services proxy email-console" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"CONSOLE_INVOKERS": None}, "CONSOLE_INVOKERS"),
+        ({"CONSOLE_INVOKERS": "allUsers"}, "CONSOLE_INVOKERS"),
+        ({"CONSOLE_INVOKERS": "allAuthenticatedUsers"}, "CONSOLE_INVOKERS"),
+        ({"CONSOLE_INVOKERS": "group:support@acme.example,allUsers"}, "CONSOLE_INVOKERS"),
+        (
+            {"CONSOLE_DATABASE_URL_SECRET_ID": "email-database-url"},
+            "CONSOLE_DATABASE_URL_SECRET_ID",
+        ),
+        ({"CONSOLE_FUNCTION_NAME": "email-worker"}, "CONSOLE_FUNCTION_NAME"),
+        ({"CONSOLE_SA": "email-worker-runtime"}, "CONSOLE_SA"),
+        ({"CONSOLE_MAX_INSTANCES": "0"}, "CONSOLE_MAX_INSTANCES"),
+        ({"CONSOLE_TIMEOUT": "2h"}, "CONSOLE_TIMEOUT"),
+    ],
+)
+def test_console_bad_settings_are_one_line_and_exit_2(
+    deploy: Deploy, settings: dict[str, str | None], named: str
+) -> None:
+    result = deploy.run("deploy-console.sh", "--dry-run", env=settings)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert named in result.stderr
+
+
+def test_console_needs_no_smtp_settings(deploy: Deploy) -> None:
+    result = deploy.dry("deploy-console.sh", env={"SMTP_HOST": None, "EMAIL_FROM": None})
+    assert result.one("gcloud", "functions", "deploy")
