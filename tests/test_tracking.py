@@ -18,8 +18,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tests.harness.postgres import free_port
+from worker.db import connection_kwargs
 from worker.ledger import Ledger
 from worker.providers.model import Applied, EventType, ProviderEvent
+from worker.settings import DatabaseSettings
 from worker.tracking import ProviderStatus, Tracking, allowed
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -529,3 +531,35 @@ def test_an_outsider_sees_nothing_new(admin: psycopg.Connection[Any]) -> None:
     finally:
         admin.execute("RESET ROLE")
         admin.execute(f"DROP ROLE {role}")
+
+
+def test_events_through_a_transaction_mode_pooler(
+    admin: psycopg.Connection[Any], pooled_database_url: str, ledger: Ledger
+) -> None:
+    """No session state: the provider name for the audit row is set per transaction."""
+    delivery_ids = [sent(ledger) for _ in range(6)]
+    kinds = [("delivered", 1), ("opened", 2), ("clicked", 3), ("opened", 4)]
+    with (
+        ConnectionPool(
+            pooled_database_url,
+            max_size=8,
+            kwargs=connection_kwargs(DatabaseSettings(url=pooled_database_url)),
+        ) as pool,
+        ThreadPoolExecutor(8) as executor,
+    ):
+        tracking = Tracking(pool)
+        jobs = [(d, kind) for d in delivery_ids for kind in kinds for _ in range(2)]
+        outcomes = list(
+            executor.map(
+                lambda job: tracking.apply(
+                    event(job[1][0], job[1][1], delivery_id=job[0], event_id=f"{job[0]}{job[1]}")
+                ),
+                jobs,
+            )
+        )
+    assert outcomes.count(Applied.APPLIED) == len(jobs) // 2
+    assert outcomes.count(Applied.DUPLICATE) == len(jobs) // 2
+    for delivery_id in delivery_ids:
+        state = row(admin, delivery_id)
+        assert (state["provider_status"], state["opened_at"]) == ("clicked", at(2))
+        assert {p["provider"] for p in provider_audit(admin, delivery_id)} == {"sendgrid"}
