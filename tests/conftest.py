@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.harness.worker",
     "tests.harness.console",
     "tests.harness.browser",
+    "tests.harness.pgbouncer",
 ]
