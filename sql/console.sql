@@ -3,24 +3,12 @@
 -- only read, and has no write path at all. Columns are named, never `*`, so what the console
 -- shows (and never shows: metadata, claim tokens) is decided here.
 
--- name: ledger_features
--- Migration 002 adds provider events and the suppression list; a console deployed before the
--- database is migrated shows the rest and says what is missing.
-SELECT to_regclass('email.provider_events') IS NOT NULL AS provider_events,
-       to_regclass('email.suppressions') IS NOT NULL AS suppressions;
-
 -- name: delivery
 SELECT delivery_id, workflow, recipient, locale, status::text AS status, status_reason,
        attempts, replays, last_error_code, last_error_message, last_attempted_at, queued_at,
-       sent_at, lease_expires_at, provider_message_id, source_message_id, created_at,
-       updated_at
-FROM email.deliveries
-WHERE delivery_id = %(delivery_id)s;
-
--- name: delivery_provider_fields
--- Migration 002's columns of one delivery (what the provider said after the relay took it).
-SELECT relay_message_id, provider_status::text AS provider_status, delivered_at, opened_at,
-       clicked_at, bounced_at, complained_at, bounce_type
+       sent_at, lease_expires_at, provider_message_id, relay_message_id, source_message_id,
+       provider_status::text AS provider_status, delivered_at, opened_at, clicked_at,
+       bounced_at, complained_at, bounce_type, created_at, updated_at
 FROM email.deliveries
 WHERE delivery_id = %(delivery_id)s;
 
@@ -33,11 +21,11 @@ ORDER BY id;
 
 -- name: delivery_provider_events
 -- What the provider reported, in the order it happened (arrival order breaks ties).
-SELECT provider, provider_event_id, event_type::text AS event_type, occurred_at, received_at,
-       detail
+-- Matching keys (the recipient, message ids) are left out: the delivery row has them.
+SELECT provider, provider_event_id, event_type, occurred_at, received_at, bounce_type, detail
 FROM email.provider_events
 WHERE delivery_id = %(delivery_id)s
-ORDER BY occurred_at, received_at, provider_event_id;
+ORDER BY occurred_at, id;
 
 -- name: search_deliveries
 -- Newest first, keyset-paginated on (created_at, delivery_id): a page never repeats or skips
@@ -47,8 +35,9 @@ ORDER BY occurred_at, received_at, provider_event_id;
 -- (recipient, updated_at) index, so a large ledger wants an index on lower(recipient).
 SELECT delivery_id, workflow, recipient, locale, status::text AS status, status_reason,
        attempts, replays, last_error_code, last_error_message, last_attempted_at, queued_at,
-       sent_at, lease_expires_at, provider_message_id, source_message_id, created_at,
-       updated_at
+       sent_at, lease_expires_at, provider_message_id, relay_message_id, source_message_id,
+       provider_status::text AS provider_status, delivered_at, opened_at, clicked_at,
+       bounced_at, complained_at, bounce_type, created_at, updated_at
 FROM email.deliveries
 WHERE (%(recipient)s::text IS NULL OR lower(recipient) = lower(%(recipient)s::text))
   AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s::text)
@@ -72,41 +61,27 @@ SELECT
     ) AS bucket,
     count(*) FILTER (WHERE d.status = 'sent') AS sent,
     count(*) FILTER (WHERE d.status IN ('failed', 'dead_letter')) AS failed,
-    count(*) FILTER (WHERE d.status NOT IN ('sent', 'failed', 'dead_letter')) AS other
+    count(*) FILTER (WHERE d.status = 'skipped') AS skipped,
+    count(*) FILTER (WHERE d.status IN ('queued', 'in_progress', 'retrying')) AS in_flight
 FROM email.deliveries d CROSS JOIN bounds b
 WHERE d.queued_at >= b.start_at
 GROUP BY 1
 ORDER BY 1;
 
--- name: provider_stats_by_workflow
--- Migration 002: what became of the emails sent in the window, per workflow plus a total
--- (is_total), shaped like stats_by_workflow in sql/queries.sql so the two rows join.
-SELECT
-    coalesce(workflow, '(none)') AS workflow,
-    grouping(workflow) = 1 AS is_total,
-    count(*) FILTER (WHERE status = 'sent') AS sent,
-    count(*) FILTER (WHERE delivered_at IS NOT NULL) AS delivered,
-    count(*) FILTER (WHERE bounced_at IS NOT NULL) AS bounced,
-    count(*) FILTER (WHERE complained_at IS NOT NULL) AS complained
-FROM email.deliveries
-WHERE queued_at >= now() - %(since_seconds)s * interval '1 second'
-GROUP BY GROUPING SETS ((workflow), ())
-HAVING count(*) > 0;
-
 -- name: suppression_for_address
 -- Suppressions are stored lower-cased (contract section 7).
-SELECT address, reason::text AS reason, delivery_id, created_at, expires_at,
+SELECT address, reason, delivery_id, created_at, expires_at,
        (expires_at IS NULL OR expires_at > now()) AS active
 FROM email.suppressions
 WHERE address = lower(%(address)s::text);
 
 -- name: search_suppressions
 -- Newest first, keyset-paginated on (created_at, address), like search_deliveries.
-SELECT address, reason::text AS reason, delivery_id, created_at, expires_at,
+SELECT address, reason, delivery_id, created_at, expires_at,
        (expires_at IS NULL OR expires_at > now()) AS active
 FROM email.suppressions
 WHERE (%(address)s::text IS NULL OR address = lower(%(address)s::text))
-  AND (%(reason)s::text IS NULL OR reason::text = %(reason)s::text)
+  AND (%(reason)s::text IS NULL OR reason = %(reason)s::text)
   AND (%(active)s::boolean IS NULL
        OR (expires_at IS NULL OR expires_at > now()) = %(active)s::boolean)
   AND (%(after_created_at)s::timestamptz IS NULL

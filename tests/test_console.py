@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 import pytest
 
-from tests.harness.console import Console, ConsoleDb, Reply, seed
+from tests.harness.console import Console, ConsoleDb, Reply, provider_event, seed, suppress
 from tests.harness.function import ROOT
 
 XSS_WORKFLOW = '<img src=x onerror="window.__xss=1">'
@@ -84,6 +84,116 @@ def test_unknown_and_malformed_delivery_ids(console: Console) -> None:
         doc = reply.json()
         assert doc["parameter"] == "delivery_id" and "<" not in reply.text
     assert bad(console, "/api/deliveries/c0001", "verbose", verbose="1")
+
+
+def test_provider_events_in_the_order_they_happened_and_the_suppression(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    delivery_id = seed(admin_conn, recipient="Bounce.Me@example.com", created_ago=600)
+    # The bounce arrives first; the earlier delivery report after it.
+    diagnostic = "550 5.1.1 <Bounce.Me@example.com>: user unknown"
+    assert (
+        provider_event(
+            admin_conn,
+            delivery_id,
+            "bounced",
+            occurred_ago=60,
+            bounce_type="Permanent/General",
+            detail={"diagnostic": diagnostic},
+        )
+        == "applied"
+    )
+    assert provider_event(admin_conn, delivery_id, "delivered", occurred_ago=300) == "applied"
+
+    doc = ok(console, f"/api/deliveries/{delivery_id}")
+    delivery = doc["delivery"]
+    assert (delivery["provider_status"], delivery["bounce_type"]) == (
+        "bounced",
+        "Permanent/General",
+    )
+    assert delivery["delivered_at"] < delivery["bounced_at"]
+    events = doc["provider_events"]
+    assert [(e["provider"], e["event_type"]) for e in events] == [
+        ("ses", "delivered"),
+        ("ses", "bounced"),
+    ]
+    # The diagnostic quotes the address: masked like the recipient.
+    assert events[1]["detail"] == {"diagnostic": "550 5.1.1 <B***@example.com>: user unknown"}
+    assert "Bounce.Me" not in json.dumps(doc)
+    # The database's own audit rows say when the provider status changed.
+    changes = [e["payload"].get("provider_status") for e in doc["events"]]
+    assert [change for change in changes if change] == ["bounced"]
+    suppression = doc["suppression"]
+    assert suppression == {
+        "address": "b***@example.com",
+        "address_masked": True,
+        "reason": "hard_bounce",
+        "delivery_id": delivery_id,
+        "created_at": suppression["created_at"],
+        "expires_at": None,
+        "active": True,
+    }
+
+
+def test_suppressions_newest_first_filtered_and_paged(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    suppress(admin_conn, "old-manual@example.net", created_ago=5000)
+    suppress(admin_conn, "complainer@example.net", "complaint", created_ago=4000)
+    suppress(admin_conn, "expired@example.net", created_ago=3000, expires_in=-60)
+    suppress(admin_conn, "later@example.net", created_ago=2000, expires_in=86400)
+    suppress(admin_conn, "Recent@Example.net", created_ago=1000)
+    mine = [
+        d
+        for d in ok(console, "/api/suppressions", limit=200)["suppressions"]
+        if d["address"].endswith("@example.net")
+    ]
+    assert [d["address"] for d in mine] == [
+        "r***@example.net",
+        "l***@example.net",
+        "e***@example.net",
+        "c***@example.net",
+        "o***@example.net",
+    ]
+    assert [d["active"] for d in mine] == [True, True, False, True, True]
+
+    exact = ok(console, "/api/suppressions", address="RECENT@example.net")["suppressions"]
+    assert [(d["address"], d["address_masked"]) for d in exact] == [("recent@example.net", False)]
+    complaints = ok(console, "/api/suppressions", reason="complaint")["suppressions"]
+    assert "c***@example.net" in [d["address"] for d in complaints]
+    assert all(d["reason"] == "complaint" for d in complaints)
+    inactive = ok(console, "/api/suppressions", active="false")["suppressions"]
+    assert [d["address"] for d in inactive] == ["e***@example.net"]
+
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        doc = ok(console, "/api/suppressions", **params)
+        assert len(doc["suppressions"]) <= 2
+        seen += [d["address"] for d in doc["suppressions"]]
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            break
+    everything = [d["address"] for d in ok(console, "/api/suppressions", limit=200)["suppressions"]]
+    assert seen == everything
+
+    assert bad(console, "/api/suppressions", "reason", reason="spam")
+    assert bad(console, "/api/suppressions", "active", active="yes")
+    assert bad(console, "/api/suppressions", "address", address="nobody")
+
+
+def test_a_skipped_delivery(console: Console, admin_conn: psycopg.Connection[Any]) -> None:
+    delivery_id = seed(
+        admin_conn,
+        recipient="skip@example.com",
+        outcome="skipped",
+        error=("SUPPRESSED", "recipient is on the suppression list"),
+    )
+    found = ok(console, "/api/deliveries", recipient="skip@example.com", status="skipped")
+    assert [d["delivery_id"] for d in found["deliveries"]] == [delivery_id]
+    assert found["deliveries"][0]["last_error_code"] == "SUPPRESSED"
 
 
 # --- searches and pagination ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.harness.browser import screenshot
-from tests.harness.console import Console, seed
+from tests.harness.console import Console, provider_event, seed
 
 XSS_WORKFLOW = '<img src=x onerror="window.__xss=1">'
 XSS_ERROR = "<script>window.__xss=2</script> 550 rejected"
@@ -48,6 +48,20 @@ def ledger_rows(admin_conn: psycopg.Connection[Any]) -> dict[str, str]:
             created_ago=3600,
         ),
     }
+    provider_event(admin_conn, rows["retried"], "delivered", occurred_ago=19 * 3600)
+    provider_event(admin_conn, rows["retried"], "opened", occurred_ago=18 * 3600)
+    rows["complained"] = seed(
+        admin_conn, workflow="verification-code", recipient="ada@example.com", created_ago=7200
+    )
+    provider_event(admin_conn, rows["complained"], "complained", occurred_ago=3000)
+    provider_event(
+        admin_conn,
+        rows["hostile"],
+        "bounced",
+        occurred_ago=1800,
+        bounce_type="<b>Permanent</b>",
+        detail={"diagnostic": "<script>window.__xss=6</script>"},
+    )
     for hour in range(0, 24, 2):
         for n in range(hour % 5 + 1):
             seed(
@@ -98,15 +112,22 @@ def test_search_for_a_delivery_and_open_its_timeline(
 
     page.wait_for_url("**/deliveries/inv_2f6c9d1e")
     expect(page.locator("h1")).to_contain_text("inv_2f6c9d1e")
-    expect(page.locator("h1 .status")).to_have_text("sent")
+    expect(page.locator("h1 .status")).to_have_text(["sent", "opened"])
     facts = page.locator("dl.facts")
     expect(facts).to_contain_text("a***@example.com")  # masked: found by id, not address
     assert "ada@example.com" not in page.content()
     steps = page.locator("ol.timeline li")
-    expect(steps).to_have_count(4)
+    # Send attempts, the transient error, the send, then what the provider reported.
+    expect(steps).to_have_count(6)
     expect(steps.nth(1)).to_contain_text("retrying")
     expect(steps.nth(1)).to_contain_text("SMTP_421")
     expect(steps.nth(3)).to_contain_text("sent")
+    expect(steps.nth(4)).to_contain_text("delivered")
+    expect(steps.nth(5)).to_contain_text("opened")
+    expect(steps.nth(5)).to_contain_text("reported by ses")
+    # Another email to the same address drew a complaint: the address is suppressed.
+    expect(page.locator(".suppression")).to_contain_text("Suppressed")
+    expect(page.locator(".suppression")).to_contain_text("complaint")
     stylesheet_applied(page)
     screenshot(page, "console-timeline")
     assert not [text for text in violations if "Content Security Policy" in text], violations
@@ -118,15 +139,17 @@ def test_search_for_an_address(page: Page, console: Console, ledger_rows: dict[s
     page.keyboard.press("Enter")
     expect(page.locator("h1")).to_have_text("Deliveries to Ada@Example.com")
     rows = page.locator("table.deliveries tbody tr")
-    expect(rows).to_have_count(2)
+    expect(rows).to_have_count(3)
     # Searched for exactly: the full address, newest first.
-    expect(rows.nth(0).locator(".recipient")).to_have_text("ada@example.com")
-    expect(rows.nth(0)).to_contain_text("SMTP_550")
-    expect(rows.nth(1)).to_contain_text("inv_2f6c9d1e")
-    expect(page.locator(".suppression")).to_be_visible()
+    expect(rows.locator(".recipient")).to_have_text(["ada@example.com"] * 3)
+    expect(rows.nth(0)).to_contain_text("complained")
+    expect(rows.nth(1)).to_contain_text("SMTP_550")
+    expect(rows.nth(2)).to_contain_text("inv_2f6c9d1e")
+    expect(rows.nth(2)).to_contain_text("opened")
+    expect(page.locator(".suppression")).to_contain_text("complaint")
     screenshot(page, "console-search")
 
-    rows.nth(0).get_by_role("link").click()
+    rows.nth(1).get_by_role("link").click()
     page.wait_for_url(f"**/deliveries/{ledger_rows['rejected']}")
     expect(page.locator("h1 .status")).to_have_text("failed")
 
@@ -170,6 +193,8 @@ def test_hostile_text_is_shown_never_run(
     page.goto(console.url + f"/deliveries/{ledger_rows['hostile']}")
     expect(page.locator("dl.facts")).to_contain_text(XSS_WORKFLOW)
     expect(page.locator("dl.facts .error")).to_contain_text(XSS_ERROR)
+    expect(page.locator("dl.facts")).to_contain_text("<b>Permanent</b>")
+    expect(page.locator("ol.timeline")).to_contain_text("<script>window.__xss=6</script>")
     no_script_ran(page)
     assert page.locator("img[src=x]").count() == 0 and page.locator("main script").count() == 0
 

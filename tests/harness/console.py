@@ -127,7 +127,7 @@ def seed(
     error: tuple[str, str] = ("SMTP_550", "550 5.1.1 mailbox unavailable"),
 ) -> str:
     """A delivery created `created_ago` seconds ago that reached `outcome` (sent, failed,
-    dead_letter, retrying, in_progress or queued) through the transitions the worker makes,
+    dead_letter, skipped, retrying, in_progress or queued) through the transitions the worker makes,
     with `transient_errors` retried 4xx attempts first."""
     delivery_id = delivery_id or next(_ids)
     params: dict[str, Any] = {
@@ -163,8 +163,18 @@ def seed(
             " claim_token = NULL, lease_expires_at = NULL WHERE delivery_id = %(id)s",
             {"id": delivery_id, "send": send_seconds},
         )
-    elif outcome in ("failed", "dead_letter", "retrying"):
+    elif outcome in ("failed", "dead_letter", "retrying", "skipped"):
         _update(conn, delivery_id, status=outcome, error=error)
+    # The audit rows were written just now; spread them over the delivery's own (past) life,
+    # from its creation to `send_seconds` later, so a timeline reads as it would have.
+    conn.execute(
+        "UPDATE email.delivery_events e SET created_at = d.created_at"
+        " + (e.id - first.id) * %(step)s * interval '1 second'"
+        " FROM email.deliveries d, (SELECT min(id) AS id, count(*) AS n FROM email.delivery_events"
+        " WHERE delivery_id = %(id)s) first"
+        " WHERE e.delivery_id = %(id)s AND d.delivery_id = e.delivery_id",
+        {"id": delivery_id, "step": send_seconds / max(1, 2 * transient_errors + 1)},
+    )
     return delivery_id
 
 
@@ -193,4 +203,51 @@ def _update(
             "claim": claim,
             "attempts": attempts,
         },
+    )
+
+
+def provider_event(
+    conn: psycopg.Connection[Any],
+    delivery_id: str,
+    event_type: str,
+    *,
+    occurred_ago: float,
+    provider: str = "ses",
+    bounce_type: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> str:
+    """A provider's report applied the way the webhook applies it (migration 002's function):
+    the order rules, the first-seen times and the suppression entry are the database's."""
+    row = conn.execute(
+        "SELECT email.apply_provider_event(provider => %(provider)s,"
+        " provider_event_id => %(event_id)s, event_type => %(event_type)s,"
+        " occurred_at => now() - %(ago)s * interval '1 second', delivery_id => %(delivery_id)s,"
+        " bounce_type => %(bounce_type)s, detail => %(detail)s::jsonb)",
+        {
+            "provider": provider,
+            "event_id": uuid.uuid4().hex,
+            "event_type": event_type,
+            "ago": occurred_ago,
+            "delivery_id": delivery_id,
+            "bounce_type": bounce_type,
+            "detail": json.dumps(detail or {}),
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def suppress(
+    conn: psycopg.Connection[Any],
+    address: str,
+    reason: str = "manual",
+    *,
+    created_ago: float = 60.0,
+    expires_in: float | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO email.suppressions (address, reason, created_at, expires_at)"
+        " VALUES (lower(%(address)s), %(reason)s, now() - %(ago)s * interval '1 second',"
+        " now() + %(expires)s * interval '1 second')",
+        {"address": address, "reason": reason, "ago": created_ago, "expires": expires_in},
     )

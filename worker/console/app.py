@@ -61,10 +61,6 @@ ROUTES = Map(
 _ALLOWED = ("GET", "HEAD")
 
 
-class Unavailable(Exception):
-    """Something the page needs is not there (the database, or migration 002): 503."""
-
-
 class Console:
     def __init__(self, store: ConsoleStore, now: Callable[[], datetime] | None = None) -> None:
         self.store = store
@@ -89,8 +85,6 @@ class Console:
             response: Response = getattr(self, str(endpoint))(params, **args)
         except views.BadParameter as error:
             response = self._error(api, 400, "bad_parameter", str(error), error.parameter)
-        except Unavailable as error:
-            response = self._error(api, 503, "unavailable", str(error))
         except psycopg.OperationalError as error:
             print(f"email-console: database unavailable: {error}", file=sys.stderr, flush=True)
             response = self._error(api, 503, "unavailable", "the ledger database is unreachable")
@@ -130,8 +124,6 @@ class Console:
 
     def api_suppressions(self, params: Mapping[str, str]) -> Response:
         search = views.suppression_search(params)
-        if not self.store.features().suppressions:
-            raise Unavailable("the ledger has no suppression list yet (migration 002)")
         page = self.store.suppressions(search)
         items = [views.suppression_json(row, search.address) for row in page.rows]
         return _json(views.page_json(page, "suppressions", items, "address"))
@@ -197,9 +189,7 @@ class Console:
         return {
             "delivery": views.delivery_json(row),
             "events": [views.event_json(event) for event in self.store.events(delivery_id)],
-            "provider_events": None
-            if provider_events is None
-            else [views.provider_event_json(event) for event in provider_events],
+            "provider_events": [views.provider_event_json(event) for event in provider_events],
             "suppression": self._suppression(row["recipient"]) if row["recipient"] else None,
         }
 
@@ -208,8 +198,6 @@ class Console:
         return None if entry is None else views.suppression_json(entry)
 
     def _page(self, template: str, status: int = 200, **context: Any) -> Response:
-        if template != "error.html":
-            context.setdefault("has_suppressions", self.store.features().suppressions)
         body = self.pages.get_template(template).render(**context)
         return Response(body, status=status, content_type="text/html; charset=utf-8")
 
@@ -238,11 +226,17 @@ def _json(doc: Any, status: int = 200) -> Response:
 
 
 def _timeline(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Ledger events and provider events in one list, in the order they happened."""
-    entries = [{"kind": "ledger", "at": event["created_at"], **event} for event in report["events"]]
+    """Ledger events and provider events in one list, in the order they happened. The audit
+    rows of provider-status changes are left out: the provider events themselves say it,
+    at the time it happened rather than when the report arrived (the API keeps both)."""
+    entries = [
+        {"kind": "ledger", "at": event["created_at"], **event}
+        for event in report["events"]
+        if "provider_status" not in event["payload"]
+    ]
     entries += [
         {"kind": "provider", "at": event["occurred_at"], **event}
-        for event in report["provider_events"] or []
+        for event in report["provider_events"]
     ]
     return sorted(entries, key=lambda entry: entry["at"] or "")
 

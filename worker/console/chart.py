@@ -14,12 +14,13 @@ HEIGHT = 220
 LEFT = 44  # room for the y-axis labels
 BOTTOM = 24  # room for the x-axis labels
 TOP = 8
-# Outcome, label and colour (green, red, grey: readable for the common red-green deficiency
-# because the stacking order and the legend carry the meaning too).
+# Outcome (a column of stats_timeline), label and colour; the stacking order and the legend
+# carry the meaning too, for readers who cannot tell the green from the red.
 SERIES = (
     ("sent", "sent", "#2e7d32"),
     ("failed", "failed or dead letter", "#c62828"),
-    ("other", "in flight", "#9e9e9e"),
+    ("skipped", "skipped", "#7e57c2"),
+    ("in_flight", "in flight", "#9e9e9e"),
 )
 
 

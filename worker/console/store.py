@@ -7,7 +7,6 @@ HTML (masking, rates) is `worker.console.views`' job. Every method is one short 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +19,8 @@ from worker.db import SQL_DIR, queries
 from worker.ledger import Ledger
 
 CONSOLE_SQL = SQL_DIR / "console.sql"
+# The chart's outcomes, the columns of stats_timeline.
+OUTCOMES = ("sent", "failed", "skipped", "in_flight")
 
 
 def console_query(name: str) -> str:
@@ -27,14 +28,6 @@ def console_query(name: str) -> str:
         return queries(CONSOLE_SQL)[name]
     except KeyError:
         raise KeyError(f"no query named {name!r} in sql/console.sql") from None
-
-
-@dataclass(frozen=True)
-class Features:
-    """What migration 002 added, when the database has it."""
-
-    provider_events: bool
-    suppressions: bool
 
 
 @dataclass(frozen=True)
@@ -67,53 +60,26 @@ class SuppressionSearch:
 @dataclass(frozen=True)
 class StatsResult:
     workflows: list[reports.WorkflowStats]
-    provider: dict[str, dict[str, Any]] | None  # by workflow ("all": the total); None: no 002
     timeline: list[dict[str, int]]  # `buckets` slices of the window, oldest first
 
 
 class ConsoleStore:
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        self._features: Features | None = None
-        self._features_lock = threading.Lock()
-
-    # --- what the database has ----------------------------------------------------------
-
-    def features(self) -> Features:
-        """Asked until migration 002 is there, then remembered: a console started before the
-        migration picks it up without a restart."""
-        known = self._features
-        if known is not None:
-            return known
-        row = self._one("ledger_features")
-        assert row is not None
-        found = Features(bool(row["provider_events"]), bool(row["suppressions"]))
-        if found.provider_events and found.suppressions:
-            with self._features_lock:
-                self._features = found
-        return found
 
     # --- one delivery ---------------------------------------------------------------------
 
     def delivery(self, delivery_id: str) -> dict[str, Any] | None:
-        row = self._one("delivery", delivery_id=delivery_id)
-        if row is not None and self.features().provider_events:
-            extra = self._one("delivery_provider_fields", delivery_id=delivery_id)
-            row.update(extra or {})
-        return row
+        return self._one("delivery", delivery_id=delivery_id)
 
     def events(self, delivery_id: str) -> list[dict[str, Any]]:
         return self._all("delivery_events", delivery_id=delivery_id)
 
-    def provider_events(self, delivery_id: str) -> list[dict[str, Any]] | None:
-        if not self.features().provider_events:
-            return None
+    def provider_events(self, delivery_id: str) -> list[dict[str, Any]]:
         return self._all("delivery_provider_events", delivery_id=delivery_id)
 
     def suppression(self, address: str) -> dict[str, Any] | None:
         """The address's entry on the suppression list (live or expired), if any."""
-        if not self.features().suppressions:
-            return None
         return self._one("suppression_for_address", address=address)
 
     # --- searches ---------------------------------------------------------------------------
@@ -150,20 +116,16 @@ class ConsoleStore:
     def stats(self, since: timedelta, *, buckets: int) -> StatsResult:
         seconds = since.total_seconds()
         workflows = reports.stats(Ledger(self.pool), since=since)
-        provider = None
-        if self.features().provider_events:
-            rows = self._all("provider_stats_by_workflow", since_seconds=seconds)
-            provider = {("all" if row["is_total"] else row["workflow"]): row for row in rows}
         slices = self._all(
             "stats_timeline",
             since_seconds=seconds,
             bucket_seconds=seconds / buckets,
             buckets=buckets,
         )
-        timeline = [{"sent": 0, "failed": 0, "other": 0} for _ in range(buckets)]
+        timeline = [dict.fromkeys(OUTCOMES, 0) for _ in range(buckets)]
         for row in slices:
-            timeline[row["bucket"]] = {key: int(row[key]) for key in ("sent", "failed", "other")}
-        return StatsResult(workflows, provider, timeline)
+            timeline[row["bucket"]] = {key: int(row[key]) for key in OUTCOMES}
+        return StatsResult(workflows, timeline)
 
     # --- plumbing -----------------------------------------------------------------------------
 

@@ -178,7 +178,7 @@ def shown_address(stored: str | None, searched: str | None) -> tuple[str | None,
 
 
 # The stable fields of a delivery in the API (README "Support console"); the provider ones
-# are null until migration 002 and the first provider event.
+# are null until the first provider event.
 DELIVERY_FIELDS = (
     "delivery_id",
     "workflow",
@@ -238,6 +238,7 @@ def provider_event_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "event_type": row["event_type"],
         "occurred_at": _plain(row["occurred_at"]),
         "received_at": _plain(row["received_at"]),
+        "bounce_type": row["bounce_type"],
         # A bounce's diagnostic may quote the recipient: masked like everywhere else.
         "detail": _masked(row["detail"] or {}),
     }
@@ -270,8 +271,7 @@ def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, 
     return {
         "since": label,
         "since_seconds": window.total_seconds(),
-        "provider_events": result.provider is not None,
-        "workflows": [workflow_stats_json(row, result.provider) for row in result.workflows],
+        "workflows": [workflow_stats_json(row) for row in result.workflows],
         "timeline": [
             {"start": _plain(start + step * index), **counts}
             for index, counts in enumerate(result.timeline)
@@ -279,13 +279,8 @@ def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, 
     }
 
 
-def workflow_stats_json(
-    row: WorkflowStats, provider: Mapping[str, Mapping[str, Any]] | None
-) -> dict[str, Any]:
-    """What `python -m worker stats --json` prints per workflow, plus the provider's side:
-    bounce and complaint rates over the emails sent (null before migration 002)."""
-    theirs = (provider or {}).get(row.workflow)
-    sent = int(theirs["sent"]) if theirs else 0
+def workflow_stats_json(row: WorkflowStats) -> dict[str, Any]:
+    """What `python -m worker stats --json` prints per workflow, field for field."""
     return {
         "workflow": row.workflow,
         "is_total": row.is_total,
@@ -293,14 +288,17 @@ def workflow_stats_json(
         "counts": {status.value: count for status, count in row.counts.items()},
         "finished": row.finished,
         "success_rate": row.success_rate,
+        "provider": {
+            "delivered": row.delivered,
+            "bounced": row.bounced,
+            "complained": row.complained,
+        },
+        "delivered_rate": row.delivered_rate,
+        "bounce_rate": row.bounce_rate,
+        "complaint_rate": row.complaint_rate,
         "mean_attempts": row.mean_attempts,
         "p50_seconds": row.p50_seconds,
         "p95_seconds": row.p95_seconds,
-        "delivered": int(theirs["delivered"]) if theirs else None,
-        "bounced": int(theirs["bounced"]) if theirs else None,
-        "complained": int(theirs["complained"]) if theirs else None,
-        "bounce_rate": int(theirs["bounced"]) / sent if theirs and sent else None,
-        "complaint_rate": int(theirs["complained"]) / sent if theirs and sent else None,
     }
 
 
