@@ -2,7 +2,8 @@
 
 Starts a throwaway PostgreSQL (migrated with `python -m worker migrate`), the Pub/Sub emulator,
 an SMTP server that saves each email as a `.eml` file (scripts/eml_sink.py) and `main.py` under
-functions-framework, fed by a push subscription as Cloud Functions would be. Then publishes one
+functions-framework, fed by a push subscription as Cloud Functions would be, and the support
+console (`delivery_console`, as an `email_reader` login), whose URL it prints. Then publishes one
 delivery per workflow, a duplicate, one to an address the SMTP server refuses and one that is
 not JSON; waits until each is finished; prints the ledger, the dead letters, the emails and the
 logs; and stops everything it started (also on an error, Ctrl-C or SIGTERM).
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -51,6 +53,8 @@ DATABASE = "email_local"
 EMAIL_FROM = "Example App <noreply@example.com>"
 REFUSED = {"bounce@example.com": "550 5.1.1 no such user"}
 DEFAULT_TIMEOUT_SECONDS = 45.0
+# The support console's own login: it may only read (granted email_reader, nothing else).
+CONSOLE_ROLE = "local_console"
 
 # Settings from the caller's shell that would change what the function does here.
 _FOREIGN_SETTINGS = (
@@ -224,6 +228,7 @@ class Stack:
     emulator: Emulator | None = None
     sink: EmlSink | None = None
     function: FunctionServer | None = None
+    console: FunctionServer | None = None
 
     @property
     def function_log(self) -> Path:
@@ -267,6 +272,8 @@ class Stack:
             found["smtp"] = self.sink.port
         if self.function is not None:
             found["function"] = self.function.port
+        if self.console is not None:
+            found["console"] = self.console.port
         return found
 
 
@@ -384,6 +391,45 @@ def start_function(stack: Stack, emulator: Emulator, stop: Stopper) -> None:
     say("  settings  SMTP_SECURITY=none MAX_ATTEMPTS=3 SEND_TRIES_PER_INVOCATION=2")
     say("            RETRY_BACKOFF_SECONDS=0.2, push retry backoff 1..5 s")
     say(f"  log       {server.log_path}")
+
+
+def start_console(stack: Stack, stop: Stopper) -> None:
+    section("Support console (main.py delivery_console, as an email_reader login)")
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {CONSOLE_ROLE} LOGIN IN ROLE email_reader")
+    reader_url = stack.database_url.replace("postgres@", f"{CONSOLE_ROLE}@", 1)
+    server = FunctionServer(
+        {"CONSOLE_DATABASE_URL": reader_url},
+        log_path=stack.logs_dir / "console.log",
+        target="delivery_console",
+        signature_type="http",
+    )
+    # Only its own setting: no worker, SMTP or Pub/Sub one reaches it.
+    for name in (*stack.function_env(), *_FOREIGN_SETTINGS):
+        server.env.pop(name, None)
+    stack.console = server
+    stop.callback("the console", server.stop)
+    server.start(timeout=60)
+    say(f"  console   {server.url}/ (login {CONSOLE_ROLE}, granted email_reader only)")
+    say(f"  log       {server.log_path}")
+
+
+def check_console(stack: Stack) -> list[str]:
+    """The console answers for a delivery the stack just sent: what support would look up."""
+    assert stack.console is not None
+    url = f"{stack.console.url}/api/deliveries/{VERIFY.delivery_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            status = json.load(response)["delivery"]["status"]
+    except (OSError, ValueError, KeyError) as error:
+        return [f"the console did not answer for {VERIFY.delivery_id}: {_one_line(error)}"]
+    section("Open the support console")
+    say(f"  open      {stack.console.url}/")
+    say(f"  e.g.      {stack.console.url}/deliveries/{VERIFY.delivery_id} ({status})")
+    say(f"            {stack.console.url}/stats")
+    if status != "sent":
+        return [f"the console shows {VERIFY.delivery_id} as {status}, expected sent"]
+    return []
 
 
 def publish_samples() -> None:
@@ -595,6 +641,8 @@ def keep_running(stack: Stack) -> None:
     say("  then try, e.g.:")
     say(f"    .venv/bin/python -m worker status {VERIFY.delivery_id}")
     say(f"    .venv/bin/python -m worker replay --subscription {REPLAY_SUBSCRIPTION} --dry-run")
+    if stack.console is not None:
+        say(f"  the support console: {stack.console.url}/")
     try:
         while True:
             time.sleep(3600)
@@ -612,7 +660,10 @@ def prepare_run_dir(run_dir: Path) -> tuple[Path, Path]:
     for directory in (emails, logs):
         directory.mkdir(parents=True, exist_ok=True)
     stale = [*emails.glob("*.eml"), *emails.glob("*.eml.partial")]
-    stale += [logs / name for name in ("function.log", "postgres.log", "pubsub-emulator.log")]
+    stale += [
+        logs / name
+        for name in ("function.log", "console.log", "postgres.log", "pubsub-emulator.log")
+    ]
     stale += [run_dir / "summary.json", run_dir / "local-stack.env"]
     for path in stale:
         path.unlink(missing_ok=True)
@@ -629,6 +680,7 @@ def write_summary(stack: Stack, path: Path, payload: dict[str, Any]) -> None:
         else None,
         "postgres_data_dir": str(stack.postgres.data) if stack.postgres else None,
         "function_log": str(stack.function_log),
+        "console_url": f"{stack.console.url}/" if stack.console else None,
         "emails": [str(p) for p in stack.sink.saved] if stack.sink else [],
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -647,13 +699,14 @@ def run(args: argparse.Namespace) -> int:
         emulator = start_pubsub(stack, stop)
         start_smtp(stack, stop)
         start_function(stack, emulator, stop)
+        start_console(stack, stop)
         publish_samples()
         observed, waited = wait_for_outcomes(stack, args.timeout)
         print_ledger(observed)
         print_dead_letters(observed)
         print_emails(stack, observed)
         print_logs(stack, observed)
-        found = problems(observed)
+        found = problems(observed) + check_console(stack)
         if not observed.finished():
             found.insert(0, f"not every delivery finished within {args.timeout:g} s")
         result = {
@@ -679,7 +732,7 @@ def run(args: argparse.Namespace) -> int:
         result.update(ok=False, error=_one_line(error))
     finally:
         _ignore_signals()
-        section("Stopping: function, SMTP server, Pub/Sub emulator, PostgreSQL")
+        section("Stopping: console, function, SMTP server, Pub/Sub emulator, PostgreSQL")
         stopping = time.monotonic()
         stop.stop_all()
         say(f"  stopped in {time.monotonic() - stopping:.1f} s")
@@ -698,7 +751,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     say(f"local stack FAILED: {what}")
-    say(f"  logs: {logs_dir}/ (function.log, postgres.log, pubsub-emulator.log)")
+    say(f"  logs: {logs_dir}/ (function.log, console.log, postgres.log, pubsub-emulator.log)")
     return 1
 
 

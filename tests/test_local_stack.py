@@ -94,6 +94,17 @@ def test_exits_zero_with_the_summary_line(stack_run: Run) -> None:
     assert stack_run.summary["run_dir"] == str(stack_run.run_dir)
 
 
+def test_starts_the_console_and_prints_its_url(stack_run: Run) -> None:
+    url = stack_run.summary["console_url"]
+    assert url == f"http://127.0.0.1:{stack_run.summary['ports']['console']}/"
+    started = stack_run.section("Support console")
+    assert started[0].split()[:2] == ["console", url]
+    # It answered, as the email_reader login, for a delivery the stack sent.
+    opened = stack_run.section("Open the support console")
+    assert opened[0].split() == ["open", url]
+    assert opened[1].split()[1:] == [f"{url}deliveries/verify-demo-1", "(sent)"]
+
+
 def test_one_eml_file_per_sent_delivery(stack_run: Run) -> None:
     emails = sorted((stack_run.run_dir / "emails").glob("*.eml"))
     assert len(emails) == 3, emails
@@ -160,7 +171,7 @@ def _command_lines() -> list[str]:
 
 def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
     ports: dict[str, int] = stack_run.summary["ports"]
-    assert sorted(ports) == ["function", "postgres", "pubsub_emulator", "smtp"]
+    assert sorted(ports) == ["console", "function", "postgres", "pubsub_emulator", "smtp"]
     for name, port in ports.items():
         with socket.socket() as sock:
             sock.settimeout(2)
@@ -172,6 +183,7 @@ def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
         f"--port={ports['pubsub_emulator']} ",  # its java child (args end with a space here)
         postgres_dir,
         f"--port {ports['function']} ",  # functions-framework
+        f"--port {ports['console']} ",  # the console's functions-framework
     ]
     leftovers = [cmd for cmd in _command_lines() if any(m in cmd for m in markers)]
     assert leftovers == []
