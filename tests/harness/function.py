@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 class FunctionServer:
     """`functions-framework --target handle_delivery --signature-type cloudevent` on 127.0.0.1
-    (or another target of main.py: `target="delivery_console", signature_type="http"`).
+    (or another target: `handle_provider_event` with `signature_type="http"`).
 
     Its stdout and stderr (the worker's JSON log lines) go to `log_path`.
     """
@@ -33,7 +33,6 @@ class FunctionServer:
         env: Mapping[str, str],
         port: int | None = None,
         log_path: Path | None = None,
-        *,
         target: str = "handle_delivery",
         signature_type: str = "cloudevent",
     ) -> None:
