@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from tests.harness.console import Console, ConsoleDb, Reply, provider_event, seed, suppress
-from tests.harness.function import ROOT
+from tests.harness.function import ROOT, FunctionServer
+from tests.harness.postgres import free_port
 
 XSS_WORKFLOW = '<img src=x onerror="window.__xss=1">'
 XSS_ERROR = "<script>window.__xss=2</script> 550 rejected"
@@ -364,6 +365,8 @@ def test_every_response_carries_the_security_headers(console: Console) -> None:
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["referrer-policy"] == "no-referrer"
         assert headers["cache-control"] == "no-store"
+    head = console.get("/api/stats", method="HEAD")
+    assert (head.status, head.body) == (200, b"")
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
@@ -398,6 +401,25 @@ def test_the_console_role_cannot_write(console_db: ConsoleDb) -> None:
                     conn.execute(statement)
     finally:
         pool.close()
+
+
+def test_an_unreachable_database_is_503_with_a_message() -> None:
+    nowhere = f"postgresql://reader@127.0.0.1:{free_port()}/none"
+    env = {"CONSOLE_DATABASE_URL": nowhere, "DB_TIMEOUT_SECONDS": "1", "DATABASE_URL": ""}
+    server = FunctionServer(env, target="delivery_console", signature_type="http").start()
+    try:
+        console = Console(server)
+        reply = console.get("/api/deliveries/c0001")
+        assert reply.status == 503
+        assert reply.json() == {
+            "error": "unavailable",
+            "message": "the ledger database is unreachable",
+        }
+        page = console.get("/stats")
+        assert page.status == 503 and "the ledger database is unreachable" in page.text
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    finally:
+        server.stop()
 
 
 # --- settings ---------------------------------------------------------------------------------
