@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -28,7 +29,6 @@ from werkzeug.wrappers import Request, Response
 from worker.console import chart, views
 from worker.console.store import ConsoleStore, DeliverySearch
 from worker.db import connection_kwargs
-from worker.redact import mask_email
 from worker.settings import DatabaseSettings, console_database_settings
 
 HERE = Path(__file__).resolve().parent
@@ -72,7 +72,7 @@ class Console:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.pages.filters.update(when=_when, seconds=_seconds, percent=_percent, masked=mask_email)
+        self.pages.filters.update(when=_when, seconds=_seconds, percent=_percent)
         self.pages.globals.update(quote=lambda text: quote(text, safe=""))
 
     def handle(self, request: Request) -> Response:
@@ -116,9 +116,7 @@ class Console:
         return _json(views.page_json(page, "deliveries", items, "delivery_id"))
 
     def api_stats(self, params: Mapping[str, str]) -> Response:
-        views.only(params, ("since",))
-        label, window = views.since(params, default="24h") or ("24h", None)
-        assert window is not None
+        label, window = views.stats_window(params)
         result = self.store.stats(window, buckets=views.CHART_BUCKETS)
         return _json(views.stats_json(label, window, result))
 
@@ -153,7 +151,7 @@ class Console:
         page = self.store.deliveries(search) if search.limit else None
         rows = [] if page is None else page.rows
         context["deliveries"] = [views.delivery_json(row, context["searched"]) for row in rows]
-        cursor = views.page_json(page, "x", [], "delivery_id")["next_cursor"] if page else None
+        cursor = views.next_cursor(page, "delivery_id") if page else None
         context["older"] = "/?" + urlencode({"q": q, "cursor": cursor}) if cursor else None
         return self._page("search.html", **context)
 
@@ -165,9 +163,7 @@ class Console:
         return self._page("delivery.html", timeline=_timeline(report), **report)
 
     def stats_page(self, params: Mapping[str, str]) -> Response:
-        views.only(params, ("since",))
-        label, window = views.since(params, default="24h") or ("24h", None)
-        assert window is not None
+        label, window = views.stats_window(params)
         result = self.store.stats(window, buckets=views.CHART_BUCKETS)
         doc = views.stats_json(label, window, result)
         starts = [datetime.fromisoformat(row["start"]) for row in doc["timeline"]]
@@ -176,8 +172,8 @@ class Console:
         return self._page("stats.html", stats=doc, chart=bars)
 
     def stylesheet(self, params: Mapping[str, str]) -> Response:
-        css = (HERE / "static" / "console.css").read_bytes()
-        return Response(css, content_type="text/css; charset=utf-8")
+        views.only(params, ())
+        return Response(_stylesheet(), content_type="text/css; charset=utf-8")
 
     # --- shared ----------------------------------------------------------------------------
 
@@ -218,6 +214,11 @@ class _Missing(NotFound):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+@cache
+def _stylesheet() -> bytes:
+    return (HERE / "static" / "console.css").read_bytes()
 
 
 def _json(doc: Any, status: int = 200) -> Response:

@@ -75,6 +75,7 @@ def limit(params: Mapping[str, str]) -> int:
 
 
 def since(params: Mapping[str, str], *, default: str | None = None) -> tuple[str, timedelta] | None:
+    """(the window as written, its length), or None when absent and there is no default."""
     text = params.get("since", default)
     if text is None:
         return None
@@ -85,6 +86,14 @@ def since(params: Mapping[str, str], *, default: str | None = None) -> tuple[str
     if window > MAX_STATS_WINDOW:
         raise BadParameter("since", "must be at most 366d")
     return text.strip().lower(), window
+
+
+def stats_window(params: Mapping[str, str]) -> tuple[str, timedelta]:
+    """The stats' window: `since`, the last day by default."""
+    only(params, ("since",))
+    window = since(params, default="24h")
+    assert window is not None  # there is a default
+    return window
 
 
 def status(params: Mapping[str, str]) -> str | None:
@@ -257,12 +266,16 @@ def suppression_json(row: Mapping[str, Any], searched: str | None = None) -> dic
     }
 
 
+def next_cursor(page: Page, cursor_key: str) -> str | None:
+    """Where the next (older) page starts, or None on the last page."""
+    if not (page.more and page.rows):
+        return None
+    last = page.rows[-1]
+    return encode_cursor(last["created_at"], last[cursor_key])
+
+
 def page_json(page: Page, key: str, items: list[dict[str, Any]], cursor_key: str) -> dict[str, Any]:
-    last = page.rows[-1] if page.rows else None
-    next_cursor = (
-        encode_cursor(last["created_at"], last[cursor_key]) if page.more and last else None
-    )
-    return {key: items, "next_cursor": next_cursor}
+    return {key: items, "next_cursor": next_cursor(page, cursor_key)}
 
 
 def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, Any]:
