@@ -30,7 +30,8 @@ def handle_delivery(cloud_event: Any) -> None:
     """Returns when the delivery is finished (ack); raises so Pub/Sub redelivers it."""
     # Lines carry the trace of the request Cloud Run forwarded (when the CloudEvent has none)
     # and functions-framework's execution id.
-    headers = flask.request.headers
+    # (Called outside a request, as the cold-start benchmark does, there are no headers.)
+    headers: events.Headers = flask.request.headers if flask.has_request_context() else {}
     with request_scope(
         project=pipeline.configure().pubsub.project,
         trace=events.trace_from_headers(headers),
