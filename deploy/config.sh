@@ -64,12 +64,13 @@ SCRIPT_NAME=$(basename "$0")
 
 # --- the function's resources ---------------------------------------------------------------
 : "${FUNCTION_TIMEOUT:=120s}"
-# Requests one instance serves at once (Cloud Run's --concurrency). The worker spends most of
-# a delivery waiting on the relay (50-200 ms) and little CPU (~3 ms), so one instance with a
-# whole vCPU serves many at once: bench/ measured CONCURRENCY=8 at about 0.9 of the ideal
-# 8 / 0.05 s (README, Performance). Cloud Run's own default is 1 request per instance, which
-# bills one instance per 5-20 emails a second. gunicorn gets as many threads (THREADS), and
-# the worker sizes its database pool and kept SMTP connections from it.
+# Requests one instance serves at once (Cloud Run's --concurrency). A delivery spends most of
+# its time waiting for the relay (50-200 ms) and ~3 ms of the instance's CPU (bench/
+# concurrency, README Performance), so one vCPU sustains ~300 deliveries/s: 8 at once at
+# 50 ms (160/s) use about half of it, 16 would saturate it. Cloud Run's own default for a
+# function is 1 request per instance, one billed instance per 5-20 emails a second. gunicorn
+# gets as many threads (THREADS), and the worker sizes its database pool and kept SMTP
+# connections from it.
 : "${CONCURRENCY:=8}"
 # More than one request per instance needs at least one whole vCPU (Cloud Run's rule).
 : "${CPU:=1}"
