@@ -169,6 +169,12 @@ def run(stack: Stack, *, repetitions: int, log_dir: Path) -> Section:
             "ms",
             f"target <= 250: {'met' if env_total <= 250 else 'not met'}; median of {repetitions}",
         )
+        section.add(
+            "  CPU of the same span",
+            med("env", "total_cpu_ms"),
+            "ms",
+            "this process's user+system time; wall minus this is waiting (I/O, other work)",
+        )
         section.add("  import main", med("env", "import_main_ms"), "ms")
         section.add("  first email", med("env", "first_event_ms"), "ms")
         for step in ("claim", "send", "set_sent_if_claimed"):
@@ -184,6 +190,7 @@ def run(stack: Stack, *, repetitions: int, log_dir: Path) -> Section:
             secret_total,
             "ms",
             f"+{secret_total - env_total:.0f} ms over --set-secrets"
+            f" (CPU {med('secret', 'total_cpu_ms'):.0f} vs {med('env', 'total_cpu_ms'):.0f} ms)"
             f" (import main {med('secret', 'import_main_ms'):.0f} ms; local gRPC server,"
             " Google's adds its round trips)",
         )
