@@ -13,7 +13,12 @@ A run pulls the dead-letter subscription in batches (synchronous pull) and, per 
      `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed;
      the republishes of one pulled batch run concurrently and are acked in one call.
 Acked messages are gone, so a second run replays nothing twice; a row already `sent` is acked
-without a republish.
+without a republish. A dead letter of a message this run republished (the delivery failed
+again while the run went on: its `source_message_id` is one of the run's republishes, or, when
+Pub/Sub's policy forwarded it, its `replayed_from` is one of the run's replayed dead letters) is
+never acked nor republished by the run: it stays on the subscription for the next run, after
+the operator fixed the cause. Only an earlier copy of a dead letter for a delivery this run
+replayed is acked as a duplicate.
 
 `google.cloud.pubsub_v1` is imported only when a run starts: importing the CLI stays cheap.
 """
@@ -79,6 +84,7 @@ class Action(StrEnum):
     SKIP_SENT = "skip_sent"  # already sent: ack, nothing to do
     SKIP_IN_PROGRESS = "skip_in_progress"  # a live lease: leave for later
     SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
+    FAILED_AGAIN = "failed_again"  # dead letter of this run's own republish: leave for later
 
     @property
     def republishes(self) -> bool:
@@ -97,6 +103,7 @@ _DESCRIPTIONS = {
     Action.SKIP_SENT: "already sent",
     Action.SKIP_IN_PROGRESS: "in progress under a live lease",
     Action.SKIP_DUPLICATE: "already replayed in this run",
+    Action.FAILED_AGAIN: "failed again after this run republished it; left for the next run",
 }
 
 
@@ -105,6 +112,7 @@ class Outcome(StrEnum):
     WOULD_REPLAY = "would replay"
     SKIPPED = "skipped"
     FAILED = "failed"
+    LEFT = "left"
 
 
 # --- one dead letter ------------------------------------------------------------------------
@@ -148,6 +156,14 @@ class DeadLetter:
             if key not in OUR_ATTRIBUTES and not key.startswith(POLICY_PREFIX)
         }
         return {**kept, "replayed_from": self.message_id}
+
+    def descends_from(self, republished: set[str], replayed: set[str]) -> bool:
+        """Whether this is the dead letter of a message in `republished` (our own dead
+        letters name the failed message in `source_message_id`; Pub/Sub's policy forwards the
+        message's own attributes, which carry `replayed_from`, a dead letter in `replayed`)."""
+        if "reason" in self.attributes:
+            return self.attributes.get("source_message_id") in republished
+        return self.attributes.get("replayed_from") in replayed
 
 
 def _policy_or_unknown(attributes: Mapping[str, str]) -> str:
@@ -320,7 +336,11 @@ class _Run:
         self.summary = Summary(dry_run=options.dry_run)
         self.held: dict[str, str] = {}  # message id -> latest ack id, released at the end
         self.acked: set[str] = set()
-        self.replayed_ids: set[str] = set()
+        self.replayed_ids: set[str] = set()  # delivery ids
+        # Message ids of this run's republishes, and of the dead letters they replayed: a dead
+        # letter naming one of them is a new failure, not a copy of one this run handled.
+        self.republished: set[str] = set()
+        self.replayed_letters: set[str] = set()
         self.leased_at = time.monotonic()
         # Decided and made replayable, waiting for the batch's concurrent republish.
         self.pending: list[tuple[DeadLetter, Action]] = []
@@ -369,6 +389,11 @@ class _Run:
             self._seen_again(letter)
             return
         self.summary.pulled += 1
+        if letter.descends_from(self.republished, self.replayed_letters):
+            self._hold(letter)
+            self.summary.left += 1
+            on_item(Item(letter, Action.FAILED_AGAIN, Outcome.LEFT))
+            return
         if not self.options.filters.match(letter) or self._room() <= 0:
             self._hold(letter)
             self.summary.left += 1
@@ -479,6 +504,8 @@ class _Run:
                 items.append(Item(letter, action, Outcome.FAILED, str(result)))
             else:
                 self._count_replayed(letter)
+                self.republished.add(result)
+                self.replayed_letters.add(letter.message_id)
                 items.append(Item(letter, action, Outcome.REPLAYED, f"as message {result}"))
         return items
 
