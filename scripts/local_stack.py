@@ -43,10 +43,12 @@ from worker import pubsub as worker_pubsub
 from worker.redact import mask_email
 
 PROJECT = "local-project"
-DELIVERY_TOPIC = "email-delivery"
-DEAD_LETTER_TOPIC = "email-dead-letter"
-PUSH_SUBSCRIPTION = "email-delivery-push"
-REPLAY_SUBSCRIPTION = "email-dead-letter-replay"
+# The names deploy/config.sh gives the real resources, so the README's commands work as
+# written against this stack (tests/test_local_stack.py checks that they agree).
+DELIVERY_TOPIC = "email-deliveries"
+DEAD_LETTER_TOPIC = "email-deliveries-dead-letter"
+PUSH_SUBSCRIPTION = "email-deliveries-push"  # in the cloud: Eventarc's trigger subscription
+REPLAY_SUBSCRIPTION = "email-deliveries-dead-letter-replay"
 DATABASE = "email_local"
 EMAIL_FROM = "Example App <noreply@example.com>"
 REFUSED = {"bounce@example.com": "550 5.1.1 no such user"}

@@ -11,7 +11,7 @@ BASE = {
     "SMTP_HOST": "smtp.example.com",
     "EMAIL_FROM": "Acme <no-reply@acme.example>",
     "GOOGLE_CLOUD_PROJECT": "acme-mail",
-    "DEAD_LETTER_TOPIC": "email-dead-letter",
+    "DEAD_LETTER_TOPIC": "email-deliveries-dead-letter",
 }
 
 
@@ -24,8 +24,8 @@ def test_defaults_follow_the_contract() -> None:
     )
     assert settings.retry.max_attempts == 5
     assert settings.smtp.message_id_domain == "acme.example"
-    assert settings.pubsub.topic_path("email-dead-letter") == (
-        "projects/acme-mail/topics/email-dead-letter"
+    assert settings.pubsub.topic_path("email-deliveries-dead-letter") == (
+        "projects/acme-mail/topics/email-deliveries-dead-letter"
     )
     assert settings.pubsub.topic_path("projects/other/topics/t") == "projects/other/topics/t"
     assert "worker@" not in repr(settings)  # the URL may hold a password
