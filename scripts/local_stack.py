@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
@@ -111,7 +112,7 @@ INVITE = Sample(
             "organization_name": "Acme",
             "inviter_name": "Ada",
             "invite_url": "https://app.example.com/invite/7Hq2xLm9",
-            "expires_at": "in 7 days",
+            "expires_at": (date.today() + timedelta(days=7)).isoformat(),
         },
     ),
     "invite-demo-1",

@@ -114,7 +114,11 @@ def test_one_eml_file_per_sent_delivery(stack_run: Run) -> None:
         [message] = by_id[delivery_id]  # exactly one, also for the duplicated id
         assert message["To"] == recipient
         assert message["Subject"] == subject
-        assert message.get_body(("plain",)) is not None
+        plain = message.get_body(("plain",))
+        assert plain is not None
+        if delivery_id == "invite-demo-1":  # the sample's expiry, a week out, written out
+            text = plain.get_content()
+            assert re.search(r"The invitation expires on [A-Z][a-z]+ \d{1,2}, \d{4}\.", text)
 
 
 def test_prints_the_ledger_with_sent_and_failed_rows(stack_run: Run) -> None:
