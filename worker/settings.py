@@ -223,8 +223,22 @@ def retry_settings(env: Mapping[str, str] = os.environ) -> RetrySettings:
     )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str] = os.environ) -> str:
+    """`LOG_LEVEL`, upper-cased; `INFO` when unset."""
+    value = (_raw(env, "LOG_LEVEL") or "INFO").upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {env['LOG_LEVEL']!r}"
+        )
+    return value
+
+
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     """Everything the function needs; the dead-letter topic is required for it."""
+    log_level(env)  # read by worker.logging; checked here so a typo stops the instance
     pubsub = pubsub_settings(env)
     if pubsub.dead_letter_topic is None:
         raise SettingsError("DEAD_LETTER_TOPIC is required but not set")
