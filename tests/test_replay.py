@@ -544,3 +544,22 @@ def test_a_policy_forwarded_copy_of_this_runs_republish_is_left_for_the_next_run
     assert items[1].letter.attributes["replayed_from"] == first
     [left] = pubsub.dead_letters(timeout=5)  # still there for the next run
     assert left.message.attributes["replayed_from"] == first
+
+
+def test_a_skipped_row_is_final_its_dead_letter_acked(
+    pubsub: PubSubNamespace, ledger: Ledger, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = factories.payload()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+            " last_error_code) VALUES (%s, %s, %s, 'skipped', 'SUPPRESSED')",
+            (body["delivery_id"], body["workflow"], body["recipient"]),
+        )
+    publish_dead_letter(pubsub, body)
+
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+    assert "deliberately not sent" in out
+    assert pubsub.deliveries(timeout=0.5) == []
+    assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"

@@ -82,6 +82,7 @@ class Action(StrEnum):
     REQUEUE = "requeue"  # failed/dead_letter -> queued, then republish
     CLOSE_AND_REQUEUE = "close_and_requeue"  # retrying/expired lease -> dead_letter -> queued
     SKIP_SENT = "skip_sent"  # already sent: ack, nothing to do
+    SKIP_SKIPPED = "skip_skipped"  # deliberately not sent (suppressed, rate limited): ack
     SKIP_IN_PROGRESS = "skip_in_progress"  # a live lease: leave for later
     SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
     FAILED_AGAIN = "failed_again"  # dead letter of this run's own republish: leave for later
@@ -101,6 +102,7 @@ _DESCRIPTIONS = {
     Action.REQUEUE: "row requeued",
     Action.CLOSE_AND_REQUEUE: "abandoned row closed and requeued",
     Action.SKIP_SENT: "already sent",
+    Action.SKIP_SKIPPED: "deliberately not sent (skipped); final",
     Action.SKIP_IN_PROGRESS: "in progress under a live lease",
     Action.SKIP_DUPLICATE: "already replayed in this run",
     Action.FAILED_AGAIN: "failed again after this run republished it; left for the next run",
@@ -422,6 +424,8 @@ class _Run:
             return Action.NEW
         if row.status is Status.SENT:
             return Action.SKIP_SENT
+        if row.status is Status.SKIPPED:
+            return Action.SKIP_SKIPPED
         if row.status in (Status.FAILED, Status.DEAD_LETTER):
             return Action.REQUEUE
         if row.status is Status.QUEUED:
