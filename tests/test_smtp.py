@@ -9,6 +9,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from typing import Any
 
@@ -183,9 +184,13 @@ def test_non_ascii_subjects_and_names_are_rfc_2047_encoded_words(subject: str, n
         words = [word for line in lines for word in ENCODED_WORD.findall(line)]
         assert words and all(len(word) <= 75 for word in words)  # RFC 2047 section 2
         assert all(len(line) <= 78 for line in lines)  # RFC 5322 section 2.1.1
-    result = parsed(message)
-    assert result["Subject"] == subject
-    assert result["From"].addresses[0].display_name == name
+    assert parsed(message)["Subject"] == subject
+    # The standard library's address parser keeps the folding space between two encoded-words
+    # of one display name (its own generator's output does not read back either); RFC 2047
+    # section 6.2 says to drop it, as decode_header does.
+    raw_from = b"".join(_header_lines(message, "From")).decode("ascii")
+    display = raw_from.removeprefix("From: ").removesuffix("<noreply@example.com>").strip()
+    assert str(make_header(decode_header(display))) == name
 
 
 @pytest.mark.parametrize(
