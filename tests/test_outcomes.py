@@ -57,7 +57,7 @@ TABLE: dict[str, Row] = {
         f"again, already {found}": Row(
             Facts(found=found), Ending.ALREADY_FINISHED, None, dead_letter=False, acks=True
         )
-        for found in (Status.SENT, Status.FAILED, Status.DEAD_LETTER)
+        for found in (Status.SENT, Status.FAILED, Status.DEAD_LETTER, Status.SKIPPED)
     },
     "again, while another worker's lease is live": Row(
         Facts(found=Status.IN_PROGRESS),
