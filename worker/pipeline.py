@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worker import events, smtp
@@ -156,7 +156,7 @@ def attempt(worker: Worker, event: events.DeliveryEvent, claim: Claim, started: 
     try:
         rendered = worker.renderer.render(event)
     except TemplateError as template_error:
-        return Facts(claimed=claim.attempts, template_error=sanitise(str(template_error)))
+        return replace(facts, template_error=sanitise(str(template_error)))
     message = smtp.build_message(
         worker.settings.smtp,
         delivery_id=event.delivery_id,
@@ -180,7 +180,7 @@ def attempt(worker: Worker, event: events.DeliveryEvent, claim: Claim, started: 
             elapsed=time.monotonic() - started,
         ),
     )
-    return Facts(claimed=claim.attempts, send=result, message_id=message.message_id)
+    return replace(facts, send=result, message_id=message.message_id)
 
 
 # --- the one place an outcome is carried out ----------------------------------------------
