@@ -217,6 +217,46 @@ def test_a_dead_letter_forwarded_by_the_pubsub_policy_is_replayed(
     assert row is not None and (row.status, row.replays) == (Status.SENT, 1)
 
 
+def test_an_invalid_dead_letter_replayed_while_still_invalid_ends_failed_again(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Replay requeues the row (`failed` -> `queued`); the republished event is still
+    invalid, so the worker must close that `queued` row again instead of leaving it waiting."""
+    body = factories.payload("invite", data={"organization_name": "Acme"})  # no invite_url
+    handle(factories.cloud_event(body, message_id="m-invalid"), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.last_error_code) == (
+        Status.FAILED,
+        "INVALID_EVENT",
+    )
+
+    out = replay(capsys, pubsub, "--reason", "invalid_event")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.QUEUED, 1)
+
+    [republished] = pubsub.deliveries(timeout=5)
+    handle(as_event(republished), worker)
+
+    row = ledger.get(body["delivery_id"])
+    assert row is not None
+    assert (row.status, row.status_reason, row.last_error_code, row.replays) == (
+        Status.FAILED,
+        "invalid_event",
+        "INVALID_EVENT",
+        1,
+    )
+    assert statuses(ledger, body["delivery_id"]) == [Status.FAILED, Status.QUEUED, Status.FAILED]
+    [letter] = pubsub.dead_letters(timeout=5)  # the new dead letter, for the next fix
+    assert bytes(letter.message.data) == factories.encode(body)
+    assert letter.message.attributes["reason"] == "invalid_event"
+    assert smtp_server.messages == []
+
+
 # --- what is and is not replayed ------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from worker import events
 from worker import pubsub as worker_pubsub
-from worker.ledger import Ledger, Status
+from worker.ledger import Ledger, Reason, Status
 from worker.settings import PubSubSettings, SettingsError
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-POLICY_REASON = "pubsub_dead_letter_policy"
+POLICY_REASON = Reason.PUBSUB_DEAD_LETTER_POLICY
 POLICY_PREFIX = "CloudPubSubDeadLetter"
 OUR_ATTRIBUTES = frozenset(
     {"reason", "error_code", "error_message", "attempts", "source_message_id"}

@@ -427,6 +427,7 @@ def send_with_retry(
     max_backoff: float,
     on_retry: Callable[[SmtpError, int], None] | None = None,
     deadline: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> SendResult:
     """Send, retrying transient `SmtpError`s within this invocation.
 
@@ -435,17 +436,16 @@ def send_with_retry(
     random): the fixed half respects a relay that asked us to slow down (421/451), the
     random half keeps instances that failed together from retrying together.
 
-    No retry starts if it would begin after `deadline` seconds (default: per try, one
-    backoff plus two command timeouts — a normal failure costs at most one timeout plus a
-    reconnect), so a pathologically slow relay cannot push the invocation past its
-    function timeout and claim lease; Pub/Sub redelivery takes over from there.
+    No retry starts if it would begin after `deadline` seconds: the pipeline passes the
+    lease rule's window (`settings.send_window`), so a pathologically slow relay cannot
+    push an attempt past the claim's lease; Pub/Sub redelivery takes over from there.
+    Without a deadline only `tries` bounds it.
 
-    `on_retry(error, attempt_number)` runs before each sleep. Never raises `SmtpError`.
+    `on_retry(error, attempt_number)` runs before each wait, `sleep(seconds)` waits.
+    Never raises `SmtpError`.
     """
     if tries < 1:
         raise ValueError("tries must be at least 1")
-    if deadline is None:
-        deadline = tries * (max_backoff + 2 * sender.settings.timeout_seconds)
     half, half_max = initial_backoff / 2, max_backoff / 2
     attempts = 0
 
@@ -455,11 +455,13 @@ def send_with_retry(
             on_retry(error, state.attempt_number)
 
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(tries) | tenacity.stop_before_delay(deadline),
+        stop=tenacity.stop_after_attempt(tries)
+        | tenacity.stop_before_delay(float("inf") if deadline is None else deadline),
         wait=tenacity.wait_exponential(multiplier=half, max=half_max)
         + tenacity.wait_random_exponential(multiplier=half, max=half_max),
         retry=tenacity.retry_if_exception(_is_transient),
         before_sleep=before_sleep,
+        sleep=sleep,
         reraise=True,
     )
     try:
