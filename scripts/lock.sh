@@ -16,7 +16,6 @@ bash scripts/bootstrap.sh
   --python-version 3.12 \
   --python-platform x86_64-unknown-linux-gnu \
   --generate-hashes \
-  --index-url https://pypi.org/simple \
   --custom-compile-command "bash scripts/lock.sh" \
   --quiet \
   "$@"
