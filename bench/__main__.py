@@ -5,10 +5,12 @@ Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
+  concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
   replay     N dead letters replayed from the emulator by `python -m worker replay`
+  tracking   provider events applied per second; migration 002's stall on a live ledger
 
 They print figures; none asserts a speed. Run on a shared machine: compare ratios.
 """
@@ -26,7 +28,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import coldstart, dbcost, httpbench, inprocess, machine, memory, replay, scaleout
+from bench import (
+    coldstart,
+    concurrency,
+    dbcost,
+    httpbench,
+    inprocess,
+    machine,
+    memory,
+    replay,
+    scaleout,
+    tracking,
+)
 from bench.report import Section, table, write_json
 from bench.services import ROOT, Stack
 
@@ -38,12 +51,16 @@ class Sizes:
     dbcost_count: int
     http_count: int
     http_concurrency: tuple[int, ...]
+    concurrency_levels: tuple[int, ...]
+    concurrency_seconds: float
     memory_count: int
     coldstart_reps: int
     scaleout_events: int
     scaleout_processes: tuple[int, ...]
     scaleout_delay_ms: float
     replay_count: int
+    tracking_count: int
+    tracking_ledger_rows: int
 
 
 FULL = Sizes(
@@ -52,12 +69,16 @@ FULL = Sizes(
     dbcost_count=500,
     http_count=1000,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 4, 8, 16),
+    concurrency_seconds=4.0,
     memory_count=3000,
     coldstart_reps=7,
     scaleout_events=600,
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=10_000,
+    tracking_count=2000,
+    tracking_ledger_rows=200_000,
 )
 QUICK = Sizes(
     inprocess_count=200,
@@ -65,12 +86,16 @@ QUICK = Sizes(
     dbcost_count=100,
     http_count=150,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 8),
+    concurrency_seconds=1.0,
     memory_count=300,
     coldstart_reps=3,
     scaleout_events=100,
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=1_000,
+    tracking_count=200,
+    tracking_ledger_rows=20_000,
 )
 
 Runner = Callable[[Stack, Sizes, Path], Section]
@@ -82,6 +107,9 @@ BENCHMARKS: dict[str, Runner] = {
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
+    ),
+    "concurrency": lambda stack, s, logs: concurrency.run(
+        stack, levels=s.concurrency_levels, seconds=s.concurrency_seconds, log_dir=logs
     ),
     "memory": lambda stack, s, logs: memory.run(stack, count=s.memory_count, log_dir=logs),
     "coldstart": lambda stack, s, logs: coldstart.run(
@@ -95,6 +123,9 @@ BENCHMARKS: dict[str, Runner] = {
         log_dir=logs,
     ),
     "replay": lambda stack, s, logs: replay.run(stack, count=s.replay_count, log_dir=logs),
+    "tracking": lambda stack, s, logs: tracking.run(
+        stack, count=s.tracking_count, ledger_rows=s.tracking_ledger_rows, log_dir=logs
+    ),
 }
 
 

@@ -4,8 +4,9 @@
 #
 #   1. its own service account and its own secret (the libpq URI of a LOGIN role granted
 #      email_reader and nothing more), the account allowed to read that one secret;
-#   2. gcloud functions deploy --trigger-http --no-allow-unauthenticated, with only
-#      CONSOLE_DATABASE_URL_SECRET in its environment (no SMTP, no Pub/Sub);
+#   2. gcloud functions deploy --trigger-http --no-allow-unauthenticated, with only its
+#      database URL in its environment (no SMTP, no Pub/Sub): mounted with --set-secrets, or
+#      with SECRETS_VIA=worker as CONSOLE_DATABASE_URL_SECRET for the console to read;
 #   3. roles/run.invoker on its Cloud Run service for each member of CONSOLE_INVOKERS (a
 #      support group), nothing on the project.
 #
@@ -51,6 +52,17 @@ if [[ $state != ENABLED ]]; then
   die_config "secret $CONSOLE_DATABASE_URL_SECRET_ID has no enabled latest version ($state): add an email_reader login's URI with deploy/set-secret.sh $CONSOLE_DATABASE_URL_SECRET_ID"
 fi
 
+# Its one secret, as the worker's (SECRETS_VIA): mounted by Cloud Run as CONSOLE_DATABASE_URL,
+# or passed as CONSOLE_DATABASE_URL_SECRET for the console to read itself. Each mode clears
+# the other's, since the console refuses both set at once.
+if [[ $SECRETS_VIA == env ]]; then
+  secret_flag="--set-secrets=CONSOLE_DATABASE_URL=$CONSOLE_DATABASE_URL_SECRET_ID:latest"
+  env_flag=--clear-env-vars
+else
+  secret_flag=--clear-secrets
+  env_flag="--set-env-vars=CONSOLE_DATABASE_URL_SECRET=$CONSOLE_DATABASE_URL_SECRET"
+fi
+
 note "function $CONSOLE_FUNCTION_NAME from $SOURCE_DIR (private: IAM invokers only)"
 run gcloud functions deploy "$CONSOLE_FUNCTION_NAME" \
   --gen2 \
@@ -65,7 +77,8 @@ run gcloud functions deploy "$CONSOLE_FUNCTION_NAME" \
   --timeout="$CONSOLE_TIMEOUT" \
   --memory="$CONSOLE_MEMORY" \
   --max-instances="$CONSOLE_MAX_INSTANCES" \
-  --set-env-vars="CONSOLE_DATABASE_URL_SECRET=$CONSOLE_DATABASE_URL_SECRET" \
+  "$env_flag" \
+  "$secret_flag" \
   "${project[@]}"
 
 # A 2nd gen function runs as the Cloud Run service of the same name.

@@ -16,6 +16,11 @@ from typing import Literal, TypeVar
 
 T = TypeVar("T")
 SmtpSecurity = Literal["starttls", "ssl", "none"]
+# Requests one instance serves at once when neither CONCURRENCY nor THREADS says otherwise:
+# functions-framework's gunicorn default on one CPU (4 threads per CPU).
+DEFAULT_CONCURRENCY = 4
+# Slack between the last SMTP attempt's worst-case end and the lease's expiry.
+LEASE_MARGIN_SECONDS = 1.0
 
 
 class SettingsError(Exception):
@@ -36,6 +41,9 @@ class SmtpSettings:
     message_id_domain: str = "localhost"
     # A private relay's CA bundle; the system store is used when unset.
     ca_file: str | None = None
+    # Open connections kept between sends: one per request the instance serves at once, so
+    # a busy instance never closes and re-handshakes a connection it needs again at once.
+    max_idle_connections: int = DEFAULT_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class RetrySettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = field(repr=False)
-    pool_max_size: int = 4
+    pool_max_size: int = DEFAULT_CONCURRENCY
     connect_timeout_seconds: float = 10.0
 
 
@@ -155,13 +163,30 @@ def _address(env: Mapping[str, str], name: str) -> str | None:
 # --- sections --------------------------------------------------------------------------
 
 
+def concurrency(env: Mapping[str, str] = os.environ) -> int:
+    """How many requests one instance serves at once: `CONCURRENCY` (the deploy sets it to
+    Cloud Run's `--concurrency`), else functions-framework's `THREADS`, else 4.
+
+    The instance's pools are sized from it: every request in flight can hold a database
+    connection and an SMTP connection without waiting for another request's.
+    """
+    rule = "an integer 1..1000"
+    threads = _parsed(env, "THREADS", DEFAULT_CONCURRENCY, _int_in(1, 1000), rule)
+    return _parsed(env, "CONCURRENCY", threads, _int_in(1, 1000), rule)
+
+
 def database_settings(env: Mapping[str, str] = os.environ) -> DatabaseSettings:
     url = _secret_or_env(env, "DATABASE_URL")
     if url is None:
         raise SettingsError("DATABASE_URL or DATABASE_URL_SECRET is required but not set")
+    # Connections are opened on demand up to this size (the pool starts with one), so a
+    # larger CONCURRENCY costs connections only when requests really overlap on the ledger.
+    pool = _parsed(
+        env, "DB_POOL_MAX_SIZE", concurrency(env), _int_in(1, 1000), "an integer 1..1000"
+    )
     return DatabaseSettings(
         url=url,
-        pool_max_size=_parsed(env, "DB_POOL_MAX_SIZE", 4, _int_in(1, 100), "an integer 1..100"),
+        pool_max_size=pool,
         connect_timeout_seconds=_parsed(
             env, "DB_TIMEOUT_SECONDS", 10.0, _positive_float, "a positive number"
         ),
@@ -193,6 +218,7 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         reply_to=_address(env, "EMAIL_REPLY_TO"),
         message_id_domain=_raw(env, "MESSAGE_ID_DOMAIN") or domain,
         ca_file=_raw(env, "SMTP_CA_FILE"),
+        max_idle_connections=concurrency(env),
     )
 
 
@@ -223,16 +249,40 @@ def retry_settings(env: Mapping[str, str] = os.environ) -> RetrySettings:
     )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str] = os.environ) -> str:
+    """`LOG_LEVEL`, upper-cased; `INFO` when unset."""
+    value = (_raw(env, "LOG_LEVEL") or "INFO").upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {env['LOG_LEVEL']!r}"
+        )
+    return value
+
+
+def send_window(lease_seconds: float, smtp_timeout_seconds: float, elapsed: float = 0.0) -> float:
+    """The lease rule: an SMTP attempt must be able to end inside the claim's lease.
+
+    Seconds from now in which an attempt may still start, `elapsed` seconds into the lease.
+    Once the lease expires a redelivered copy may claim the row and send, so a late attempt
+    here would be a second email. One attempt takes at most about two command timeouts (a
+    failure costs at most one timeout plus a reconnect). Settings refuse a lease with no
+    window at all; the pipeline hands the window to `smtp.send_with_retry` as its deadline.
+    """
+    return lease_seconds - elapsed - 2 * smtp_timeout_seconds - LEASE_MARGIN_SECONDS
+
+
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     """Everything the function needs; the dead-letter topic is required for it."""
+    log_level(env)  # read by worker.logging; checked here so a typo stops the instance
     pubsub = pubsub_settings(env)
     if pubsub.dead_letter_topic is None:
         raise SettingsError("DEAD_LETTER_TOPIC is required but not set")
     smtp = smtp_settings(env)
     retry = retry_settings(env)
-    # One SMTP attempt (about two command timeouts) must fit inside a claim's lease, or a
-    # slow attempt could still be sending when a redelivered copy takes the claim over.
-    if retry.lease_seconds <= 2 * smtp.timeout_seconds + 1:
+    if send_window(retry.lease_seconds, smtp.timeout_seconds) <= 0:
         raise SettingsError(
             f"LEASE_SECONDS ({retry.lease_seconds}) must be more than twice "
             f"SMTP_TIMEOUT_SECONDS ({smtp.timeout_seconds:g}) plus one"
