@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from worker.db import query
+from worker.settings import RateLimit
 
 
 class Status(StrEnum):
@@ -106,6 +107,52 @@ class Claim(_Row):
     lease_expires_at: datetime
 
 
+class Reason(StrEnum):
+    """Why a delivery is in its status (`email.deliveries.status_reason`)."""
+
+    # skipped (contract section 7): the suppression entry's reason (also the values of
+    # `email.suppressions.reason`), or the recipient's rate limit.
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    MANUAL = "manual"
+    RATE_LIMIT = "rate_limit"
+
+
+# What puts an address on the suppression list (email.suppressions.reason).
+SUPPRESSION_REASONS = (Reason.HARD_BOUNCE, Reason.COMPLAINT, Reason.MANUAL)
+
+
+class ClaimOutcome(StrEnum):
+    """What `email.claim_delivery()` did (its `outcome` column)."""
+
+    CLAIMED = "claimed"  # the row is in_progress under our claim token
+    SKIPPED = "skipped"  # the row is now `skipped`: suppressed or rate limited
+    UNCLAIMED = "unclaimed"  # finished, or held by a live lease: nothing changed
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The claim ended the delivery `skipped`: no email. `code` is its last_error_code
+    (SUPPRESSED, RATE_LIMITED), `reason` its status_reason, `message` its last_error_message."""
+
+    delivery_id: str
+    code: str
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class Unclaimed:
+    """Nothing to do: `found` is the row's status (finished, or in_progress under a live
+    lease; None if the row vanished, e.g. pruned)."""
+
+    delivery_id: str
+    found: Status | None
+
+
+ClaimResult = Claim | Skipped | Unclaimed
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong, already sanitised: it is stored and shown to operators."""
@@ -121,6 +168,43 @@ class Ledger:
 
     # --- the worker's transitions -------------------------------------------------
 
+    def claim_or_skip(
+        self,
+        *,
+        delivery_id: str,
+        workflow: str,
+        recipient: str,
+        locale: str,
+        metadata: Mapping[str, Any] | None,
+        source_message_id: str | None,
+        lease_seconds: int,
+        rate_limit: RateLimit | None = None,
+    ) -> ClaimResult:
+        """Claim for sending, end the row `skipped` (the recipient is suppressed, or over
+        `rate_limit` for this workflow), or nothing: one statement, one round trip
+        (`email.claim_delivery()`, migration 003)."""
+        row = self._fetch_one(
+            "claim",
+            delivery_id=delivery_id,
+            workflow=workflow,
+            recipient=recipient,
+            locale=locale,
+            metadata=None if metadata is None else Jsonb(dict(metadata)),
+            source_message_id=source_message_id,
+            lease_seconds=lease_seconds,
+            rate_limit=None if rate_limit is None else rate_limit.count,
+            rate_window_seconds=None if rate_limit is None else rate_limit.window_seconds,
+        )
+        assert row is not None, "email.claim_delivery() returns one row"
+        match ClaimOutcome(row["outcome"]):
+            case ClaimOutcome.CLAIMED:
+                return Claim(delivery_id, row["token"], row["attempt"], row["lease_until"])
+            case ClaimOutcome.SKIPPED:
+                return Skipped(delivery_id, row["code"], Reason(row["reason"]), row["message"])
+            case ClaimOutcome.UNCLAIMED:
+                found = row["current_status"]
+                return Unclaimed(delivery_id, None if found is None else Status(found))
+
     def claim(
         self,
         *,
@@ -132,18 +216,18 @@ class Ledger:
         source_message_id: str | None,
         lease_seconds: int,
     ) -> Claim | None:
-        """Claim for sending, or None: already finished, or leased by a live worker."""
-        row = self._fetch_one(
-            "claim",
+        """`claim_or_skip` without a rate limit, for callers that only want a claim (tests,
+        tools): None when it was skipped, already finished, or leased by a live worker."""
+        result = self.claim_or_skip(
             delivery_id=delivery_id,
             workflow=workflow,
             recipient=recipient,
             locale=locale,
-            metadata=None if metadata is None else Jsonb(dict(metadata)),
+            metadata=metadata,
             source_message_id=source_message_id,
             lease_seconds=lease_seconds,
         )
-        return None if row is None else Claim.from_row(row)
+        return result if isinstance(result, Claim) else None
 
     def set_sent_if_claimed(self, claim: Claim, *, attempts: int, provider_message_id: str) -> bool:
         return self._changed(
