@@ -138,6 +138,11 @@ SELECT
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
     count(*) FILTER (WHERE status = 'skipped') AS skipped,
+    -- Why they were skipped (migration 003); the codes come from worker.ledger.SkipCode.
+    count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(suppressed)s)
+        AS skipped_suppressed,
+    count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(rate_limited)s)
+        AS skipped_rate_limited,
     -- What providers reported about the sent ones (migration 002). An open, a click or a
     -- complaint implies the email arrived; a bounce after a delivery report counts as bounced.
     count(*) FILTER (WHERE status = 'sent'

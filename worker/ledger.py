@@ -122,6 +122,13 @@ class Reason(StrEnum):
 SUPPRESSION_REASONS = (Reason.HARD_BOUNCE, Reason.COMPLAINT, Reason.MANUAL)
 
 
+class SkipCode(StrEnum):
+    """The `last_error_code` of a `skipped` row (contract section 2), set by the claim."""
+
+    SUPPRESSED = "SUPPRESSED"  # the recipient has a live suppression entry
+    RATE_LIMITED = "RATE_LIMITED"  # the recipient's limit for the workflow is reached
+
+
 class ClaimOutcome(StrEnum):
     """What `email.claim_delivery()` did (its `outcome` column)."""
 
@@ -136,7 +143,7 @@ class Skipped:
     (SUPPRESSED, RATE_LIMITED), `reason` its status_reason, `message` its last_error_message."""
 
     delivery_id: str
-    code: str
+    code: SkipCode
     reason: Reason
     message: str
 
@@ -200,7 +207,9 @@ class Ledger:
             case ClaimOutcome.CLAIMED:
                 return Claim(delivery_id, row["token"], row["attempt"], row["lease_until"])
             case ClaimOutcome.SKIPPED:
-                return Skipped(delivery_id, row["code"], Reason(row["reason"]), row["message"])
+                return Skipped(
+                    delivery_id, SkipCode(row["code"]), Reason(row["reason"]), row["message"]
+                )
             case ClaimOutcome.UNCLAIMED:
                 found = row["current_status"]
                 return Unclaimed(delivery_id, None if found is None else Status(found))

@@ -9,14 +9,14 @@ its own short transaction (the pool is in autocommit).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from psycopg.rows import dict_row
 
 from worker.db import query
-from worker.ledger import Delivery, Ledger, Status, StatusChange
+from worker.ledger import Delivery, Ledger, SkipCode, Status, StatusChange
 from worker.tracking import StoredEvent, Tracking
 
 __all__ = [
@@ -86,6 +86,8 @@ class WorkflowStats:
     delivered: int = 0  # delivered, opened, clicked or complained about
     bounced: int = 0
     complained: int = 0
+    # Skipped rows by their code (contract section 7).
+    skipped_by_code: dict[SkipCode, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -129,12 +131,22 @@ class WorkflowStats:
             delivered=int(row["provider_delivered"]),
             bounced=int(row["provider_bounced"]),
             complained=int(row["provider_complained"]),
+            skipped_by_code={
+                SkipCode.SUPPRESSED: int(row["skipped_suppressed"]),
+                SkipCode.RATE_LIMITED: int(row["skipped_rate_limited"]),
+            },
         )
 
 
 def stats(ledger: Ledger, *, since: timedelta) -> list[WorkflowStats]:
     """Per workflow, then the total; empty when nothing was queued in the window."""
-    rows = _fetch_all(ledger, "stats_by_workflow", since_seconds=since.total_seconds())
+    rows = _fetch_all(
+        ledger,
+        "stats_by_workflow",
+        since_seconds=since.total_seconds(),
+        suppressed=SkipCode.SUPPRESSED.value,
+        rate_limited=SkipCode.RATE_LIMITED.value,
+    )
     return [WorkflowStats.from_row(row) for row in rows]
 
 
