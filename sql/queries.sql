@@ -18,7 +18,8 @@ FROM email.claim_delivery(
     source_message_id => %(source_message_id)s,
     lease_seconds => %(lease_seconds)s,
     rate_limit => %(rate_limit)s,
-    rate_window_seconds => %(rate_window_seconds)s
+    rate_window_seconds => %(rate_window_seconds)s,
+    takeover_reason => %(takeover_reason)s
 );
 
 -- name: set_sent_if_claimed
@@ -74,7 +75,7 @@ RETURNING delivery_id;
 -- Replay: a fresh attempt budget; the history stays in email.delivery_events.
 UPDATE email.deliveries SET
     status = 'queued',
-    status_reason = 'replay',
+    status_reason = %(reason)s,
     attempts = 0,
     replays = replays + 1,
     queued_at = now()
@@ -138,7 +139,7 @@ SELECT
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
     count(*) FILTER (WHERE status = 'skipped') AS skipped,
-    -- Why they were skipped (migration 003); the codes come from worker.ledger.SkipCode.
+    -- Why they were skipped (migration 003); the codes come from worker.ledger.Code.
     count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(suppressed)s)
         AS skipped_suppressed,
     count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(rate_limited)s)

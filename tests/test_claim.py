@@ -85,7 +85,7 @@ def test_a_suppressed_recipient_is_skipped_in_any_letter_case(
     suppress(admin, "ada@example.com", reason.value)
     result = claim(ledger, "Ada@EXAMPLE.com")
     assert isinstance(result, Skipped)
-    assert (result.code, result.reason) == ("SUPPRESSED", reason)
+    assert (result.code, result.reason) == (Code.SUPPRESSED, reason)
     assert result.message.startswith(f"recipient suppressed: {reason.value} since ")
     assert "ada@" not in result.message.lower()  # the address is never in the row's error
 
@@ -135,7 +135,7 @@ def test_a_suppression_stops_a_retry_but_never_touches_a_sent_or_live_row(
 ) -> None:
     retrying = claim(ledger)
     assert isinstance(retrying, Claim)
-    failure = Failure("SMTP_451", "later", "transient_failure")
+    failure = Failure("SMTP_451", "later", Reason.TRANSIENT_FAILURE)
     assert ledger.set_retrying_if_claimed(retrying, attempts=1, failure=failure)
     done = claim(ledger)
     send(ledger, done)
@@ -210,7 +210,7 @@ def test_what_was_never_sent_does_not_count(admin: psycopg.Connection[Any], ledg
     one = RateLimit(1, 3600, "1/1h")
     first = claim(ledger, limit=one)
     assert isinstance(first, Claim)
-    failure = Failure("SMTP_451", "later", "transient_failure")
+    failure = Failure("SMTP_451", "later", Reason.TRANSIENT_FAILURE)
     assert ledger.set_retrying_if_claimed(first, attempts=1, failure=failure)
     # retrying: no email went out, so another delivery may go...
     second = claim(ledger, limit=one)

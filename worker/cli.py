@@ -22,11 +22,11 @@ import psycopg
 from worker import enqueue, events, migrations, replay, reports
 from worker.db import connection_kwargs, open_pool
 from worker.ledger import (
+    SKIP_CODES,
     SUPPRESSION_REASONS,
     Delivery,
     Ledger,
     Reason,
-    SkipCode,
     Status,
     StatusChange,
 )
@@ -695,7 +695,7 @@ _STATS_HEADERS = [
     "WORKFLOW",
     "TOTAL",
     *(status.value.upper() for status in Status),  # the order of WorkflowStats.counts
-    *(code.value for code in SkipCode),  # the skipped ones by code
+    *(code.value for code in SKIP_CODES),  # the skipped ones by code
     "SUCCESS",
     "DELIVERED",
     "BOUNCED",
@@ -712,7 +712,7 @@ def _stats_row(row: reports.WorkflowStats) -> list[Any]:
         row.workflow,
         row.total,
         *row.counts.values(),
-        *(row.skipped_by_code.get(code, 0) for code in SkipCode),
+        *(row.skipped_by_code.get(code, 0) for code in SKIP_CODES),
         rate,
         _rate(row.delivered_rate),
         _rate(row.bounce_rate),

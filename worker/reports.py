@@ -16,7 +16,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from worker.db import query
-from worker.ledger import Delivery, Ledger, SkipCode, Status, StatusChange
+from worker.ledger import Code, Delivery, Ledger, Status, StatusChange
 from worker.tracking import StoredEvent, Tracking
 
 __all__ = [
@@ -87,7 +87,7 @@ class WorkflowStats:
     bounced: int = 0
     complained: int = 0
     # Skipped rows by their code (contract section 7).
-    skipped_by_code: dict[SkipCode, int] = field(default_factory=dict)
+    skipped_by_code: dict[Code, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -132,8 +132,8 @@ class WorkflowStats:
             bounced=int(row["provider_bounced"]),
             complained=int(row["provider_complained"]),
             skipped_by_code={
-                SkipCode.SUPPRESSED: int(row["skipped_suppressed"]),
-                SkipCode.RATE_LIMITED: int(row["skipped_rate_limited"]),
+                Code.SUPPRESSED: int(row["skipped_suppressed"]),
+                Code.RATE_LIMITED: int(row["skipped_rate_limited"]),
             },
         )
 
@@ -144,8 +144,8 @@ def stats(ledger: Ledger, *, since: timedelta) -> list[WorkflowStats]:
         ledger,
         "stats_by_workflow",
         since_seconds=since.total_seconds(),
-        suppressed=SkipCode.SUPPRESSED.value,
-        rate_limited=SkipCode.RATE_LIMITED.value,
+        suppressed=Code.SUPPRESSED.value,
+        rate_limited=Code.RATE_LIMITED.value,
     )
     return [WorkflowStats.from_row(row) for row in rows]
 
