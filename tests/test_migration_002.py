@@ -74,7 +74,7 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
             " provider_message_id) VALUES ('kept', 'invite', 'a@example.com',"
             " 'failed', '<kept@example.com>')"
         )
-    migrate_up(url, report=quiet)
+    up_to(url, 2)
     assert columns(url) == before | NEW_COLUMNS
     with (
         psycopg.connect(url, autocommit=True) as conn,
@@ -110,7 +110,7 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
                     (target, delivery_id),
                 )
 
-    migrate_up(url, report=quiet)
+    up_to(url, 2)
     assert columns(url) == before | NEW_COLUMNS
     with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
         assert Tracking(pool).apply(bounce("kept")) is Applied.APPLIED
