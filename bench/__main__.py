@@ -4,12 +4,13 @@ write JSON (bench/results/latest.json by default).
 Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
-  claimcost  the claim with suppression and rate limits on vs off (migration 003)
+  claimcost  the claim with suppression and rate limits on vs off (migrations 004, 005)
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
   replay     N dead letters replayed from the emulator by `python -m worker replay`
+  tracking   provider events applied per second; migration 002's stall on a live ledger
 
 They print figures; none asserts a speed. Run on a shared machine: compare ratios.
 """
@@ -37,6 +38,7 @@ from bench import (
     memory,
     replay,
     scaleout,
+    tracking,
 )
 from bench.report import Section, table, write_json
 from bench.services import ROOT, Stack
@@ -55,6 +57,8 @@ class Sizes:
     scaleout_processes: tuple[int, ...]
     scaleout_delay_ms: float
     replay_count: int
+    tracking_count: int
+    tracking_ledger_rows: int
 
 
 FULL = Sizes(
@@ -69,6 +73,8 @@ FULL = Sizes(
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=10_000,
+    tracking_count=2000,
+    tracking_ledger_rows=200_000,
 )
 QUICK = Sizes(
     inprocess_count=200,
@@ -82,6 +88,8 @@ QUICK = Sizes(
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=1_000,
+    tracking_count=200,
+    tracking_ledger_rows=20_000,
 )
 
 Runner = Callable[[Stack, Sizes, Path], Section]
@@ -109,6 +117,9 @@ BENCHMARKS: dict[str, Runner] = {
         log_dir=logs,
     ),
     "replay": lambda stack, s, logs: replay.run(stack, count=s.replay_count, log_dir=logs),
+    "tracking": lambda stack, s, logs: tracking.run(
+        stack, count=s.tracking_count, ledger_rows=s.tracking_ledger_rows, log_dir=logs
+    ),
 }
 
 

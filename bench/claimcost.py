@@ -1,4 +1,4 @@
-"""claimcost: what the claim costs since it decides suppression and rate limits (migration 003).
+"""claimcost: what the claim costs since it decides suppression and rate limits (004, 005).
 
 The claim is `SELECT * FROM email.claim_delivery(...)`: one statement, one round trip, with or
 without a limit. Measured on a ledger of `ledger_rows` sent rows over 5,000 recipients (so the
@@ -41,7 +41,7 @@ from worker.ledger import Claim, Ledger
 from worker.migrations import migrate_down
 from worker.settings import DatabaseSettings, RateLimit
 
-# 002's claim statement (sql/queries.sql before migration 003), kept here as the baseline.
+# 002's claim statement (sql/queries.sql before migration 005), kept here as the baseline.
 CLAIM_002 = """
 INSERT INTO email.deliveries AS d (
     delivery_id, workflow, recipient, locale, metadata, source_message_id,
@@ -143,7 +143,7 @@ def _claim_002(ledger: Ledger, delivery_id: str, recipient: str) -> Claim | None
     return None if row is None else Claim(row[0], row[1], row[2], row[3])
 
 
-def _claim_003(limit: RateLimit | None) -> Callable[[Ledger, str, str], Any]:
+def _claim_005(limit: RateLimit | None) -> Callable[[Ledger, str, str], Any]:
     def claim(ledger: Ledger, delivery_id: str, recipient: str) -> Any:
         return ledger.claim_or_skip(
             delivery_id=delivery_id,
@@ -255,7 +255,7 @@ def _top_level_calls(admin_url: str, database: str) -> int:
 
 
 def run(stack: Stack, *, count: int, ledger_rows: int, log_dir: Path) -> Section:
-    section = Section("claimcost", "The claim with suppression and rate limits (migration 003)")
+    section = Section("claimcost", "The claim with suppression and rate limits (004, 005)")
     before_name, before_url = stack.database()
     after_name, after_url = stack.database()
     modes: list[Mode] = []
@@ -272,10 +272,10 @@ def run(stack: Stack, *, count: int, ledger_rows: int, log_dir: Path) -> Section
             )
         modes = [
             Mode("before: 002 claim statement", before_url, _claim_002),
-            Mode("limits off", after_url, _claim_003(None)),
-            Mode("limits on (not reached)", after_url, _claim_003(NEVER_REACHED)),
-            Mode("skipped: rate limited", after_url, _claim_003(ONE_PER_DAY)),
-            Mode("skipped: suppressed", after_url, _claim_003(None)),
+            Mode("limits off", after_url, _claim_005(None)),
+            Mode("limits on (not reached)", after_url, _claim_005(NEVER_REACHED)),
+            Mode("skipped: rate limited", after_url, _claim_005(ONE_PER_DAY)),
+            Mode("skipped: suppressed", after_url, _claim_005(None)),
         ]
         # Claim by claim, the modes take turns, so each sees the same machine load.
         users = itertools.cycle(range(RECIPIENTS))

@@ -4,7 +4,7 @@
 
 -- name: claim
 -- Claim for sending, or end the row `skipped` (suppressed recipient, rate limit reached), or
--- nothing (finished, or leased by a live worker): email.claim_delivery(), migration 003, in
+-- nothing (finished, or leased by a live worker): email.claim_delivery(), migration 005, in
 -- one round trip. Its guard is the one upsert inside: a new row, or one that is queued,
 -- retrying, or in progress with an expired lease; concurrent claims of one id serialise on
 -- the row, and the loser re-checks the guard against the winner's row and changes nothing.
@@ -139,7 +139,7 @@ SELECT
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
     count(*) FILTER (WHERE status = 'skipped') AS skipped,
-    -- Why they were skipped (migration 003); the codes come from worker.ledger.Code.
+    -- Why they were skipped (migration 005); the codes come from worker.ledger.Code.
     count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(suppressed)s)
         AS skipped_suppressed,
     count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(rate_limited)s)

@@ -1,7 +1,7 @@
 -- The suppression list (contract section 7), loaded by worker/suppressions.py for
 -- `python -m worker suppressions ...` and `history`. Each block starts with `-- name: NAME`.
 -- Addresses are stored lower-cased (a CHECK on the table); callers pass them lower-cased.
--- The worker reads the list inside email.claim_delivery() (migration 003), not here.
+-- The worker reads the list inside email.claim_delivery() (migration 005), not here.
 
 -- name: list_suppressions
 -- Newest first; `total` is the number of entries that match, before the limit.

@@ -1,4 +1,4 @@
-"""The claim as one decision in the database (migration 003, contract sections 2 and 7):
+"""The claim as one decision in the database (migrations 004 and 005, contract sections 2 and 7):
 claim, or end the row `skipped` (suppressed recipient, rate limit reached), or nothing."""
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def test_a_burst_through_a_transaction_mode_pooler_is_limited_exactly(
 # --- the migration --------------------------------------------------------------------------
 
 
-def test_migration_003_goes_down_and_up_again(empty_database_url: str) -> None:
+def test_migrations_004_and_005_go_down_and_up_again(empty_database_url: str) -> None:
     url = empty_database_url
 
     def objects() -> tuple[int, int]:
@@ -397,7 +397,7 @@ def test_migration_003_goes_down_and_up_again(empty_database_url: str) -> None:
     def quiet(_line: str) -> None:
         pass
 
-    migrate_up(url, [m for m in discover() if m.version <= 2], report=quiet)
+    migrate_up(url, [m for m in discover() if m.version <= 3], report=quiet)
     assert objects() == (0, 0)
     migrate_up(url, report=quiet)
     assert objects() == (1, 1)
@@ -406,12 +406,14 @@ def test_migration_003_goes_down_and_up_again(empty_database_url: str) -> None:
         with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
             skipped = claim(Ledger(pool))
         assert isinstance(skipped, Skipped)
-    assert [m.version for m in migrate_down(url, report=quiet)] == [3]
+    assert [m.version for m in migrate_down(url, report=quiet)] == [5]
+    assert objects() == (0, 1)
+    assert [m.version for m in migrate_down(url, report=quiet)] == [4]
     assert objects() == (0, 0)
     with psycopg.connect(url) as conn:
         row = conn.execute(
             "SELECT status FROM email.deliveries WHERE delivery_id = %s", (skipped.delivery_id,)
         ).fetchone()
     assert row == ("skipped",)  # kept, and still final
-    assert [m.version for m in migrate_up(url, report=quiet)] == [3]
+    assert [m.version for m in migrate_up(url, report=quiet)] == [4, 5]
     assert objects() == (1, 1)

@@ -42,7 +42,7 @@ def sent(ledger: Ledger, workflow: str = "invite") -> str:
     claim = ledger.claim(
         delivery_id=delivery_id,
         workflow=workflow,
-        # Its own address: a bounce reported below suppresses it (migration 003).
+        # Its own address: a bounce reported below suppresses it (migration 005).
         recipient=f"Ada+{delivery_id}@example.com",
         locale="en",
         metadata=None,
@@ -180,3 +180,26 @@ def test_prune_takes_skipped_rows_and_provider_events_with_them(
     ).fetchone()
     # The suppression outlives the delivery that caused it.
     assert counts == (0, 0, 1, None)
+
+
+def test_prune_takes_old_unmatched_events(
+    admin: psycopg.Connection[Any], ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for n in range(3):
+        report(ledger, f"nobody-{n}", "bounced", n)
+    admin.execute(
+        "UPDATE email.provider_events SET received_at = now() - interval '100 days'"
+        " WHERE provider_event_id <> 'nobody-2-bounced-2'"
+    )
+    assert ok(capsys, "prune", "--older-than", "90d", "--dry-run").splitlines()[-1] == (
+        "would delete 2 unmatched provider events (received more than 90d ago)"
+    )
+    out = ok(capsys, "prune", "--older-than", "90d", "--batch-size", "1")
+    assert out.splitlines() == [
+        "deleted 0 deliveries and 0 events (finished, last updated more than 90d ago) in 0"
+        " batch(es)",
+        "deleted 2 unmatched provider events (received more than 90d ago)",
+    ]
+    assert admin.execute("SELECT provider_event_id FROM email.provider_events").fetchall() == [
+        ("nobody-2-bounced-2",)
+    ]

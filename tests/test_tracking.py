@@ -52,7 +52,7 @@ def tracking(pool: ConnectionPool) -> Tracking:
 def sent(ledger: Ledger, recipient: str | None = None, relay_id: str | None = None) -> str:
     """A delivery the relay accepted: Message-ID `<id@example.com>`. Each to its own address
     unless one is given: a bounce suppresses its recipient, and the claim skips a suppressed
-    one (migration 003)."""
+    one (migration 005)."""
     delivery_id = next(_ids)
     recipient = recipient or f"ada+{delivery_id}@example.com"
     claim = ledger.claim(
@@ -427,7 +427,7 @@ def test_a_bounce_and_a_complaint_suppress_the_recipient_once(
 def test_an_expired_entry_is_renewed_a_live_one_kept(
     admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
 ) -> None:
-    # Sent first: a live entry would have skipped its delivery (migration 003).
+    # Sent first: a live entry would have skipped its delivery (migration 005).
     old, live = (
         sent(ledger, recipient="old@example.com"),
         sent(ledger, recipient="live@example.com"),

@@ -132,7 +132,7 @@ class Reason(StrEnum):
     REPLAY = "replay"  # queued: an operator's replay gave it a fresh attempt budget
     # dead_letter: replay closed a row whose message Pub/Sub's dead-letter policy forwarded
     PUBSUB_DEAD_LETTER_POLICY = "pubsub_dead_letter_policy"
-    # skipped (contract section 7), set by the claim (email.claim_delivery(), migration 003):
+    # skipped (contract section 7), set by the claim (email.claim_delivery(), migration 005):
     # the suppression entry's reason (also the values of `email.suppressions.reason`)...
     HARD_BOUNCE = "hard_bounce"
     COMPLAINT = "complaint"
@@ -228,7 +228,7 @@ class Ledger:
     ) -> ClaimResult:
         """Claim for sending, end the row `skipped` (the recipient is suppressed, or over
         `rate_limit` for this workflow), or nothing: one statement, one round trip
-        (`email.claim_delivery()`, migration 003).
+        (`email.claim_delivery()`, migration 005).
 
         Not retried: nothing has been sent yet, so a failure raises and Pub/Sub redelivers
         (a claim committed just before its connection dropped is taken over after its lease).

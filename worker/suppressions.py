@@ -3,7 +3,7 @@ and the suppression state `history --recipient` shows.
 
 Entries come from provider events (a hard bounce or a complaint, `worker/tracking.py`) and
 from operators (`add`, reason `manual` by default, optionally expiring). The worker checks the
-list inside its claim (`email.claim_delivery()`, migration 003): a live entry ends the
+list inside its claim (`email.claim_delivery()`, migration 005): a live entry ends the
 delivery `skipped` with `SUPPRESSED`. Addresses are compared lower-cased everywhere.
 """
 

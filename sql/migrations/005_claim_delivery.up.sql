@@ -3,20 +3,10 @@
 -- because the recipient is suppressed or over the workflow's rate limit, or do nothing (the
 -- delivery is finished, or a live lease holds it).
 --
--- Safe to apply while workers of version 002 run: a new function and a new index, nothing
--- rewritten. (A plain CREATE INDEX blocks writes to email.deliveries while it builds: on a
--- ledger pruned to 90 days that is seconds at most; lock_timeout makes the migration fail and
--- roll back, to be run again, rather than queue every worker behind a long transaction.)
+-- Safe to apply while workers of the previous version run: a new function, nothing rewritten,
+-- no lock on email.deliveries. The rate-limit count's index is migration 004 (built
+-- concurrently); the function works without it, only slower.
 SET LOCAL lock_timeout = '5s';
-
--- The rate-limit count: emails of one workflow to one (lower-cased) recipient that were sent
--- or are being sent, by the latest moment each could have left. A sent row left at sent_at;
--- an in_progress row's SMTP attempts all end inside its lease (worker/pipeline.py), so it
--- leaves by lease_expires_at at the latest. Partial: only the rows the count can match, so a
--- recipient's queued, failed and skipped rows never enter it.
-CREATE INDEX deliveries_rate_limit_idx ON email.deliveries
-    (lower(recipient), workflow, (coalesce(sent_at, lease_expires_at)))
-    WHERE status IN ('sent', 'in_progress');
 
 -- One call per event, one short statement: `SELECT * FROM email.claim_delivery(...)`.
 -- plpgsql caches its plans per connection, it holds nothing across transactions (the
@@ -30,14 +20,15 @@ CREATE INDEX deliveries_rate_limit_idx ON email.deliveries
 --                       last_error_message;
 --   outcome 'unclaimed' current_status: the row's status (finished, or in_progress under a live
 --                       lease), as the claim returning no row meant before.
--- The words are worker.ledger's ClaimOutcome, Reason and SkipCode; tests/test_claim.py checks
+-- The words are worker.ledger's ClaimOutcome, Reason and Code; tests/test_claim.py checks
 -- that they agree.
 --
 -- Rate limit (rate_limit, rate_window_seconds; NULL: none): at most rate_limit emails of the
 -- workflow to the recipient in any rolling window. Claims that count for the same recipient
 -- serialise on a transaction-scoped advisory lock on the recipient's hash, taken only when a
 -- limit applies, and each count runs after the previous holder committed its claim (READ
--- COMMITTED: a fresh snapshot per statement), so concurrent workers never admit N+1.
+-- COMMITTED: a fresh snapshot per statement), so concurrent workers never admit N+1. The
+-- count uses deliveries_rate_limit_idx (migration 004).
 CREATE FUNCTION email.claim_delivery(
     delivery_id text,
     workflow text,
