@@ -242,6 +242,10 @@ def test_history_shows_the_suppression_state(
     assert doc["suppression"]["reason"] == "complaint" and doc["suppression"]["live"] is True
     assert [d["status"] for d in doc["deliveries"]] == ["skipped", "in_progress"]
 
+    code, out, err = run(capsys, "history", "--recipient", "not an address")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: 'not an address' is not an email address: must be one address")
+
     admin.execute("UPDATE email.suppressions SET expires_at = now() - interval '1 minute'")
     suppression = ok(capsys, "history", "--recipient", "ada@example.com").splitlines()[0]
     assert suppression.startswith("suppression: expired at ")

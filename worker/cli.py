@@ -154,6 +154,10 @@ def _status_change_row(e: StatusChange) -> list[Any]:
 def cmd_history(args: argparse.Namespace) -> int:
     """A recipient's deliveries, most recently changed first, and whether the address is
     suppressed (needs DATABASE_URL)."""
+    try:
+        normalise(args.recipient)
+    except InvalidAddress as error:
+        raise CommandError(str(error)) from None
     with _ledger() as ledger:
         rows = reports.history(ledger, args.recipient, limit=args.limit)
         suppression = Suppressions(ledger.pool).get(args.recipient)
