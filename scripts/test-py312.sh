@@ -19,4 +19,5 @@ VENV="$root/.venv-py312" PYTHON="$py312" bash scripts/bootstrap.sh
 echo "== pytest on $("$root/.venv-py312/bin/python" --version)"
 "$root/.venv-py312/bin/python" -m pytest -p no:cacheprovider \
   tests/test_events.py tests/test_rendering.py tests/test_smtp.py tests/test_settings.py \
-  tests/test_ledger.py tests/test_pipeline.py tests/test_end_to_end.py tests/test_tracing.py "$@"
+  tests/test_ledger.py tests/test_pipeline.py tests/test_end_to_end.py tests/test_tracing.py \
+  tests/test_claim.py tests/test_skipping.py "$@"
