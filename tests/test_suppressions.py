@@ -271,3 +271,25 @@ def test_stats_count_skipped_rows_by_code(
     headers = lines[1].split()
     row = dict(zip(headers, lines[2].split(), strict=False))
     assert (row["SKIPPED"], row["SUPPRESSED"], row["RATE_LIMITED"]) == ("5", "2", "3")
+
+
+def test_a_reader_login_lists_and_reads_history_but_cannot_add(
+    database_url: str,
+    admin: psycopg.Connection[Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ok(capsys, "suppressions", "add", "ada@example.com")
+    login = f"support_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE ROLE {login} LOGIN IN ROLE email_reader")
+    try:
+        monkeypatch.setenv("DATABASE_URL", conninfo.make_conninfo(database_url, user=login))
+        assert "ada@example.com" in ok(capsys, "suppressions", "list")
+        history = ok(capsys, "history", "--recipient", "ada@example.com")
+        assert history.startswith("suppression: manual since ")
+        code, out, err = run(capsys, "suppressions", "add", "bob@example.com")
+        assert (code, out) == (1, "")
+        assert err.startswith("error: database: permission denied") and err.count("\n") == 1
+    finally:
+        admin.execute(f"DROP OWNED BY {login}")
+        admin.execute(f"DROP ROLE {login}")
