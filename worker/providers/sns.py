@@ -244,9 +244,9 @@ class SnsVerifier:
         cls, topic_arns: str, cert_hosts: str | None, ca_file: str | None
     ) -> SnsVerifier:
         """Raises `ValueError` naming the setting (never its value when it may be secret)."""
-        if ca_file and not ca_file.lstrip().startswith("-----BEGIN"):
-            if not Path(ca_file).is_file():  # noqa: SIM102 (the path case, then its check)
-                raise ValueError("SNS_CA_FILE: no such file")
+        pem_text = (ca_file or "").lstrip().startswith("-----BEGIN")
+        if ca_file and not pem_text and not Path(ca_file).is_file():
+            raise ValueError("SNS_CA_FILE: no such file")
         verifier = cls(
             parse_topic_arns(topic_arns),
             parse_host_patterns(cert_hosts or DEFAULT_CERT_HOSTS),
