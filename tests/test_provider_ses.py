@@ -198,18 +198,78 @@ SES_ID = "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000"
 @pytest.mark.parametrize(
     ("name", "event_type", "recipients", "bounce_type", "occurred_at"),
     [
-        ("event-delivery", EventType.DELIVERED, ["recipient@example.com"], None, "2016-10-19T23:21:04.133"),
-        ("event-open", EventType.OPENED, ["recipient@example.com"], None, "2017-08-09T22:00:19.652"),
-        ("event-click", EventType.CLICKED, ["recipient@example.com"], None, "2017-08-09T23:51:25.570"),
-        ("event-bounce", EventType.BOUNCED, ["recipient@example.com"], "hard", "2017-08-05T00:41:02.669"),
-        ("event-complaint", EventType.COMPLAINED, ["recipient@example.com"], None, "2017-08-05T00:41:02.669"),
-        ("event-delivery-delay", EventType.DEFERRED, ["recipient@example.com"], None, "2020-06-16T00:25:40.095"),
-        ("event-reject", EventType.BOUNCED, ["sender@example.com"], "hard", "2016-10-14T17:38:15.211"),
-        ("notification-delivery", EventType.DELIVERED, ["jane@example.com"], None, "2016-01-27T14:59:38.237"),
-        ("notification-bounce-dsn", EventType.BOUNCED, ["jane@example.com"], "hard", "2016-01-27T14:59:38.237"),
-        ("notification-complaint", EventType.COMPLAINED, ["richard@example.com"], None, "2016-01-27T14:59:38.237"),
+        (
+            "event-delivery",
+            EventType.DELIVERED,
+            ["recipient@example.com"],
+            None,
+            "2016-10-19T23:21:04.133",
+        ),
+        (
+            "event-open",
+            EventType.OPENED,
+            ["recipient@example.com"],
+            None,
+            "2017-08-09T22:00:19.652",
+        ),
+        (
+            "event-click",
+            EventType.CLICKED,
+            ["recipient@example.com"],
+            None,
+            "2017-08-09T23:51:25.570",
+        ),
+        (
+            "event-bounce",
+            EventType.BOUNCED,
+            ["recipient@example.com"],
+            "hard",
+            "2017-08-05T00:41:02.669",
+        ),
+        (
+            "event-complaint",
+            EventType.COMPLAINED,
+            ["recipient@example.com"],
+            None,
+            "2017-08-05T00:41:02.669",
+        ),
+        (
+            "event-delivery-delay",
+            EventType.DEFERRED,
+            ["recipient@example.com"],
+            None,
+            "2020-06-16T00:25:40.095",
+        ),
+        (
+            "event-reject",
+            EventType.BOUNCED,
+            ["sender@example.com"],
+            "hard",
+            "2016-10-14T17:38:15.211",
+        ),
+        (
+            "notification-delivery",
+            EventType.DELIVERED,
+            ["jane@example.com"],
+            None,
+            "2016-01-27T14:59:38.237",
+        ),
+        (
+            "notification-bounce-dsn",
+            EventType.BOUNCED,
+            ["jane@example.com"],
+            "hard",
+            "2016-01-27T14:59:38.237",
+        ),
+        (
+            "notification-complaint",
+            EventType.COMPLAINED,
+            ["richard@example.com"],
+            None,
+            "2016-01-27T14:59:38.237",
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_documented_record_yields_its_event(
     adapter: SesAdapter,
     signer: SnsSigner,
@@ -483,6 +543,13 @@ def test_a_message_that_does_not_hold_is_refused(
     assert _refused(adapter, envelope).status == status
 
 
+def test_a_correctly_signed_message_from_an_unknown_topic_is_refused(
+    adapter: SesAdapter, signer: SnsSigner
+) -> None:
+    envelope = _signed(signer, TopicArn="arn:aws:sns:us-east-1:123456789012:someone-elses-topic")
+    assert _refused(adapter, envelope).status == 403
+
+
 @pytest.mark.parametrize("field", ["Signature", "SigningCertURL"])
 def test_an_unsigned_message_is_401(adapter: SesAdapter, signer: SnsSigner, field: str) -> None:
     envelope = _signed(signer)
@@ -562,7 +629,7 @@ def _confirmation(sns_https: SnsTestServer, kind: str, subscribe_url: str) -> di
         {
             "Type": kind,
             "MessageId": str(uuid.uuid4()),
-            "Token": "2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a747ba6f",
+            "Token": "2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d9276",
             "TopicArn": TOPIC,
             "Message": f"You have chosen to subscribe to the topic {TOPIC}.\n"
             "To confirm the subscription, visit the SubscribeURL included in this message.",
@@ -618,7 +685,7 @@ def test_an_unsubscribe_confirmation_yields_nothing_and_fetches_nothing(
     assert _refused(adapter, tampered).status == 403
 
 
-# --- authentic but malformed: 400 ------------------------------------------------------------------
+# --- authentic but malformed: 400 ---------------------------------------------------------------
 
 
 def _malformed(adapter: SesAdapter, signer: SnsSigner, record: Any) -> Malformed:
@@ -655,7 +722,7 @@ def test_malformed_records_name_the_field(adapter: SesAdapter, signer: SnsSigner
 
 
 def test_from_env_is_none_without_topic_arns() -> None:
-    assert from_env({}.get) is None
+    assert from_env(dict[str, str]().get) is None
     assert from_env({"SNS_TOPIC_ARNS": " "}.get) is None
 
 
@@ -724,14 +791,14 @@ def test_cert_host_patterns(pattern: str, host: str, port: int | None, matches: 
 @pytest.mark.parametrize(
     ("agent", "kind"),
     [
-        ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)", "proxy"),
+        ("Mozilla/5.0 (Windows NT 5.1) Firefox/11.0 (via ggpht.com GoogleImageProxy)", "proxy"),
         ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "proxy"),
-        ("Mozilla/5.0 (iPhone; CPU iPhone OS 10_3_3 like Mac OS X) AppleWebKit/603.3.8 Mobile/14G60", "mobile"),
-        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/60.0.3112.90 Safari/537.36", "browser"),
+        ("Mozilla/5.0 (iPhone; CPU iPhone OS 10_3_3 like Mac OS X) Mobile/14G60", "mobile"),
+        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/60.0.3112.90 Safari/537.36", "browser"),
         ("Googlebot/2.1 (+http://www.google.com/bot.html)", "bot"),
         ("Microsoft Office/16.0", "other"),
     ],
-)  # fmt: skip
+)
 def test_user_agent_class(agent: str, kind: str) -> None:
     assert user_agent_class(agent) == kind
 
