@@ -144,9 +144,11 @@ def _delivery(record: Mapping[str, Any], mail: _Mail) -> _Handled:
 
 
 def _bounce(record: Mapping[str, Any], mail: _Mail) -> _Handled:
-    """Only `Permanent` is a hard bounce; `Transient` and `Undetermined` may still reach the
-    recipient later (bounce types table, notification-contents.html#bounce-types), so they
-    are `deferred` and never suppress the address."""
+    """Only `Permanent` is a hard bounce. For `Transient` and `Undetermined` SES has given up
+    on this email (soft bounces are published "only … when SES fails to deliver the email
+    after retrying", https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_EventDestination.html),
+    but the address may work later (bounce types, notification-contents.html#bounce-types):
+    `deferred` with bounce_type "soft", recorded without suppressing the address."""
     section = _object(record, "bounce", "bounce")
     kind = section.get("bounceType")
     if kind not in ("Permanent", "Transient", "Undetermined"):
