@@ -18,13 +18,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.harness.https import SnsSigner, SnsTestServer, sns_string_to_sign
-from worker.providers.model import Batch, EventType, Malformed, Refused, WebhookRequest
+from worker.ledger import Ledger
+from worker.providers.model import (
+    Applied,
+    Batch,
+    EventType,
+    Malformed,
+    Refused,
+    WebhookRequest,
+)
 from worker.providers.ses import SesAdapter, from_env, user_agent_class
 from worker.providers.sns import HostPattern, MessageType, Unavailable, string_to_sign
+from worker.tracking import Tracking
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "ses"
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
@@ -808,3 +818,92 @@ def test_fixtures_are_left_untouched_by_parsing(adapter: SesAdapter, signer: Sns
     before = copy.deepcopy(record)
     events_of(adapter, signer.sign(notification(record)))
     assert record == before
+
+
+# --- through the ledger (real PostgreSQL): what the events do, and what is stored -------------
+
+
+def _sent_delivery(ledger: Ledger, relay_id: str) -> str:
+    delivery_id = f"reset_{uuid.uuid4().hex[:12]}"
+    claim = ledger.claim(
+        delivery_id=delivery_id,
+        workflow="password-reset",
+        recipient="recipient@example.com",
+        locale="en",
+        metadata=None,
+        source_message_id=None,
+        lease_seconds=60,
+    )
+    assert claim is not None
+    assert ledger.set_sent_if_claimed(
+        claim, attempts=1, provider_message_id=f"<{delivery_id}@mail.example.com>"
+    )
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "UPDATE email.deliveries SET relay_message_id = %s WHERE delivery_id = %s",
+            (relay_id, delivery_id),
+        )
+    return delivery_id
+
+
+def test_ses_events_through_the_ledger_never_store_the_link(
+    adapter: SesAdapter, signer: SnsSigner, ledger: Ledger, database_url: str
+) -> None:
+    relay_id = f"0100018c{uuid.uuid4().hex}-000000"
+    delivery_id = _sent_delivery(ledger, relay_id)
+    tracking = Tracking(ledger.pool)
+
+    delivered = fixture("event-delivery")
+    delivered["mail"]["tags"]["delivery_id"] = [delivery_id]  # matched by the tag
+    envelope = signer.sign(notification(delivered, MessageId="sns-delivered-" + delivery_id))
+    (event,) = events_of(adapter, envelope).events
+    assert tracking.apply(event) is Applied.APPLIED
+    (again,) = events_of(adapter, envelope).events  # SNS retries the same message
+    assert tracking.apply(again) is Applied.DUPLICATE
+
+    click = fixture("event-click")
+    click["mail"]["messageId"] = relay_id  # matched by SES's own id
+    click["mail"]["commonHeaders"]["messageId"] = "unrelated@example.com"
+    click["click"]["link"] = RESET_LINK
+    click["click"]["linkTags"] = {"token": ["s3cr3t-reset-token"]}
+    for event in events_of(adapter, signer.sign(notification(click))).events:
+        assert tracking.apply(event) is Applied.APPLIED
+
+    with psycopg.connect(database_url) as conn:
+        status = conn.execute(
+            "SELECT provider_status::text, clicked_at FROM email.deliveries WHERE delivery_id = %s",
+            (delivery_id,),
+        ).fetchone()
+        stored = conn.execute(
+            "SELECT concat_ws(' ', (SELECT string_agg(t::text, ' ') FROM email.provider_events t),"
+            " (SELECT string_agg(t::text, ' ') FROM email.deliveries t),"
+            " (SELECT string_agg(t::text, ' ') FROM email.delivery_events t))"
+        ).fetchone()
+    assert status == ("clicked", dt.datetime(2017, 8, 9, 23, 51, 25, 570000, tzinfo=dt.UTC))
+    assert stored is not None
+    for secret in (RESET_LINK, "s3cr3t", "reset?token"):
+        assert secret not in stored[0]
+
+
+def test_a_hard_ses_bounce_suppresses_the_recipient(
+    adapter: SesAdapter, signer: SnsSigner, ledger: Ledger, database_url: str
+) -> None:
+    relay_id = f"0100018c{uuid.uuid4().hex}-000000"
+    delivery_id = _sent_delivery(ledger, relay_id)
+    bounce = fixture("notification-bounce-no-dsn")  # no headers: only the relay id matches
+    bounce["mail"]["messageId"] = relay_id
+    bounce["bounce"]["bouncedRecipients"] = [{"emailAddress": "Recipient@Example.com"}]
+    (event,) = events_of(adapter, signer.sign(notification(bounce))).events
+    assert Tracking(ledger.pool).apply(event) is Applied.APPLIED
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT provider_status::text, bounce_type FROM email.deliveries"
+            " WHERE delivery_id = %s",
+            (delivery_id,),
+        ).fetchone()
+        suppressed = conn.execute(
+            "SELECT reason::text, delivery_id FROM email.suppressions WHERE address = %s",
+            ("recipient@example.com",),
+        ).fetchone()
+    assert row == ("bounced", "hard")
+    assert suppressed == ("hard_bounce", delivery_id)
