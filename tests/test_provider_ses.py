@@ -34,6 +34,7 @@ from worker.providers.model import (
 )
 from worker.providers.ses import SesAdapter, from_env, user_agent_class
 from worker.providers.sns import HostPattern, MessageType, Unavailable, string_to_sign
+from worker.settings import SettingsError
 from worker.tracking import Tracking
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "ses"
@@ -387,7 +388,7 @@ def test_a_clicked_link_appears_nowhere_in_the_event(
     assert event.detail == {
         "ses_event_type": "Click",
         "ses_message_id": SES_ID,
-        "user_agent_class": "browser",
+        "user_agent_class": "desktop",
     }
 
 
@@ -754,8 +755,9 @@ def test_from_env_is_none_without_topic_arns() -> None:
 def test_malformed_settings_stop_with_one_line_naming_the_setting(
     values: dict[str, str], setting: str
 ) -> None:
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(SettingsError) as error:  # also a ValueError
         from_env(values.get)
+    assert isinstance(error.value, ValueError)
     message = str(error.value)
     assert message.startswith(f"{setting}:")
     assert "\n" not in message
@@ -764,7 +766,7 @@ def test_malformed_settings_stop_with_one_line_naming_the_setting(
 def test_a_ca_file_that_is_not_pem_is_refused_at_start(tmp_path: Path) -> None:
     bogus = tmp_path / "ca.pem"
     bogus.write_text("not a certificate")
-    with pytest.raises(ValueError, match=r"^SNS_CA_FILE:"):
+    with pytest.raises(SettingsError, match=r"^SNS_CA_FILE:"):
         from_env({"SNS_TOPIC_ARNS": TOPIC, "SNS_CA_FILE": str(bogus)}.get)
 
 
@@ -804,9 +806,9 @@ def test_cert_host_patterns(pattern: str, host: str, port: int | None, matches: 
         ("Mozilla/5.0 (Windows NT 5.1) Firefox/11.0 (via ggpht.com GoogleImageProxy)", "proxy"),
         ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "proxy"),
         ("Mozilla/5.0 (iPhone; CPU iPhone OS 10_3_3 like Mac OS X) Mobile/14G60", "mobile"),
-        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/60.0.3112.90 Safari/537.36", "browser"),
+        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/60.0.3112.90 Safari/537.36", "desktop"),
         ("Googlebot/2.1 (+http://www.google.com/bot.html)", "bot"),
-        ("Microsoft Office/16.0", "other"),
+        ("Microsoft Office/16.0", "desktop"),
     ],
 )
 def test_user_agent_class(agent: str, kind: str) -> None:

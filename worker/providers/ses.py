@@ -63,8 +63,8 @@ class SesAdapter:
 
 
 def from_env(setting: Callable[[str], str | None]) -> SesAdapter | None:
-    """None when `SNS_TOPIC_ARNS` is absent (the route answers 404); `ValueError` with one
-    line naming the setting when a value is malformed."""
+    """None when `SNS_TOPIC_ARNS` is absent (the route answers 404); `SnsSettingsError` (a
+    `SettingsError` and a `ValueError`) with one line naming the setting when one is malformed."""
     topic_arns = setting("SNS_TOPIC_ARNS")
     if topic_arns is None or not topic_arns.strip():
         return None
@@ -374,24 +374,15 @@ def _event_id(sns_message_id: str, address: str | None) -> str:
 
 # --- user agents: a class, never the string -----------------------------------------------------
 
-_PROXY = re.compile(
-    r"GoogleImageProxy|ggpht\.com|YahooMailProxy|Mimecast|Outlook-iOS-Android-Proxy", re.I
-)
-_BOT = re.compile(
-    r"bot\b|crawler|spider|preview|scanner|curl/|python-|wget/|Barracuda|Proofpoint", re.I
-)
-_MOBILE = re.compile(r"Mobile|iPhone|iPad|Android", re.I)
-_BROWSER = re.compile(r"Mozilla/|Chrome/|Safari/|Firefox/|Edg/|Opera", re.I)
-
 
 def user_agent_class(agent: str) -> str:
-    """proxy (an image proxy fetched it: the open says little), bot, mobile, browser, other."""
-    for name, pattern in (
-        ("proxy", _PROXY),
-        ("bot", _BOT),
-        ("mobile", _MOBILE),
-        ("browser", _BROWSER),
-    ):
-        if pattern.search(agent):
-            return name
-    return "other"
+    """proxy (an image proxy fetched it: the open says little of the reader), mobile, bot or
+    desktop: the same classes as the other adapters."""
+    lowered = agent.lower()
+    if "proxy" in lowered or "ggpht.com" in lowered:
+        return "proxy"
+    if any(word in lowered for word in ("iphone", "ipad", "android", "mobile")):
+        return "mobile"
+    if any(word in lowered for word in ("bot", "crawler", "spider", "scanner")):
+        return "bot"
+    return "desktop"

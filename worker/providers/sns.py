@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from worker.providers.model import Refused
+from worker.settings import SettingsError
 
 DEFAULT_CERT_HOSTS = "sns.*.amazonaws.com"
 FETCH_TIMEOUT_SECONDS = 5.0
@@ -82,6 +83,11 @@ _HASHES: Mapping[str, type[hashes.SHA1] | type[hashes.SHA256]] = {
     "1": hashes.SHA1,
     "2": hashes.SHA256,
 }
+
+
+class SnsSettingsError(SettingsError, ValueError):
+    """A malformed SNS_* setting: one line naming the setting, never a secret value. Both the
+    project's `SettingsError` (the instance stops) and the `ValueError` adapters promise."""
 
 
 class Unavailable(Refused):
@@ -124,13 +130,13 @@ class HostPattern:
         host, colon, port_text = text.strip().lower().partition(":")
         labels = tuple(host.split("."))
         if not all(label == "*" or _LABEL.fullmatch(label) for label in labels):
-            raise ValueError(
+            raise SnsSettingsError(
                 f"{setting}: {text.strip()!r} is not a host pattern like sns.*.amazonaws.com"
             )
         port: int | None = None
         if colon:
             if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-                raise ValueError(f"{setting}: {text.strip()!r} has no valid port after ':'")
+                raise SnsSettingsError(f"{setting}: {text.strip()!r} has no valid port after ':'")
             port = int(port_text)
         return cls(labels, port)
 
@@ -147,10 +153,10 @@ class HostPattern:
 def parse_topic_arns(value: str, setting: str = "SNS_TOPIC_ARNS") -> frozenset[str]:
     arns = [arn.strip() for arn in value.split(",") if arn.strip()]
     if not arns:
-        raise ValueError(f"{setting}: give at least one topic ARN (comma-separated)")
+        raise SnsSettingsError(f"{setting}: give at least one topic ARN (comma-separated)")
     for arn in arns:
         if not _TOPIC_ARN.fullmatch(arn):
-            raise ValueError(
+            raise SnsSettingsError(
                 f"{setting}: {arn!r} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)"
             )
     return frozenset(arns)
@@ -159,7 +165,7 @@ def parse_topic_arns(value: str, setting: str = "SNS_TOPIC_ARNS") -> frozenset[s
 def parse_host_patterns(value: str, setting: str = "SNS_CERT_HOSTS") -> tuple[HostPattern, ...]:
     patterns = tuple(HostPattern.parse(item, setting) for item in value.split(",") if item.strip())
     if not patterns:
-        raise ValueError(f"{setting}: give at least one host pattern (comma-separated)")
+        raise SnsSettingsError(f"{setting}: give at least one host pattern (comma-separated)")
     return patterns
 
 
@@ -243,10 +249,10 @@ class SnsVerifier:
     def from_settings(
         cls, topic_arns: str, cert_hosts: str | None, ca_file: str | None
     ) -> SnsVerifier:
-        """Raises `ValueError` naming the setting (never its value when it may be secret)."""
+        """Raises `SnsSettingsError` naming the setting (never its value when it may be secret)."""
         pem_text = (ca_file or "").lstrip().startswith("-----BEGIN")
         if ca_file and not pem_text and not Path(ca_file).is_file():
-            raise ValueError("SNS_CA_FILE: no such file")
+            raise SnsSettingsError("SNS_CA_FILE: no such file")
         verifier = cls(
             parse_topic_arns(topic_arns),
             parse_host_patterns(cert_hosts or DEFAULT_CERT_HOSTS),
@@ -256,7 +262,7 @@ class SnsVerifier:
             try:
                 verifier._tls()
             except (ssl.SSLError, OSError, ValueError):
-                raise ValueError("SNS_CA_FILE: not a PEM bundle of CA certificates") from None
+                raise SnsSettingsError("SNS_CA_FILE: not a PEM bundle of CA certificates") from None
         return verifier
 
     # -- verification ---------------------------------------------------------------------
