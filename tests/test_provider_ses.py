@@ -304,10 +304,8 @@ def test_each_documented_record_yields_its_event(
         assert event.occurred_at == dt.datetime.fromisoformat(occurred_at).replace(tzinfo=dt.UTC)
         assert event.relay_message_id == mail_id
         assert event.provider_event_id.startswith("sns-1:")
-        assert event.detail["ses_message_id"] == mail_id
-        assert event.detail["ses_event_type"] == record.get(
-            "eventType", record.get("notificationType")
-        )
+        assert event.detail["provider_message_id"] == mail_id
+        assert event.detail["event"] == record.get("eventType", record.get("notificationType"))
 
 
 @pytest.mark.parametrize("name", ["event-send", "event-rendering-failure", "event-subscription"])
@@ -324,14 +322,14 @@ def test_bounce_detail_keeps_what_support_needs_sanitised(
         adapter, signer.sign(notification(fixture("notification-bounce-dsn")))
     ).events
     assert dict(event.detail) == {
-        "ses_event_type": "Bounce",
-        "ses_message_id": "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa0680-000000",
-        "bounce_type": "Permanent",
-        "bounce_sub_type": "General",
+        "event": "Bounce",
+        "provider_message_id": "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa0680-000000",
+        "type": "Permanent",
+        "sub_type": "General",
         "feedback_id": "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa068a-000000",
         "status": "5.1.1",
         # The address inside the diagnostic code is masked like every log value.
-        "diagnostic_code": "smtp; 550 5.1.1 <j***@example.com>... User",
+        "diagnostic": "smtp; 550 5.1.1 <j***@example.com>... User",
     }
 
 
@@ -346,7 +344,7 @@ def test_transient_and_undetermined_bounces_are_soft_and_deferred(
     (event,) = events_of(adapter, signer.sign(notification(record))).events
     assert event.event_type is EventType.DEFERRED
     assert event.bounce_type == "soft"
-    assert event.detail["bounce_type"] == bounce_type
+    assert event.detail["type"] == bounce_type
 
 
 def test_complaint_and_delay_detail(adapter: SesAdapter, signer: SnsSigner) -> None:
@@ -354,7 +352,7 @@ def test_complaint_and_delay_detail(adapter: SesAdapter, signer: SnsSigner) -> N
     assert complaint.detail["feedback_type"] == "abuse"
     assert "user_agent" not in json.dumps(dict(complaint.detail))
     (delay,) = events_of(adapter, signer.sign(notification(fixture("event-delivery-delay")))).events
-    assert delay.detail["delay_type"] == "TransientCommunicationFailure"
+    assert delay.detail["type"] == "TransientCommunicationFailure"
     assert delay.detail["status"] == "4.4.1"
 
 
@@ -386,8 +384,8 @@ def test_a_clicked_link_appears_nowhere_in_the_event(
     ):
         assert secret not in kept
     assert event.detail == {
-        "ses_event_type": "Click",
-        "ses_message_id": SES_ID,
+        "event": "Click",
+        "provider_message_id": SES_ID,
         "user_agent_class": "desktop",
     }
 

@@ -118,7 +118,7 @@ def parse_notification(message: SnsMessage) -> Iterator[ProviderEvent]:
         or _timestamp(message.timestamp, "Timestamp")
         or datetime.now(UTC)
     )
-    common = {"ses_event_type": kind, "ses_message_id": mail.ses_message_id}
+    common = {"event": kind, "provider_message_id": mail.ses_message_id}
     for recipient in recipients:
         yield ProviderEvent(
             provider=PROVIDER,
@@ -154,12 +154,12 @@ def _bounce(record: Mapping[str, Any], mail: _Mail) -> _Handled:
     if kind not in ("Permanent", "Transient", "Undetermined"):
         raise Malformed("bounce.bounceType", "Permanent, Transient or Undetermined")
     event_type = EventType.BOUNCED if kind == "Permanent" else EventType.DEFERRED
-    common = _texts(section, {"bounce_type": "bounceType", "bounce_sub_type": "bounceSubType"})
+    common = _texts(section, {"type": "bounceType", "sub_type": "bounceSubType"})
     common |= _texts(section, {"feedback_id": "feedbackId"})
     recipients = [
         _Recipient(
             address,
-            common | _texts(entry, {"status": "status", "diagnostic_code": "diagnosticCode"}),
+            common | _texts(entry, {"status": "status", "diagnostic": "diagnosticCode"}),
         )
         for entry, address in _entries(section.get("bouncedRecipients"), "bounce.bouncedRecipients")
     ]
@@ -172,7 +172,7 @@ def _complaint(record: Mapping[str, Any], mail: _Mail) -> _Handled:
         section,
         {
             "feedback_type": "complaintFeedbackType",
-            "complaint_sub_type": "complaintSubType",
+            "sub_type": "complaintSubType",
             "feedback_id": "feedbackId",
         },
     )
@@ -182,11 +182,11 @@ def _complaint(record: Mapping[str, Any], mail: _Mail) -> _Handled:
 
 def _delivery_delay(record: Mapping[str, Any], mail: _Mail) -> _Handled:
     section = _object(record, "deliveryDelay", "deliveryDelay")
-    common = _texts(section, {"delay_type": "delayType"})
+    common = _texts(section, {"type": "delayType"})
     recipients = [
         _Recipient(
             address,
-            common | _texts(entry, {"status": "status", "diagnostic_code": "diagnosticCode"}),
+            common | _texts(entry, {"status": "status", "diagnostic": "diagnosticCode"}),
         )
         for entry, address in _entries(
             section.get("delayedRecipients"), "deliveryDelay.delayedRecipients"
@@ -199,7 +199,7 @@ def _reject(record: Mapping[str, Any], mail: _Mail) -> _Handled:
     """SES refused to send (it found a virus): the provider dropped the email, which the
     contract counts as `bounced`. The record has no timestamp of its own."""
     section = _object(record, "reject", "reject")
-    detail = _texts(section, {"reject_reason": "reason"})
+    detail = _texts(section, {"diagnostic": "reason"})
     if not mail.destination:
         raise Malformed("mail.destination", "non-empty list of addresses")
     return EventType.BOUNCED, {}, [_Recipient(a, detail) for a in mail.destination], "hard"
