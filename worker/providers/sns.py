@@ -10,7 +10,9 @@ us fetch anything):
 2. `TopicArn` is one of `SNS_TOPIC_ARNS`.
 3. `SigningCertURL` is https on an allowed host (`SNS_CERT_HOSTS`) and names a `.pem`.
 4. The certificate, fetched over TLS (system store plus `SNS_CA_FILE`, no redirects, short
-   timeout, cached per instance), is valid now and holds an RSA key.
+   timeout, cached per instance), is valid now and holds an RSA key. Its trust comes from
+   that verified TLS fetch from an allowed SNS host (as in AWS's own SDK validators): the
+   file holds only the leaf, so its chain is not built here.
 5. `Signature` is SHA1withRSA (SignatureVersion 1) or SHA256withRSA (2) over the string to
    sign built per `Type`
    (https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html).
