@@ -664,12 +664,14 @@ def test_a_subscription_confirmation_visits_subscribe_url_once(
 def test_a_subscribe_url_on_a_foreign_host_is_refused(
     adapter: SesAdapter, sns_https: SnsTestServer
 ) -> None:
-    url = "https://sns.us-east-1.amazonaws.com.evil.example/?Action=ConfirmSubscription&Token=x"
-    envelope = _confirmation(sns_https, "SubscriptionConfirmation", url)
-    adapter.authenticate(request(envelope))  # the signature holds...
-    with pytest.raises(Refused) as refused:
-        adapter.events(request(envelope))  # ...but we never visit a foreign host
-    assert refused.value.status == 403
+    """The signature holds, but we never visit a foreign host: refused at authentication."""
+    for url in (
+        "https://sns.us-east-1.amazonaws.com.evil.example/?Action=ConfirmSubscription&Token=x",
+        sns_https.server.url("/?Action=ConfirmSubscription&Token=x").replace("https:", "http:"),
+    ):
+        envelope = _confirmation(sns_https, "SubscriptionConfirmation", url)
+        assert _refused(adapter, envelope).status == 403
+    assert sns_https.server.hits("/?Action=ConfirmSubscription&Token=x") == []
 
 
 def test_a_failed_confirmation_is_503_so_sns_resends_it(

@@ -8,7 +8,8 @@ us fetch anything):
    (https://docs.aws.amazon.com/sns/latest/dg/http-notification-json.html,
    https://docs.aws.amazon.com/sns/latest/dg/http-subscription-confirmation-json.html).
 2. `TopicArn` is one of `SNS_TOPIC_ARNS`.
-3. `SigningCertURL` is https on an allowed host (`SNS_CERT_HOSTS`) and names a `.pem`.
+3. `SigningCertURL` is https on an allowed host (`SNS_CERT_HOSTS`) and names a `.pem`; so is
+   a SubscriptionConfirmation's `SubscribeURL` (visited only by `confirm_subscription`).
 4. The certificate, fetched over TLS (system store plus `SNS_CA_FILE`, no redirects, short
    timeout, cached per instance), is valid now and holds an RSA key. Its trust comes from
    that verified TLS fetch from an allowed SNS host (as in AWS's own SDK validators): the
@@ -281,6 +282,10 @@ class SnsVerifier:
             signature = base64.b64decode(fields["Signature"], validate=True)
         except (binascii.Error, ValueError):
             raise Refused(403, "SNS signature is not base64") from None
+        if message_type is MessageType.SUBSCRIPTION_CONFIRMATION:
+            # Checked here, not only when visiting it: a confirmation that names a foreign
+            # host is refused by `authenticate` already (contract section 6).
+            self._allowed_url(fields["SubscribeURL"], "SubscribeURL")
         certificate = self._certificate(fields["SigningCertURL"])
         public_key = certificate.public_key()
         if not isinstance(public_key, rsa.RSAPublicKey):
