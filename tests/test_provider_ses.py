@@ -33,7 +33,14 @@ from worker.providers.model import (
     WebhookRequest,
 )
 from worker.providers.ses import SesAdapter, from_env, user_agent_class
-from worker.providers.sns import HostPattern, MessageType, Unavailable, string_to_sign
+from worker.providers.sns import (
+    HostPattern,
+    MessageType,
+    SnsVerifier,
+    Unavailable,
+    parse_host_patterns,
+    string_to_sign,
+)
 from worker.settings import SettingsError
 from worker.tracking import Tracking
 
@@ -615,6 +622,20 @@ def test_the_certificate_is_fetched_once_per_instance(
     for _ in range(3):
         events_of(adapter, signer.sign(notification(fixture("event-delivery"))))
     assert sns_https.server.hits("/cached.pem") == ["/cached.pem"]
+
+
+def test_the_certificate_cache_is_bounded(sns_https: SnsTestServer) -> None:
+    verifier = SnsVerifier(
+        frozenset({TOPIC}),
+        parse_host_patterns(sns_https.host_pattern),
+        sns_https.ca_file,
+        cache_size=2,
+    )
+    adapter = SesAdapter(verifier)
+    signers = [sns_https.new_signer(f"/bounded-{n}.pem") for n in range(3)]
+    for signer in [*signers, signers[2], signers[0]]:  # the first was evicted by the third
+        adapter.authenticate(request(signer.sign(notification(fixture("event-open")))))
+    assert [len(sns_https.server.hits(f"/bounded-{n}.pem")) for n in range(3)] == [2, 1, 1]
 
 
 def test_an_unreachable_certificate_is_503_so_sns_retries(
