@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.harness.console",
     "tests.harness.browser",
     "tests.harness.pgbouncer",
+    "tests.harness.https",
 ]
