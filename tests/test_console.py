@@ -309,7 +309,17 @@ def test_malformed_search_parameters_are_400_naming_the_parameter(
 # --- stats ----------------------------------------------------------------------------------
 
 
-def test_stats_match_the_cli_and_count_the_window(console_db: ConsoleDb, console: Console) -> None:
+def test_stats_match_the_cli_and_count_the_window(
+    console_db: ConsoleDb, console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    seed(admin_conn, workflow="password-reset", recipient="stats@example.com", send_seconds=4)
+    seed(admin_conn, workflow="invite", recipient="stats@example.com", outcome="dead_letter")
+    seed(
+        admin_conn,
+        recipient="stats@example.com",
+        outcome="skipped",
+        error=("SUPPRESSED", "recipient is on the suppression list"),
+    )
     doc = ok(console, "/api/stats", since="7d")
     assert (doc["since"], doc["since_seconds"]) == ("7d", 7 * 86400.0)
     assert len(doc["timeline"]) == 24

@@ -299,6 +299,7 @@ def workflow_stats_json(row: WorkflowStats) -> dict[str, Any]:
         "is_total": row.is_total,
         "total": row.total,
         "counts": {status.value: count for status, count in row.counts.items()},
+        "skipped_by_code": {code.value: n for code, n in row.skipped_by_code.items()},
         "finished": row.finished,
         "success_rate": row.success_rate,
         "provider": {
