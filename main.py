@@ -1,12 +1,17 @@
-"""The Cloud Function: `handle_delivery`, triggered by the delivery topic (Eventarc).
+"""The Cloud Functions: `handle_delivery`, triggered by the delivery topic (Eventarc), and
+`handle_provider_event`, the providers' webhooks (HTTP, contract section 6).
 
-Thin on purpose: the work is in worker/pipeline.py. Importing this module parses the
-settings (a missing one stops the instance with one line) but opens no connection and does
-not import the Pub/Sub client; the database pool and SMTP connection are made on first use.
+Both deploy from this source, each with only its own settings: importing this module parses
+the settings of the target being served (`FUNCTION_TARGET`, which Cloud Functions and
+functions-framework set before loading the source; a missing or bad one stops the instance
+with one line) but opens no connection and does not import the Pub/Sub client. The delivery
+target never imports the provider adapters (or their crypto); the database pool and SMTP
+connection are made on first use.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,8 +21,21 @@ from werkzeug.exceptions import ServiceUnavailable
 from worker import pipeline
 from worker.settings import SettingsError
 
+WEBHOOK_TARGET = "handle_provider_event"
+TARGET = os.environ.get("FUNCTION_TARGET", "handle_delivery")
+
+
+def _configure() -> None:
+    if TARGET == WEBHOOK_TARGET:
+        from worker.providers import webhook
+
+        webhook.configure()
+    else:
+        pipeline.configure()
+
+
 try:
-    pipeline.configure()
+    _configure()
 except SettingsError as error:
     print(f"email-worker: configuration error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
@@ -33,3 +51,16 @@ def handle_delivery(cloud_event: Any) -> None:
         # framework's crash traceback; the worker already logged why. Other exceptions are bugs
         # or outages (database down) and keep their traceback.
         raise ServiceUnavailable(str(retry_later)) from None
+
+
+@functions_framework.http
+def handle_provider_event(request: Any) -> tuple[dict[str, Any], int]:
+    """`POST …/<provider>`: verify, apply each event, answer (see worker/providers/webhook.py)."""
+    from worker.providers import webhook  # the webhook path only
+
+    provider = request.path.rstrip("/").rpartition("/")[2]
+    answer = webhook.instance().handle(
+        request.method,
+        webhook.request_from(provider, request.url, request.headers, request.get_data()),
+    )
+    return dict(answer.body), answer.status

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.harness.pubsub",
     "tests.harness.secretmanager",
     "tests.harness.worker",
+    "tests.harness.webhook",
 ]

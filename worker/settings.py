@@ -142,6 +142,10 @@ def _secret_or_env(env: Mapping[str, str], name: str) -> str | None:
         raise SettingsError(f"{name}_SECRET: {error}") from None
 
 
+# Public name for other settings readers (the provider webhooks, contract section 6).
+secret_or_env = _secret_or_env
+
+
 def _address(env: Mapping[str, str], name: str) -> str | None:
     value = _raw(env, name)
     if value is None:

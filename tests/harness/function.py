@@ -22,14 +22,22 @@ def _free_port() -> int:
 
 
 class FunctionServer:
-    """`functions-framework --target handle_delivery --signature-type cloudevent` on 127.0.0.1.
+    """`functions-framework --target handle_delivery --signature-type cloudevent` on 127.0.0.1
+    (or another target: `handle_provider_event` with `signature_type="http"`).
 
     Its stdout and stderr (the worker's JSON log lines) go to `log_path`.
     """
 
     def __init__(
-        self, env: Mapping[str, str], port: int | None = None, log_path: Path | None = None
+        self,
+        env: Mapping[str, str],
+        port: int | None = None,
+        log_path: Path | None = None,
+        target: str = "handle_delivery",
+        signature_type: str = "cloudevent",
     ) -> None:
+        self.target = target
+        self.signature_type = signature_type
         self.port = port or _free_port()
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = (
@@ -52,9 +60,9 @@ class FunctionServer:
                 [
                     str(executable),
                     "--target",
-                    "handle_delivery",
+                    self.target,
                     "--signature-type",
-                    "cloudevent",
+                    self.signature_type,
                     "--source",
                     str(ROOT / "main.py"),
                     "--host",
