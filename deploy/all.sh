@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Set up the project, then deploy the function: deploy/setup-project.sh, then
-# deploy/deploy-function.sh, with --dry-run passed through. Every setting is checked before
-# anything is changed.
+# deploy/deploy-function.sh, then (when WEBHOOK_PROVIDERS is set) deploy/deploy-webhook.sh,
+# with --dry-run passed through. Every setting is checked before anything is changed.
 set -euo pipefail
 # shellcheck source=deploy/config.sh
 source "$(dirname "${BASH_SOURCE[0]}")/config.sh"
 
 USAGE="usage: $SCRIPT_NAME [--dry-run] [--help]
 
-Runs setup-project.sh, then deploy-function.sh. Settings come from the environment
-(see deploy/config.sh); PROJECT_ID, SMTP_HOST and EMAIL_FROM are required.
+Runs setup-project.sh, then deploy-function.sh, then deploy-webhook.sh when
+WEBHOOK_PROVIDERS is set. Settings come from the environment (see deploy/config.sh);
+PROJECT_ID, SMTP_HOST and EMAIL_FROM are required.
   --dry-run  print the gcloud commands, one a line, and run none of them"
 
 parse_args "$@"
@@ -23,3 +24,6 @@ if ((DRY_RUN)); then
 fi
 "$DEPLOY_DIR/setup-project.sh" ${flags[@]+"${flags[@]}"}
 "$DEPLOY_DIR/deploy-function.sh" ${flags[@]+"${flags[@]}"}
+if [[ -n ${WEBHOOK_PROVIDERS:-} ]]; then
+  "$DEPLOY_DIR/deploy-webhook.sh" ${flags[@]+"${flags[@]}"}
+fi
