@@ -134,7 +134,8 @@ WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND lease_expires
 
 -- name: stats_by_workflow
 -- One row per workflow plus a total (is_total). Success rate and mean attempts are over
--- finished rows; the percentiles over sent rows (percentile_cont skips the NULLs of the rest).
+-- rows whose sending finished (sent, failed, dead_letter: `skipped` was never attempted);
+-- the percentiles over sent rows (percentile_cont skips the NULLs of the rest).
 SELECT
     coalesce(workflow, '(none)') AS workflow,
     grouping(workflow) = 1 AS is_total,
@@ -145,6 +146,15 @@ SELECT
     count(*) FILTER (WHERE status = 'sent') AS sent,
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
+    count(*) FILTER (WHERE status = 'skipped') AS skipped,
+    -- What providers reported about the sent ones (migration 002). An open, a click or a
+    -- complaint implies the email arrived; a bounce after a delivery report counts as bounced.
+    count(*) FILTER (WHERE status = 'sent'
+                     AND provider_status IN ('delivered', 'opened', 'clicked', 'complained'))
+        AS provider_delivered,
+    count(*) FILTER (WHERE status = 'sent' AND provider_status = 'bounced') AS provider_bounced,
+    count(*) FILTER (WHERE status = 'sent' AND provider_status = 'complained')
+        AS provider_complained,
     (avg(attempts) FILTER (WHERE status IN ('sent', 'failed', 'dead_letter')))::float8
         AS mean_attempts,
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - queued_at))
@@ -162,10 +172,10 @@ SELECT
     count(*) AS deliveries,
     (SELECT count(*) FROM email.delivery_events e
      JOIN email.deliveries d USING (delivery_id)
-     WHERE d.status IN ('sent', 'failed', 'dead_letter')
+     WHERE d.status IN ('sent', 'failed', 'dead_letter', 'skipped')
        AND d.updated_at < now() - %(older_than_seconds)s * interval '1 second') AS events
 FROM email.deliveries
-WHERE status IN ('sent', 'failed', 'dead_letter')
+WHERE status IN ('sent', 'failed', 'dead_letter', 'skipped')
   AND updated_at < now() - %(older_than_seconds)s * interval '1 second';
 
 -- name: prune_batch
@@ -174,7 +184,7 @@ WHERE status IN ('sent', 'failed', 'dead_letter')
 -- go with their delivery (ON DELETE CASCADE); they are counted first for the report.
 WITH doomed AS (
     SELECT delivery_id FROM email.deliveries
-    WHERE status IN ('sent', 'failed', 'dead_letter')
+    WHERE status IN ('sent', 'failed', 'dead_letter', 'skipped')
       AND updated_at < now() - %(older_than_seconds)s * interval '1 second'
     ORDER BY updated_at
     LIMIT %(batch_size)s

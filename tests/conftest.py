@@ -6,5 +6,6 @@ pytest_plugins = [
     "tests.harness.pubsub",
     "tests.harness.secretmanager",
     "tests.harness.worker",
+    "tests.harness.pgbouncer",
     "tests.harness.webhook",
 ]

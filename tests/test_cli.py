@@ -273,6 +273,7 @@ def test_stats_per_workflow(
         "retrying": 0,
         "failed": 1,
         "dead_letter": 1,
+        "skipped": 0,
     }
     assert (invite["total"], invite["finished"]) == (13, 12)
     assert invite["success_rate"] == pytest.approx(10 / 12)
@@ -304,9 +305,9 @@ def test_stats_per_workflow(
     assert lines[0] == "deliveries queued in the last 24h"
     assert lines[1].split()[:2] == ["WORKFLOW", "TOTAL"]
     invite_line = lines[2].split()
-    assert lines[1].split()[2:8] == [s.value.upper() for s in Status]
-    assert invite_line[:8] == ["invite", "13", "1", "0", "10", "0", "1", "1"]
-    assert invite_line[8] == "83.3%" and lines[-1].split()[0] == "all"
+    assert lines[1].split()[2:9] == [s.value.upper() for s in Status]
+    assert invite_line[:9] == ["invite", "13", "1", "0", "10", "0", "1", "1", "0"]
+    assert invite_line[9] == "83.3%" and lines[-1].split()[0] == "all"
 
 
 def test_stats_of_an_empty_window(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,19 +17,21 @@ from worker.ledger import Claim, Failure, Ledger, Status
 
 STATUSES = list(Status)
 ALLOWED: dict[Status | None, set[Status]] = {
-    None: {Status.QUEUED, Status.IN_PROGRESS, Status.FAILED},
-    Status.QUEUED: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER},
+    None: {Status.QUEUED, Status.IN_PROGRESS, Status.FAILED, Status.SKIPPED},
+    Status.QUEUED: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER, Status.SKIPPED},
     Status.IN_PROGRESS: {
         Status.IN_PROGRESS,
         Status.SENT,
         Status.RETRYING,
         Status.FAILED,
         Status.DEAD_LETTER,
+        Status.SKIPPED,
     },
-    Status.RETRYING: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER},
+    Status.RETRYING: {Status.IN_PROGRESS, Status.FAILED, Status.DEAD_LETTER, Status.SKIPPED},
     Status.FAILED: {Status.QUEUED},
     Status.DEAD_LETTER: {Status.QUEUED},
     Status.SENT: set(),
+    Status.SKIPPED: set(),
 }
 TRANSIENT = Failure(code="SMTP_451", message="try later", reason="transient_failure")
 _ids = (f"d-{n}" for n in itertools.count())
@@ -80,6 +82,7 @@ PATH_TO = {
     Status.RETRYING: [Status.IN_PROGRESS, Status.RETRYING],
     Status.FAILED: [Status.FAILED],
     Status.DEAD_LETTER: [Status.IN_PROGRESS, Status.DEAD_LETTER],
+    Status.SKIPPED: [Status.SKIPPED],
 }
 
 
@@ -123,7 +126,7 @@ def test_every_disallowed_transition_is_refused_by_the_database(
 
 
 @pytest.mark.parametrize("status", [Status.SENT, Status.RETRYING, Status.DEAD_LETTER], ids=str)
-def test_new_rows_may_only_start_queued_in_progress_or_failed(
+def test_new_rows_may_only_start_queued_in_progress_failed_or_skipped(
     admin: psycopg.Connection[Any], status: Status
 ) -> None:
     with pytest.raises(psycopg.errors.CheckViolation, match=r"\(new row\) -> "):
@@ -398,4 +401,6 @@ def test_roles_are_nologin_and_row_level_security_is_on(admin: psycopg.Connectio
     assert rls == [
         {"relname": "deliveries", "relrowsecurity": True},
         {"relname": "delivery_events", "relrowsecurity": True},
+        {"relname": "provider_events", "relrowsecurity": True},
+        {"relname": "suppressions", "relrowsecurity": True},
     ]

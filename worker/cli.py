@@ -21,7 +21,7 @@ import psycopg
 
 from worker import enqueue, events, migrations, replay, reports
 from worker.db import connection_kwargs, open_pool
-from worker.ledger import Delivery, Ledger, Status
+from worker.ledger import Delivery, Ledger, Status, StatusChange
 from worker.pubsub import PublishError
 from worker.settings import (
     PubSubSettings,
@@ -76,33 +76,70 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """A delivery's ledger row and its status history (needs DATABASE_URL)."""
+    """A delivery's ledger row, its status history and what providers reported about it
+    (needs DATABASE_URL)."""
     with _ledger() as ledger:
         report = reports.delivery_report(ledger, args.delivery_id)
     if report is None:
         raise CommandError(f"no delivery with id {args.delivery_id!r}")
     if args.json:
-        _print_json({"delivery": _plain(report.delivery), "events": _plain(report.events)})
+        _print_json(
+            {
+                "delivery": _plain(report.delivery),
+                "events": _plain(report.events),
+                "provider_events": _plain(report.provider_events),
+            }
+        )
         return 0
     _print_delivery(report.delivery)
     print()
     print(
         _table(
             ["WHEN", "STATUS", "FROM", "ATTEMPT", "REASON", "ERROR"],
-            [
-                [
-                    _when(e.created_at),
-                    e.status,
-                    e.payload.get("from"),
-                    e.attempt,
-                    e.payload.get("reason"),
-                    _error(e.error_code, e.error_message),
-                ]
-                for e in report.events
-            ],
+            [_status_change_row(e) for e in report.events],
         )
     )
+    if report.provider_events:
+        print()
+        print(
+            _table(
+                ["OCCURRED", "RECEIVED", "PROVIDER", "EVENT", "BOUNCE_TYPE", "PROVIDER_EVENT_ID"],
+                [
+                    [
+                        _when(e.occurred_at),
+                        _when(e.received_at),
+                        e.provider,
+                        e.event_type,
+                        e.bounce_type,
+                        e.provider_event_id,
+                    ]
+                    for e in report.provider_events
+                ],
+            )
+        )
     return 0
+
+
+def _status_change_row(e: StatusChange) -> list[Any]:
+    """A provider-status change (migration 002) shows as `provider: opened` beside the
+    delivery status changes, with the provider that reported it as its reason."""
+    if "provider_status" in e.payload:
+        return [
+            _when(e.created_at),
+            f"provider: {e.payload['provider_status']}",
+            e.payload.get("from"),
+            e.attempt,
+            e.payload.get("provider", "manual update"),
+            None,
+        ]
+    return [
+        _when(e.created_at),
+        e.status,
+        e.payload.get("from"),
+        e.attempt,
+        e.payload.get("reason"),
+        _error(e.error_code, e.error_message),
+    ]
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -126,8 +163,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Per workflow, over deliveries queued in the window: counts by status, success rate
-    (sent / finished), mean attempts (finished rows), p50 and p95 seconds from queued to
-    sent (needs DATABASE_URL)."""
+    (sent / sent, failed or dead-lettered), the delivered, bounced and complained rates (over
+    sent, as providers reported), mean attempts (finished rows), p50 and p95 seconds from
+    queued to sent (needs DATABASE_URL)."""
     since: _Duration = args.since
     with _ledger() as ledger:
         rows = reports.stats(ledger, since=since.delta)
@@ -149,7 +187,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Delete finished deliveries (sent, failed, dead_letter) not updated for --older-than,
+    """Delete finished deliveries (sent, failed, dead_letter, skipped) not updated for --older-than,
     with their events, in batches of short transactions (needs DATABASE_URL and a role that
     may delete: the table owner)."""
     older_than: _Duration = args.older_than
@@ -466,7 +504,15 @@ def _print_delivery(d: Delivery) -> None:
         ("last attempted at", _when(d.last_attempted_at)),
         ("sent at", _when(d.sent_at)),
         ("lease expires at", _when(d.lease_expires_at)),
+        ("provider status", d.provider_status),
+        ("delivered at", _when(d.delivered_at)),
+        ("first opened at", _when(d.opened_at)),
+        ("first clicked at", _when(d.clicked_at)),
+        ("bounced at", _when(d.bounced_at)),
+        ("bounce type", d.bounce_type),
+        ("complained at", _when(d.complained_at)),
         ("provider message id", d.provider_message_id),
+        ("relay message id", d.relay_message_id),
         ("source message id", d.source_message_id),
         ("metadata", None if d.metadata is None else json.dumps(d.metadata, sort_keys=True)),
         ("created at", _when(d.created_at)),
@@ -494,6 +540,9 @@ _STATS_HEADERS = [
     "TOTAL",
     *(status.value.upper() for status in Status),  # the order of WorkflowStats.counts
     "SUCCESS",
+    "DELIVERED",
+    "BOUNCED",
+    "COMPLAINED",
     "MEAN_ATTEMPTS",
     "P50",
     "P95",
@@ -501,12 +550,15 @@ _STATS_HEADERS = [
 
 
 def _stats_row(row: reports.WorkflowStats) -> list[Any]:
-    rate = None if row.success_rate is None else f"{row.success_rate:.1%}"
+    rate = _rate(row.success_rate)
     return [
         row.workflow,
         row.total,
         *row.counts.values(),
         rate,
+        _rate(row.delivered_rate),
+        _rate(row.bounce_rate),
+        _rate(row.complaint_rate),
         _number(row.mean_attempts, "{:.2f}"),
         _number(row.p50_seconds, "{:.1f}s"),
         _number(row.p95_seconds, "{:.1f}s"),
@@ -521,6 +573,14 @@ def _stats_json(row: reports.WorkflowStats) -> dict[str, Any]:
         "counts": {status.value: count for status, count in row.counts.items()},
         "finished": row.finished,
         "success_rate": row.success_rate,
+        "provider": {
+            "delivered": row.delivered,
+            "bounced": row.bounced,
+            "complained": row.complained,
+        },
+        "delivered_rate": row.delivered_rate,
+        "bounce_rate": row.bounce_rate,
+        "complaint_rate": row.complaint_rate,
         "mean_attempts": row.mean_attempts,
         "p50_seconds": row.p50_seconds,
         "p95_seconds": row.p95_seconds,
@@ -538,6 +598,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _cell(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def _rate(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1%}"
 
 
 def _number(value: float | None, template: str) -> str | None:

@@ -30,10 +30,12 @@ class Status(StrEnum):
     RETRYING = "retrying"
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
+    # Deliberately not sent (suppressed, rate limited); the reason is in last_error_code.
+    SKIPPED = "skipped"
 
     @property
     def finished(self) -> bool:
-        return self in (Status.SENT, Status.FAILED, Status.DEAD_LETTER)
+        return self in (Status.SENT, Status.FAILED, Status.DEAD_LETTER, Status.SKIPPED)
 
 
 class _Row:
@@ -69,6 +71,15 @@ class Delivery(_Row):
     metadata: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
+    # What the provider reported after the send (migration 002, contract section 6).
+    provider_status: str | None
+    delivered_at: datetime | None
+    opened_at: datetime | None
+    clicked_at: datetime | None
+    bounced_at: datetime | None
+    complained_at: datetime | None
+    bounce_type: str | None
+    relay_message_id: str | None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 
 from worker.db import query
 from worker.ledger import Delivery, Ledger, Status, StatusChange
+from worker.tracking import StoredEvent, Tracking
 
 __all__ = [
     "DeliveryReport",
@@ -32,6 +33,8 @@ __all__ = [
 # Six digits are plenty (999999d) and keep timedelta far from overflowing.
 _DURATION = re.compile(r"([0-9]{1,6})([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Rows whose sending finished; `skipped` rows were never attempted, so the success rate
+# leaves them out (they are counted on their own).
 FINISHED = (Status.SENT, Status.FAILED, Status.DEAD_LETTER)
 
 
@@ -49,14 +52,16 @@ def parse_duration(text: str) -> timedelta:
 @dataclass(frozen=True)
 class DeliveryReport:
     delivery: Delivery
-    events: list[StatusChange]
+    events: list[StatusChange]  # status and provider-status changes, oldest first
+    provider_events: list[StoredEvent]  # what providers reported, by occurred_at
 
 
 def delivery_report(ledger: Ledger, delivery_id: str) -> DeliveryReport | None:
     delivery = ledger.get(delivery_id)
     if delivery is None:
         return None
-    return DeliveryReport(delivery, ledger.events(delivery_id))
+    tracked = Tracking(ledger.pool).events(delivery_id)
+    return DeliveryReport(delivery, ledger.events(delivery_id), tracked)
 
 
 def history(ledger: Ledger, recipient: str, *, limit: int) -> list[Delivery]:
@@ -77,6 +82,10 @@ class WorkflowStats:
     mean_attempts: float | None  # over finished rows
     p50_seconds: float | None  # queued_at -> sent_at, over sent rows
     p95_seconds: float | None
+    # Sent rows by what the provider reported (contract section 6).
+    delivered: int = 0  # delivered, opened, clicked or complained about
+    bounced: int = 0
+    complained: int = 0
 
     @property
     def total(self) -> int:
@@ -91,6 +100,23 @@ class WorkflowStats:
         """sent / finished; None while nothing has finished."""
         return self.counts[Status.SENT] / self.finished if self.finished else None
 
+    def _of_sent(self, count: int) -> float | None:
+        sent = self.counts[Status.SENT]
+        return count / sent if sent else None
+
+    @property
+    def delivered_rate(self) -> float | None:
+        """delivered / sent (no report yet counts as not delivered)."""
+        return self._of_sent(self.delivered)
+
+    @property
+    def bounce_rate(self) -> float | None:
+        return self._of_sent(self.bounced)
+
+    @property
+    def complaint_rate(self) -> float | None:
+        return self._of_sent(self.complained)
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> WorkflowStats:
         return cls(
@@ -100,6 +126,9 @@ class WorkflowStats:
             mean_attempts=row["mean_attempts"],
             p50_seconds=row["p50_seconds"],
             p95_seconds=row["p95_seconds"],
+            delivered=int(row["provider_delivered"]),
+            bounced=int(row["provider_bounced"]),
+            complained=int(row["provider_complained"]),
         )
 
 

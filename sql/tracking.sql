@@ -1,0 +1,33 @@
+-- Provider events (contract section 6), loaded by worker/tracking.py. Each block starts with
+-- `-- name: NAME`. The work is in email.apply_provider_event() (migration 002): one short
+-- statement, one transaction per event.
+
+-- name: apply_provider_event
+SELECT email.apply_provider_event(
+    provider => %(provider)s,
+    provider_event_id => %(provider_event_id)s,
+    event_type => %(event_type)s,
+    occurred_at => %(occurred_at)s,
+    recipient => %(recipient)s,
+    delivery_id => %(delivery_id)s,
+    message_id => %(message_id)s,
+    relay_message_id => %(relay_message_id)s,
+    bounce_type => %(bounce_type)s,
+    detail => %(detail)s
+) AS applied;
+
+-- name: provider_events_for_delivery
+SELECT id, provider, provider_event_id, event_type, occurred_at, received_at, bounce_type,
+       detail
+FROM email.provider_events
+WHERE delivery_id = %(delivery_id)s
+ORDER BY occurred_at, id;
+
+-- name: unmatched_provider_events
+-- What no delivery claimed lately (also in the README, for psql).
+SELECT id, provider, provider_event_id, event_type, occurred_at, received_at, recipient,
+       tagged_delivery_id, message_id, relay_message_id
+FROM email.provider_events
+WHERE delivery_id IS NULL AND received_at >= now() - %(since_seconds)s * interval '1 second'
+ORDER BY received_at DESC
+LIMIT %(limit)s;

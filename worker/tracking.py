@@ -1,0 +1,106 @@
+"""What became of each email after the relay accepted it (contract section 6).
+
+`Tracking.apply` stores one normalised provider event and applies it in one transaction:
+`email.apply_provider_event()` (migration 002) matches the delivery, moves `provider_status`
+forward only, keeps the earliest time of each kind and suppresses the recipient on a bounce
+or complaint. The order itself is enforced by a trigger, for every writer; `allowed` below
+mirrors it for Python readers and is checked against the database by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from functools import cache
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from worker.db import SQL_DIR, queries
+from worker.providers.model import Applied, ProviderEvent
+
+
+class ProviderStatus(StrEnum):
+    """Mirrors the SQL enum `email.provider_status`."""
+
+    DELIVERED = "delivered"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+    @property
+    def final(self) -> bool:
+        return self in (ProviderStatus.BOUNCED, ProviderStatus.COMPLAINED)
+
+
+_FORWARD = (ProviderStatus.DELIVERED, ProviderStatus.OPENED, ProviderStatus.CLICKED)
+
+
+def allowed(current: ProviderStatus | None, target: ProviderStatus) -> bool:
+    """May provider_status move from `current` to `target`? (email.provider_status_allowed)"""
+    if current is None:
+        return True
+    if current.final:
+        return False
+    if target is ProviderStatus.COMPLAINED:
+        return True
+    if target is ProviderStatus.BOUNCED:
+        return current is ProviderStatus.DELIVERED
+    return _FORWARD.index(target) > _FORWARD.index(current)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One row of `email.provider_events`, as operators see it (no matching keys)."""
+
+    id: int
+    provider: str
+    provider_event_id: str
+    event_type: str
+    occurred_at: datetime
+    received_at: datetime
+    bounce_type: str | None
+    detail: dict[str, Any]
+
+
+@cache
+def _queries() -> dict[str, str]:
+    return queries(SQL_DIR / "tracking.sql")
+
+
+def query(name: str) -> str:
+    return _queries()[name]
+
+
+class Tracking:
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def apply(self, event: ProviderEvent) -> Applied:
+        """Store and apply one event. Raises psycopg.OperationalError or PoolTimeout when the
+        database is unreachable (the webhook answers 503 and the provider retries)."""
+        params = {
+            "provider": event.provider,
+            "provider_event_id": event.provider_event_id,
+            "event_type": event.event_type.value,
+            "occurred_at": event.occurred_at,
+            "recipient": event.recipient,
+            "delivery_id": event.delivery_id,
+            "message_id": event.message_id,
+            "relay_message_id": event.relay_message_id,
+            "bounce_type": event.bounce_type,
+            "detail": Jsonb(dict(event.detail)),
+        }
+        with self.pool.connection() as conn:
+            row = conn.execute(query("apply_provider_event"), params).fetchone()
+        assert row is not None  # a function call always returns a row
+        return Applied(row[0])
+
+    def events(self, delivery_id: str) -> list[StoredEvent]:
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query("provider_events_for_delivery"), {"delivery_id": delivery_id})
+            return [StoredEvent(**row) for row in cur.fetchall()]
