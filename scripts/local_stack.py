@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 from eml_sink import EmlSink
+from local_webhooks import demonstrate, report
 from psycopg.rows import dict_row
 
 from tests.harness.function import ROOT, FunctionServer
@@ -612,7 +613,10 @@ def prepare_run_dir(run_dir: Path) -> tuple[Path, Path]:
     for directory in (emails, logs):
         directory.mkdir(parents=True, exist_ok=True)
     stale = [*emails.glob("*.eml"), *emails.glob("*.eml.partial")]
-    stale += [logs / name for name in ("function.log", "postgres.log", "pubsub-emulator.log")]
+    stale += [
+        logs / name
+        for name in ("function.log", "webhook.log", "postgres.log", "pubsub-emulator.log")
+    ]
     stale += [run_dir / "summary.json", run_dir / "local-stack.env"]
     for path in stale:
         path.unlink(missing_ok=True)
@@ -654,11 +658,19 @@ def run(args: argparse.Namespace) -> int:
         print_emails(stack, observed)
         print_logs(stack, observed)
         found = problems(observed)
+        section("Provider webhooks: signed events for the sent deliveries")
+        webhooks = demonstrate(
+            stack.database_url, observed.rows, stack.logs_dir / "webhook.log", say, stop.callback
+        )
+        report(webhooks, say, table)
+        found += webhooks.problems
         if not observed.finished():
             found.insert(0, f"not every delivery finished within {args.timeout:g} s")
         result = {
             "ok": not found,
             "summary": summary_line(observed),
+            "provider_events": webhooks.summary(),
+            "provider_requests": webhooks.requests(),
             "problems": found,
             "wait_seconds": round(waited, 2),
         }
