@@ -194,6 +194,21 @@ def test_a_provider_without_settings_is_404(
     assert count_provider_events(webhook_db) == before
 
 
+def test_an_event_for_no_known_delivery_is_kept_unmatched_and_answered_200(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
+) -> None:
+    body = fixture("resend", "email.delivered.json")
+    body["data"] |= {"email_id": new_id("nobody"), "tags": {"delivery_id": new_id("nobody")}}
+    raw = json.dumps(body).encode()
+    headers = svix_headers(provider_keys.resend_secret, raw)
+
+    response = post(webhook, "resend", raw, headers)
+
+    assert response.status == 200 and response.body["unmatched"] == 1
+    [row] = provider_events(webhook_db, "resend", provider_event_id=headers["svix-id"])
+    assert row["delivery_id"] is None
+
+
 def test_only_post_is_served(webhook: FunctionServer) -> None:
     import urllib.error
     import urllib.request

@@ -14,6 +14,7 @@ header value or a secret.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -111,9 +112,14 @@ class Webhook:
         return result
 
 
+_PROVIDER_NAME = re.compile(r"[a-z0-9-]{1,20}")
+
+
 def _answer(status: int, reason: str, provider: str) -> Answer:
-    # `reason` is our own wording (adapters never put request content into it).
-    log.warning("provider request refused", provider=provider[:40], status=status, reason=reason)
+    # `reason` is our own wording (adapters never put request content into it); the path
+    # segment is logged only when it looks like a provider name.
+    named = provider if _PROVIDER_NAME.fullmatch(provider) else "?"
+    log.warning("provider request refused", provider=named, status=status, reason=reason)
     return Answer(status, {"error": reason})
 
 
