@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from tests.harness.smtp import SmtpTestServer
+from worker import smtp
 from worker.relay import SmtpProvider, relay_message_id, tracking_headers
+from worker.settings import SmtpSettings
 
 
 @pytest.mark.parametrize(
@@ -50,3 +53,66 @@ def test_an_id_ses_cannot_carry_as_a_tag_gets_none() -> None:
     # SES tag values: ASCII letters, digits, _ and - only; matched by Message-ID instead.
     for delivery_id in ("inv.1", "a:b", "x@y"):
         assert tracking_headers(SmtpProvider.SES, delivery_id) == []
+
+
+# --- over SMTP, against aiosmtpd ------------------------------------------------------------
+
+
+def _email(settings: SmtpSettings, delivery_id: str, provider: SmtpProvider) -> smtp.OutgoingEmail:
+    message = smtp.build_message(
+        settings,
+        delivery_id=delivery_id,
+        recipient="ada@example.com",
+        subject="Reset your password",
+        text="hello",
+        html="<p>hello</p>",
+    )
+    return message.with_headers(tracking_headers(provider, delivery_id))
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("250 Ok 0100018c5e6f7a8b-1a2b3c4d-000000", "0100018c5e6f7a8b-1a2b3c4d-000000"),
+        ("250 Ok: queued as 8QuyHvU8TzqdSx0eFJmHMQ", "8QuyHvU8TzqdSx0eFJmHMQ"),
+        ("250 2.0.0 OK: queued as <4Bq1Z50pDkz1wT>", "4Bq1Z50pDkz1wT"),
+        ("250 OK", None),
+    ],
+)
+def test_the_relay_id_of_the_final_250_is_returned(
+    smtp_server: SmtpTestServer, reply: str, expected: str | None
+) -> None:
+    smtp_server.accept_reply = reply
+    sender = smtp.SmtpSender(smtp_server.settings())
+    try:
+        first = smtp.send_with_retry(
+            sender,
+            _email(sender.settings, "rst_1", SmtpProvider.NONE),
+            tries=1,
+            initial_backoff=0.01,
+            max_backoff=0.01,
+        )
+        # The kept connection's next transaction reads its own reply, not the last one's.
+        smtp_server.accept_reply = "250 OK"
+        second = sender.send(_email(sender.settings, "rst_2", SmtpProvider.NONE))
+    finally:
+        sender.close()
+    assert first.ok and first.relay_message_id == expected
+    assert second is None
+
+
+@pytest.mark.parametrize("provider", list(SmtpProvider))
+def test_the_delivery_id_header_reaches_the_relay(
+    smtp_server: SmtpTestServer, provider: SmtpProvider
+) -> None:
+    sender = smtp.SmtpSender(smtp_server.settings())
+    try:
+        sender.send(_email(sender.settings, "inv_2f6c9d1e", provider))
+    finally:
+        sender.close()
+    [received] = smtp_server.messages
+    headers = dict(received.message.items())
+    expected = dict(tracking_headers(provider, "inv_2f6c9d1e"))
+    assert {name: headers.get(name) for name in expected} == expected
+    assert received.message["Message-ID"] == "<inv_2f6c9d1e@example.com>"
+    assert received.message.get_body(("plain",)) is not None  # still a well-formed email

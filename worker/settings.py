@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Literal, TypeVar
 
+from worker.relay import SmtpProvider
+
 T = TypeVar("T")
 SmtpSecurity = Literal["starttls", "ssl", "none"]
 
@@ -36,6 +38,9 @@ class SmtpSettings:
     message_id_domain: str = "localhost"
     # A private relay's CA bundle; the system store is used when unset.
     ca_file: str | None = None
+    # The email service behind SMTP_HOST: which header carries the delivery id back in its
+    # webhooks (worker/relay.py, contract section 6).
+    provider: SmtpProvider = SmtpProvider.NONE
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,13 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         reply_to=_address(env, "EMAIL_REPLY_TO"),
         message_id_domain=_raw(env, "MESSAGE_ID_DOMAIN") or domain,
         ca_file=_raw(env, "SMTP_CA_FILE"),
+        provider=_parsed(
+            env,
+            "SMTP_PROVIDER",
+            SmtpProvider.NONE,
+            SmtpProvider,
+            f"one of {', '.join(p.value for p in SmtpProvider)}",
+        ),
     )
 
 
