@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 
 from bench.workload import worker_env
 from worker.db import connection_kwargs, open_pool
+from worker.deadletter import DeadLetterPublisher
 from worker.ledger import Ledger
 from worker.pipeline import Worker
 from worker.rendering import Renderer
@@ -70,6 +71,7 @@ def in_process_worker(
         ledger=Ledger(pool),
         sender=SmtpSender(settings.smtp),
         renderer=Renderer(),
+        dead_letters=DeadLetterPublisher(settings.pubsub),
     )
     return InProcess(worker, pool)
 

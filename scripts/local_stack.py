@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
@@ -44,10 +45,12 @@ from worker import pubsub as worker_pubsub
 from worker.redact import mask_email
 
 PROJECT = "local-project"
-DELIVERY_TOPIC = "email-delivery"
-DEAD_LETTER_TOPIC = "email-dead-letter"
-PUSH_SUBSCRIPTION = "email-delivery-push"
-REPLAY_SUBSCRIPTION = "email-dead-letter-replay"
+# The names deploy/config.sh gives the real resources, so the README's commands work as
+# written against this stack (tests/test_local_stack.py checks that they agree).
+DELIVERY_TOPIC = "email-deliveries"
+DEAD_LETTER_TOPIC = "email-deliveries-dead-letter"
+PUSH_SUBSCRIPTION = "email-deliveries-push"  # in the cloud: Eventarc's trigger subscription
+REPLAY_SUBSCRIPTION = "email-deliveries-dead-letter-replay"
 DATABASE = "email_local"
 EMAIL_FROM = "Example App <noreply@example.com>"
 REFUSED = {"bounce@example.com": "550 5.1.1 no such user"}
@@ -110,7 +113,7 @@ INVITE = Sample(
             "organization_name": "Acme",
             "inviter_name": "Ada",
             "invite_url": "https://app.example.com/invite/7Hq2xLm9",
-            "expires_at": "in 7 days",
+            "expires_at": (date.today() + timedelta(days=7)).isoformat(),
         },
     ),
     "invite-demo-1",

@@ -21,7 +21,7 @@ ON CONFLICT (delivery_id) DO UPDATE SET
     metadata = excluded.metadata,
     source_message_id = excluded.source_message_id,
     status = 'in_progress',
-    status_reason = CASE WHEN d.status = 'in_progress' THEN 'lease_expired' END,
+    status_reason = CASE WHEN d.status = 'in_progress' THEN %(takeover_reason)s END,
     attempts = d.attempts + 1,
     claim_token = excluded.claim_token,
     lease_expires_at = excluded.lease_expires_at,
@@ -37,6 +37,8 @@ UPDATE email.deliveries SET
     sent_at = now(),
     attempts = greatest(attempts, %(attempts)s),
     provider_message_id = %(provider_message_id)s,
+    -- The relay's own id from its 250 reply (contract section 2): provider events may name it.
+    relay_message_id = %(relay_message_id)s,
     last_error_code = NULL,
     last_error_message = NULL,
     claim_token = NULL,
@@ -83,7 +85,7 @@ RETURNING delivery_id;
 -- Replay: a fresh attempt budget; the history stays in email.delivery_events.
 UPDATE email.deliveries SET
     status = 'queued',
-    status_reason = 'replay',
+    status_reason = %(reason)s,
     attempts = 0,
     replays = replays + 1,
     queued_at = now()

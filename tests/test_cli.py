@@ -21,7 +21,7 @@ import pytest
 from tests.harness.postgres import free_port
 from tests.harness.pubsub import PubSubNamespace
 from worker import cli
-from worker.ledger import Failure, Ledger, Status
+from worker.ledger import Failure, Ledger, Reason, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["migrate", "replay", "status", "history", "stats", "prune", "publish"]
@@ -113,7 +113,7 @@ def replayed_delivery(ledger: Ledger, recipient: str = "ada@example.com") -> str
         lease_seconds=60,
     )
     assert claim is not None
-    failure = Failure("SMTP_550", "5.1.1 no such user", "permanent_failure")
+    failure = Failure("SMTP_550", "5.1.1 no such user", Reason.PERMANENT_FAILURE)
     assert ledger.set_failed_if_claimed(claim, attempts=1, failure=failure)
     assert ledger.set_queued_if_finished(delivery_id)
     return delivery_id

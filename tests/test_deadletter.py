@@ -16,10 +16,10 @@ from tests.harness.pubsub import DeadPubSub, PubSubNamespace
 from worker import pubsub as worker_pubsub
 from worker.deadletter import (
     MAX_ERROR_MESSAGE_LENGTH,
-    Reason,
+    DeadLetterPublisher,
     dead_letter_attributes,
-    publish_dead_letter,
 )
+from worker.ledger import DEAD_LETTER_REASONS, Reason
 from worker.settings import PubSubSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ CONTRACT_KEYS = {
 
 def _attributes(**overrides: object) -> dict[str, str]:
     arguments: dict[str, object] = {
-        "reason": Reason.retries_exhausted,
+        "reason": Reason.RETRIES_EXHAUSTED,
         "error_code": "SMTP_421",
         "error_message": "421 4.7.0 Try again later",
         "attempts": 5,
@@ -51,12 +51,24 @@ def _attributes(**overrides: object) -> dict[str, str]:
 # --- attributes --------------------------------------------------------------------------
 
 
-def test_reason_values_are_the_contract_strings() -> None:
-    assert [str(reason) for reason in Reason] == [
-        "retries_exhausted",
-        "permanent_failure",
+def publish_dead_letter(settings: PubSubSettings, data: bytes, attributes: dict[str, str]) -> str:
+    """One publish with a publisher of its own, closed afterwards."""
+    publisher = DeadLetterPublisher(settings)
+    try:
+        return publisher.publish(data, attributes)
+    finally:
+        publisher.close()
+
+
+def test_dead_letter_reasons_are_the_contract_strings() -> None:
+    assert sorted(DEAD_LETTER_REASONS) == [
         "invalid_event",
+        "permanent_failure",
+        "retries_exhausted",
     ]
+    for reason in set(Reason) - DEAD_LETTER_REASONS:  # e.g. transient_failure, replay
+        with pytest.raises(ValueError, match="not a dead-letter reason"):
+            _attributes(reason=reason)
 
 
 def test_attributes_are_exactly_the_contract_keys_as_strings() -> None:
@@ -74,14 +86,14 @@ def test_attributes_are_exactly_the_contract_keys_as_strings() -> None:
 
 
 def test_delivery_id_and_workflow_only_when_known() -> None:
-    attributes = _attributes(delivery_id=None, workflow=None, reason=Reason.invalid_event)
+    attributes = _attributes(delivery_id=None, workflow=None, reason=Reason.INVALID_EVENT)
     assert set(attributes) == CONTRACT_KEYS - {"delivery_id", "workflow"}
     assert attributes["reason"] == "invalid_event"
 
 
 def test_error_message_is_one_line_without_control_characters_and_at_most_500() -> None:
     message = "550 5.1.1 user unknown\r\n" + "\tx\x00\x1b[31m\u2028" + "y" * 2000
-    attributes = _attributes(reason=Reason.permanent_failure, error_message=message)
+    attributes = _attributes(reason=Reason.PERMANENT_FAILURE, error_message=message)
     text = attributes["error_message"]
     assert len(text) == MAX_ERROR_MESSAGE_LENGTH == 500
     assert text.startswith("550 5.1.1 user unknown x ")
@@ -203,6 +215,22 @@ def test_publisher_is_reused_and_reset_drops_it(pubsub: PubSubNamespace) -> None
     worker_pubsub.reset_client()
     worker_pubsub.publish(topic, b"3", {}, timeout=10)
     assert worker_pubsub._client() is not first
+    assert sorted(bytes(m.message.data) for m in pubsub.dead_letters()) == [b"1", b"2", b"3"]
+
+
+def test_a_dead_letter_publisher_holds_its_own_client(pubsub: PubSubNamespace) -> None:
+    """Not the module's shared client: a worker's publisher lives and dies with the worker."""
+    first, second = DeadLetterPublisher(pubsub.settings), DeadLetterPublisher(pubsub.settings)
+    try:
+        first.publish(b"1", _attributes())
+        second.publish(b"2", _attributes())
+        assert first._publisher.client() is not second._publisher.client()
+        assert first._publisher.client() is not worker_pubsub._client()
+        first.close()
+        first.publish(b"3", _attributes())  # a new client after close
+    finally:
+        first.close()
+        second.close()
     assert sorted(bytes(m.message.data) for m in pubsub.dead_letters()) == [b"1", b"2", b"3"]
 
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from worker.ledger import Claim, Failure, Ledger, Status
+from worker.ledger import Claim, Failure, Ledger, Reason, Status
 
 STATUSES = list(Status)
 ALLOWED: dict[Status | None, set[Status]] = {
@@ -33,7 +33,7 @@ ALLOWED: dict[Status | None, set[Status]] = {
     Status.SENT: set(),
     Status.SKIPPED: set(),
 }
-TRANSIENT = Failure(code="SMTP_451", message="try later", reason="transient_failure")
+TRANSIENT = Failure(code="SMTP_451", message="try later", reason=Reason.TRANSIENT_FAILURE)
 _ids = (f"d-{n}" for n in itertools.count())
 
 
@@ -198,7 +198,7 @@ def test_claim_returns_nothing_for_finished_deliveries(ledger: Ledger) -> None:
     for final in ("sent", "failed", "dead_letter"):
         claimed = claim(ledger, final)
         assert claimed is not None
-        failure = Failure(code="SMTP_550", message="no", reason=final)
+        failure = Failure(code="SMTP_550", message="no", reason=Reason.PERMANENT_FAILURE)
         if final == "sent":
             assert ledger.set_sent_if_claimed(claimed, attempts=1, provider_message_id="<x@y>")
         elif final == "failed":
@@ -237,6 +237,36 @@ def test_a_live_lease_cannot_be_taken_over_an_expired_one_can(
     )
 
 
+def terminate_ledger_connections(admin: psycopg.Connection[Any]) -> int:
+    row = admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+@pytest.mark.parametrize("ending", ["sent", "retrying", "failed", "dead_letter"])
+def test_transitions_survive_a_dropped_connection(
+    admin: psycopg.Connection[Any], ledger: Ledger, ending: str
+) -> None:
+    """The connection the claim used is gone (failover, pooler restart): the write after
+    the send is retried on a new one, by the ledger, whoever calls it."""
+    claimed = claim(ledger, f"drop-{ending}")
+    assert claimed is not None
+    assert terminate_ledger_connections(admin) >= 1
+    if ending == "sent":
+        assert ledger.set_sent_if_claimed(claimed, attempts=1, provider_message_id="<d@x>")
+    elif ending == "retrying":
+        assert ledger.set_retrying_if_claimed(claimed, attempts=1, failure=TRANSIENT)
+    elif ending == "failed":
+        assert ledger.set_failed_if_claimed(claimed, attempts=1, failure=TRANSIENT)
+    else:
+        assert ledger.set_dead_letter_if_claimed(claimed, attempts=1, failure=TRANSIENT)
+    row = ledger.get(f"drop-{ending}")
+    assert row is not None and row.status == ending
+
+
 def test_many_threads_claiming_one_new_delivery_exactly_one_wins(ledger: Ledger) -> None:
     threads, rounds = 12, 40
     with ThreadPoolExecutor(threads) as executor:
@@ -259,7 +289,7 @@ def test_many_threads_claiming_one_new_delivery_exactly_one_wins(ledger: Ledger)
 def test_requeue_gives_a_fresh_budget_and_keeps_history(ledger: Ledger) -> None:
     first = claim(ledger, "replay")
     assert first is not None
-    exhausted = Failure(code="SMTP_451", message="later", reason="retries_exhausted")
+    exhausted = Failure(code="SMTP_451", message="later", reason=Reason.RETRIES_EXHAUSTED)
     assert ledger.set_dead_letter_if_claimed(first, attempts=5, failure=exhausted)
     assert ledger.set_queued_if_finished("replay")
     assert not ledger.set_queued_if_finished("replay")  # already queued: nothing to do
@@ -274,7 +304,7 @@ def test_requeue_gives_a_fresh_budget_and_keeps_history(ledger: Ledger) -> None:
 
 def test_invalid_event_rows(ledger: Ledger) -> None:
     invalid = Failure(
-        code="INVALID_EVENT", message="recipient: must be one address", reason="invalid_event"
+        code="INVALID_EVENT", message="recipient: must be one address", reason=Reason.INVALID_EVENT
     )
     assert ledger.set_failed_if_new_or_queued(
         delivery_id="bad", workflow=None, recipient=None, source_message_id="m", failure=invalid
@@ -332,8 +362,12 @@ def as_role(conn: psycopg.Connection[Any], role: str) -> None:
 def test_reader_can_read_and_cannot_write(admin: psycopg.Connection[Any]) -> None:
     delivery_id = row_in(admin, Status.QUEUED)
     as_role(admin, "email_reader")
-    assert admin.execute("SELECT count(*) AS n FROM email.deliveries").fetchone() == {"n": 1}
-    assert admin.execute("SELECT count(*) AS n FROM email.delivery_events").fetchone() == {"n": 1}
+    assert admin.execute("SELECT delivery_id, status FROM email.deliveries").fetchall() == [
+        {"delivery_id": delivery_id, "status": "queued"}
+    ]
+    assert admin.execute("SELECT delivery_id, status FROM email.delivery_events").fetchall() == [
+        {"delivery_id": delivery_id, "status": "queued"}
+    ]
     for statement in (
         "UPDATE email.deliveries SET metadata = '{}'",
         "DELETE FROM email.deliveries",
@@ -342,7 +376,6 @@ def test_reader_can_read_and_cannot_write(admin: psycopg.Connection[Any]) -> Non
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             admin.execute(statement)
-    assert delivery_id
 
 
 def test_worker_runs_the_whole_lifecycle_but_cannot_delete_or_rewrite_history(

@@ -7,15 +7,19 @@ masked recipients, and that nothing it started is still running afterwards.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -110,7 +114,11 @@ def test_one_eml_file_per_sent_delivery(stack_run: Run) -> None:
         [message] = by_id[delivery_id]  # exactly one, also for the duplicated id
         assert message["To"] == recipient
         assert message["Subject"] == subject
-        assert message.get_body(("plain",)) is not None
+        plain = message.get_body(("plain",))
+        assert plain is not None
+        if delivery_id == "invite-demo-1":  # the sample's expiry, a week out, written out
+            text = plain.get_content()
+            assert re.search(r"The invitation expires on [A-Z][a-z]+ \d{1,2}, \d{4}\.", text)
 
 
 def test_prints_the_ledger_with_sent_and_failed_rows(stack_run: Run) -> None:
@@ -211,3 +219,38 @@ def test_clicked_links_reach_neither_the_webhook_log_nor_the_output(stack_run: R
     for link in ("app.example.com/invite/7Hq2xLm9", "app.example.com/reset/Qw8rT2zP"):
         assert link not in log
         assert link not in stack_run.stdout
+
+
+# --- one set of resource names: deploy/, the README and the local stack ---------------------
+
+
+def _local_stack_module() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "scripts"))  # local_stack.py imports eml_sink beside it
+    try:
+        return importlib.import_module("local_stack")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def _deploy_default(name: str) -> str:
+    text = (ROOT / "deploy" / "config.sh").read_text()
+    match = re.search(rf'^: "\$\{{{name}:=([^}}]*)\}}"', text, re.MULTILINE)
+    assert match, name
+    return match.group(1)
+
+
+def test_the_local_stack_uses_the_deployed_names() -> None:
+    stack = _local_stack_module()
+    local = (stack.DELIVERY_TOPIC, stack.DEAD_LETTER_TOPIC, stack.REPLAY_SUBSCRIPTION)
+    deployed = ("DELIVERY_TOPIC", "DEAD_LETTER_TOPIC", "DEAD_LETTER_SUBSCRIPTION")
+    assert local == tuple(_deploy_default(name) for name in deployed)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_the_readmes_name_the_same_topics_and_subscription(readme: str) -> None:
+    stack = _local_stack_module()
+    text = (ROOT / readme).read_text()
+    subscriptions = set(re.findall(r"--subscription[ =]([\w.-]+)", text))
+    topics = set(re.findall(r"_TOPIC=([\w.-]+)", text))
+    assert subscriptions == {stack.REPLAY_SUBSCRIPTION}
+    assert topics <= {stack.DELIVERY_TOPIC, stack.DEAD_LETTER_TOPIC}

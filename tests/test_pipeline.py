@@ -22,11 +22,12 @@ from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
 from worker.db import connection_kwargs
+from worker.deadletter import DeadLetterPublisher
 from worker.ledger import Ledger, Status
 from worker.pipeline import RetryLater, Worker, handle
 from worker.rendering import Renderer
-from worker.settings import DatabaseSettings
-from worker.smtp import SmtpSender
+from worker.settings import DatabaseSettings, SmtpSettings
+from worker.smtp import OutgoingEmail, SmtpSender
 
 
 @pytest.fixture
@@ -319,34 +320,132 @@ def test_dead_letter_publish_failure_raises_and_does_not_mark_the_row(
 
 
 def test_dead_letter_publish_recovers_on_redelivery(
-    make_worker: MakeWorker,
-    smtp_server: SmtpTestServer,
-    pubsub: PubSubNamespace,
-    ledger: Ledger,
-    monkeypatch: pytest.MonkeyPatch,
+    make_worker: MakeWorker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
 ) -> None:
-    from worker import pubsub as worker_pubsub
-
     worker = make_worker()
+    # The instance's publisher is the worker's own: this one cannot reach its topic.
+    unreachable = DeadLetterPublisher(replace(pubsub.settings, dead_letter_topic="no-such-topic"))
     body = factories.payload(recipient="gone@example.com")
     smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
-    real_host = pubsub.emulator.host
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{_closed_port()}")
-    worker_pubsub.reset_client()
-    short = replace(
-        worker,
-        settings=replace(
-            worker.settings, pubsub=replace(pubsub.settings, publish_timeout_seconds=2)
-        ),
-    )
-    with pytest.raises(RetryLater):
-        handle(factories.cloud_event(body), short)
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", real_host)
-    worker_pubsub.reset_client()
-    handle(factories.cloud_event(body), worker)
+    try:
+        with pytest.raises(RetryLater, match="dead-letter publish failed"):
+            handle(factories.cloud_event(body), replace(worker, dead_letters=unreachable))
+    finally:
+        unreachable.close()
     row = ledger.get(body["delivery_id"])
-    assert row is not None and row.status is Status.FAILED
+    assert row is not None and (row.status, row.status_reason) == (
+        Status.RETRYING,
+        "dead_letter_publish_failed",
+    )
+    handle(factories.cloud_event(body), worker)  # the redelivery, with a working publisher
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.status_reason) == (
+        Status.FAILED,
+        "permanent_failure",
+    )
     assert [d["reason"] for d in dead_letter_summary(pubsub)] == ["permanent_failure"]
+    assert smtp_server.messages == []
+
+
+def test_a_duplicate_during_a_live_lease_is_not_acked(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    """Another worker holds the claim: acking this copy would lose the email if that worker
+    died, so the copy asks to come back (503), and sends and changes nothing meanwhile."""
+    body = factories.payload()
+    held = ledger.claim(
+        delivery_id=body["delivery_id"],
+        workflow=body["workflow"],
+        recipient=body["recipient"],
+        locale="en",
+        metadata=None,
+        source_message_id="m-other",
+        lease_seconds=60,
+    )
+    assert held is not None
+    before, history = ledger.get(body["delivery_id"]), ledger.events(body["delivery_id"])
+
+    with pytest.raises(RetryLater, match="in_progress under another claim"):
+        handle(factories.cloud_event(body), worker)
+
+    assert smtp_server.messages == []
+    assert ledger.get(body["delivery_id"]) == before
+    assert ledger.events(body["delivery_id"]) == history
+    assert pubsub.dead_letters(timeout=1) == []
+    # The other worker can still finish its claim: nothing fenced it off.
+    assert ledger.set_sent_if_claimed(held, attempts=1, provider_message_id="<other@x>")
+
+
+def test_an_invalid_replay_of_a_queued_row_ends_it_failed(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    """A replayed event that is still invalid: its `queued` row must not wait forever."""
+    delivery_id = "inv-replayed"
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status)"
+            " VALUES (%s, 'invite', 'ada@example.com', 'queued')",
+            (delivery_id,),
+        )
+    raw = json.dumps(factories.payload("invite", delivery_id=delivery_id, data={})).encode()
+
+    handle(factories.cloud_event(raw, message_id="m-replayed"), worker)
+
+    row = ledger.get(delivery_id)
+    assert row is not None
+    assert (row.status, row.status_reason, row.last_error_code) == (
+        Status.FAILED,
+        "invalid_event",
+        "INVALID_EVENT",
+    )
+    assert row.last_error_message and "invite_url" in row.last_error_message
+    audit = ledger.events(delivery_id)
+    assert [(e.status, e.error_code) for e in audit] == [
+        (Status.QUEUED, None),
+        (Status.FAILED, "INVALID_EVENT"),
+    ]
+    assert audit[-1].payload["from"] == "queued"
+    [letter] = dead_letter_summary(pubsub)
+    assert (letter["reason"], letter["delivery_id"], letter["data"]) == (
+        "invalid_event",
+        delivery_id,
+        raw,
+    )
+    assert smtp_server.messages == []
+
+
+class _KillsLedgerConnectionsAfterSending(SmtpSender):
+    """The relay has accepted the email; before the worker records it, every ledger
+    connection of this database is terminated (a failover, a pooler restart)."""
+
+    def __init__(self, settings: SmtpSettings, database_url: str) -> None:
+        super().__init__(settings)
+        self.database_url = database_url
+        self.killed = 0
+
+    def send(self, message: OutgoingEmail) -> None:
+        super().send(message)
+        with psycopg.connect(self.database_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        self.killed += killed[0] if killed else 0
+
+
+def test_the_sent_write_survives_a_dropped_connection(
+    worker: Worker, smtp_server: SmtpTestServer, ledger: Ledger, database_url: str
+) -> None:
+    sender = _KillsLedgerConnectionsAfterSending(worker.settings.smtp, database_url)
+    body = factories.payload()
+    try:
+        handle(factories.cloud_event(body), replace(worker, sender=sender))
+    finally:
+        sender.close()
+    assert sender.killed >= 1, "no ledger connection was dropped"
+    assert len(smtp_server.messages) == 1
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.attempts) == (Status.SENT, 1)
 
 
 def test_expired_claims_use_up_the_budget(

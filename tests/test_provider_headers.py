@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
+from psycopg_pool import ConnectionPool
 
+from tests import factories
 from tests.harness.smtp import SmtpTestServer
+from tests.harness.worker import MakeWorker
+from tests.provider_signing import SendGridKeys
 from worker import smtp
+from worker.ledger import Ledger, Status
+from worker.pipeline import handle
+from worker.providers import sendgrid
+from worker.providers.model import Applied, WebhookRequest
 from worker.relay import SmtpProvider, relay_message_id, tracking_headers
 from worker.settings import SmtpSettings
+from worker.tracking import Tracking
 
 
 @pytest.mark.parametrize(
@@ -116,3 +127,60 @@ def test_the_delivery_id_header_reaches_the_relay(
     assert {name: headers.get(name) for name in expected} == expected
     assert received.message["Message-ID"] == "<inv_2f6c9d1e@example.com>"
     assert received.message.get_body(("plain",)) is not None  # still a well-formed email
+
+
+# --- through the worker, into the ledger, and back from the provider --------------------------
+
+
+@pytest.mark.parametrize("provider", [SmtpProvider.SENDGRID, SmtpProvider.POSTMARK])
+def test_the_worker_records_the_relay_id_and_attaches_the_providers_header(
+    make_worker: MakeWorker, smtp_server: SmtpTestServer, ledger: Ledger, provider: SmtpProvider
+) -> None:
+    smtp_server.accept_reply = "250 2.0.0 OK: queued as 4Bq1Z50pDkz1wT"
+    worker = make_worker(smtp=smtp_server.settings(provider=provider))
+    body = factories.payload("password-reset")
+
+    handle(factories.cloud_event(body), worker)
+
+    [received] = smtp_server.messages
+    for name, value in tracking_headers(provider, body["delivery_id"]):
+        assert received.message[name] == value
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.SENT
+    assert row.relay_message_id == "4Bq1Z50pDkz1wT"
+    assert row.provider_message_id == received.message["Message-ID"]
+
+
+def test_a_sendgrid_report_of_the_sent_email_finds_its_delivery(
+    make_worker: MakeWorker, smtp_server: SmtpTestServer, ledger: Ledger, pool: ConnectionPool
+) -> None:
+    """What SendGrid echoes (the unique argument, its X-Message-ID) matches the ledger row."""
+    smtp_server.accept_reply = "250 Ok: queued as 8QuyHvU8TzqdSx0eFJmHMQ"
+    worker = make_worker(smtp=smtp_server.settings(provider=SmtpProvider.SENDGRID))
+    body = factories.payload("password-reset")
+    handle(factories.cloud_event(body), worker)
+    [received] = smtp_server.messages
+    unique_args = json.loads(received.message["X-SMTPAPI"])["unique_args"]
+    keys = SendGridKeys()
+    report = {
+        "event": "delivered",
+        "email": "ada@example.com",
+        "timestamp": int(time.time()),
+        "sg_event_id": "hqFbp3HH9WxIM0R2-x2M1Q==",
+        "sg_message_id": "8QuyHvU8TzqdSx0eFJmHMQ.filter0001.16648.5515E0B88.0",
+        **unique_args,  # SendGrid adds the unique arguments to every event
+    }
+    raw = json.dumps([report]).encode()
+    headers = {k.lower(): v for k, v in keys.headers(raw).items()}
+    adapter = sendgrid.SendGridAdapter(sendgrid.load_public_key(keys.public_key_b64))
+    request = WebhookRequest("sendgrid", "https://hooks.example.com/sendgrid", headers, raw)
+    adapter.authenticate(request)
+    [event] = adapter.events(request).events
+    assert event.relay_message_id == "8QuyHvU8TzqdSx0eFJmHMQ"
+
+    assert Tracking(pool).apply(event) is Applied.APPLIED
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.provider_status == "delivered"
+    # Without the unique argument the relay id alone finds it too.
+    unmatched_keys = replace(event, provider_event_id="other", delivery_id=None, message_id=None)
+    assert Tracking(pool).apply(unmatched_keys) is Applied.APPLIED

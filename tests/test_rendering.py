@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from worker.events import DeliveryEvent, PubSubMessage, parse_delivery
-from worker.rendering import RenderedEmail, Renderer, TemplateError, locale_candidates, render
+from worker.rendering import Renderer, TemplateError, locale_candidates, render
 
 CODE = "Zq9A1B2C3"
 INVITE = {
     "organization_name": "Acme",
     "inviter_name": "Grace",
     "invite_url": "https://app.example.com/i/abc?x=1&y=2",
-    "expires_at": "31 January 2030",
+    "expires_at": "2030-01-31",
 }
 
 
@@ -79,7 +80,9 @@ def test_invite() -> None:
     assert email.subject == "Grace invited you to join Acme"
     assert "Grace has invited you to join Acme." in email.text
     assert INVITE["invite_url"] in email.text
-    assert "31 January 2030" in email.text
+    # An ISO date, written out in the template's language.
+    assert "The invitation expires on January 31, 2030.\n" in email.text
+    assert "The invitation expires on January 31, 2030.</p>" in email.html
     # In HTML the link is an attribute value: & must be escaped.
     assert 'href="https://app.example.com/i/abc?x=1&amp;y=2"' in email.html
 
@@ -234,6 +237,63 @@ def test_runtime_error_is_a_template_error(tmp_path: Path) -> None:
     assert CODE not in str(info.value)
 
 
-def test_rendered_email_is_plain_data() -> None:
-    email = RenderedEmail(subject="s", text="t", html="h")
-    assert email == RenderedEmail("s", "t", "h")
+def test_rendering_is_a_pure_function_of_the_event() -> None:
+    """A replayed or redelivered event renders the very same email; another code does not."""
+    first = render(event("verification-code", {"code": CODE}))
+    assert render(event("verification-code", {"code": CODE})) == first
+    assert render(event("verification-code", {"code": "Zq9OTHER1"})) != first
+
+
+# --- expiry dates and footers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("locale", "value", "written"),
+    [
+        ("en", "2030-01-31", "January 31, 2030"),
+        ("en", "2030-12-01", "December 1, 2030"),
+        ("fr", "2030-01-31", "31 janvier 2030"),
+        ("fr-CA", "2030-08-01", "1er août 2030"),
+        ("de", "2030-01-31", "2030-01-31"),  # no words for this language: the ISO form
+    ],
+)
+def test_long_date_follows_the_template_language(
+    tmp_path: Path, locale: str, value: str, written: str
+) -> None:
+    body = "{{ expires_at | long_date }}"
+    for folder in ("w/en", "w/fr", "w/de"):
+        write_templates(tmp_path, folder, **complete(body=body))
+    email = Renderer(tmp_path).render(raw_event("w", {"expires_at": value}, locale))
+    assert email.text == written
+
+
+def test_invite_expiry_falls_back_with_the_template_not_the_event() -> None:
+    # There is no French invite: the English template writes the date in English.
+    email = render(event("invite", INVITE, "fr"))
+    assert "expires on January 31, 2030." in email.text
+
+
+def _html_footer(html: str) -> str:
+    match = re.search(r'<p style="margin:16px 0 0;[^"]*">(.*?)</p>', html, re.DOTALL)
+    assert match, "the HTML part has no footer"
+    return match.group(1)
+
+
+TEMPLATE_FOLDERS = sorted(
+    (path.parent.name, path.name)
+    for path in (Path(__file__).parents[1] / "worker" / "templates").glob("*/*")
+    if path.is_dir()
+)
+SAMPLE_DATA: dict[str, dict[str, Any]] = {
+    "verification-code": {"code": CODE, "expires_in_minutes": 5},
+    "invite": INVITE,
+    "password-reset": {"reset_url": "https://app.example.com/reset?t=abc"},
+}
+
+
+@pytest.mark.parametrize(("workflow", "locale"), TEMPLATE_FOLDERS)
+def test_text_part_ends_with_the_html_footer(workflow: str, locale: str) -> None:
+    email = render(event(workflow, SAMPLE_DATA[workflow], locale))
+    footer = _html_footer(email.html)
+    assert "ada@example.com" in footer
+    assert email.text.rstrip("\n").splitlines()[-1] == footer

@@ -10,6 +10,7 @@ import pty
 import select
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,14 +18,16 @@ import pytest
 from cloudevents.http import CloudEvent
 
 from tests import factories
+from tests.harness.function import FunctionServer
 from tests.harness.postgres import wait_until
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
 from worker import cli
+from worker import replay as worker_replay
 from worker.ledger import Ledger, Status
 from worker.pipeline import RetryLater, Worker, handle
-from worker.settings import RetrySettings
+from worker.settings import RetrySettings, pubsub_settings
 
 WAIT = "0.5"  # seconds of empty pulls that end a run: the emulator answers at once
 RETRY = RetrySettings(
@@ -212,6 +215,46 @@ def test_a_dead_letter_forwarded_by_the_pubsub_policy_is_replayed(
     assert events[2].payload["reason"] == "pubsub_dead_letter_policy"
     row = ledger.get(body["delivery_id"])
     assert row is not None and (row.status, row.replays) == (Status.SENT, 1)
+
+
+def test_an_invalid_dead_letter_replayed_while_still_invalid_ends_failed_again(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Replay requeues the row (`failed` -> `queued`); the republished event is still
+    invalid, so the worker must close that `queued` row again instead of leaving it waiting."""
+    body = factories.payload("invite", data={"organization_name": "Acme"})  # no invite_url
+    handle(factories.cloud_event(body, message_id="m-invalid"), worker)
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.last_error_code) == (
+        Status.FAILED,
+        "INVALID_EVENT",
+    )
+
+    out = replay(capsys, pubsub, "--reason", "invalid_event")
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.QUEUED, 1)
+
+    [republished] = pubsub.deliveries(timeout=5)
+    handle(as_event(republished), worker)
+
+    row = ledger.get(body["delivery_id"])
+    assert row is not None
+    assert (row.status, row.status_reason, row.last_error_code, row.replays) == (
+        Status.FAILED,
+        "invalid_event",
+        "INVALID_EVENT",
+        1,
+    )
+    assert statuses(ledger, body["delivery_id"]) == [Status.FAILED, Status.QUEUED, Status.FAILED]
+    [letter] = pubsub.dead_letters(timeout=5)  # the new dead letter, for the next fix
+    assert bytes(letter.message.data) == factories.encode(body)
+    assert letter.message.attributes["reason"] == "invalid_event"
+    assert smtp_server.messages == []
 
 
 # --- what is and is not replayed ------------------------------------------------------------
@@ -420,3 +463,143 @@ def test_progress_is_shown_on_a_terminal_only(
     assert "replay: pulled 1, replayed 1, skipped 0, failed 0, left for later 0" in shown_text
     assert shown_text.endswith("\r\x1b[K")  # cleared before the summary went to stdout
     assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+
+
+# --- against the running function, as an operator tries it -----------------------------------
+
+
+@pytest.fixture
+def function(
+    database_url: str, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
+) -> Iterator[FunctionServer]:
+    """main.py under functions-framework, pushed to by the emulator as in the local stack."""
+    server = FunctionServer(
+        {
+            "DATABASE_URL": database_url,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(smtp_server.port),
+            "SMTP_SECURITY": "none",
+            "EMAIL_FROM": "Example <noreply@example.com>",
+            "GOOGLE_CLOUD_PROJECT": pubsub.project,
+            "DELIVERY_TOPIC": pubsub.delivery_topic,
+            "DEAD_LETTER_TOPIC": pubsub.dead_letter_topic,
+            "PUBSUB_EMULATOR_HOST": pubsub.emulator.host,
+            "SEND_TRIES_PER_INVOCATION": "1",
+            "LEASE_SECONDS": "30",
+        }
+    ).start()
+    pubsub.emulator.create_push_subscription(
+        pubsub.delivery_topic,
+        f"push-{pubsub.delivery_topic}",
+        server.push_endpoint(pubsub.project, pubsub.delivery_topic),
+        minimum_backoff=1,
+        maximum_backoff=2,
+    )
+    yield server
+    server.stop()
+
+
+def test_a_dead_letter_of_this_runs_own_republish_is_left_for_the_next_run(
+    function: FunctionServer,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 8, section 3: replaying while the address is still refused. The republished
+    event fails again while the run goes on, and its new dead letter reaches the run's
+    subscription; the run must leave it there (not ack it as a copy it already replayed)."""
+    body = factories.payload(recipient="bounce@example.com")
+    delivery_id = body["delivery_id"]
+    smtp_server.fail_recipient("bounce@example.com", 550, "5.1.1 no such user")
+    pubsub.emulator.publish(pubsub.delivery_topic, factories.encode(body))
+
+    def row_is(status: Status, replays: int) -> bool:
+        row = ledger.get(delivery_id)
+        return row is not None and (row.status, row.replays) == (status, replays)
+
+    wait_until(lambda: row_is(Status.FAILED, 0), timeout=30)
+
+    items: list[worker_replay.Item] = []
+
+    def on_item(item: worker_replay.Item) -> None:
+        items.append(item)
+        if item.outcome is worker_replay.Outcome.REPLAYED:
+            # Hold the run until the function failed the republished copy again: the row is
+            # marked `failed` only once its new dead letter is confirmed on the topic, so the
+            # run's next pulls find it.
+            wait_until(lambda: row_is(Status.FAILED, 1), timeout=30)
+
+    options = worker_replay.ReplayOptions(
+        subscription=pubsub.dead_letter_subscription, wait_seconds=1.0
+    )
+    run = worker_replay.replay(ledger, pubsub_settings(), options, on_item=on_item)
+    assert (run.replayed, run.skipped, run.failed, run.left) == (1, 0, 0, 1)
+    assert [(i.action, i.outcome) for i in items] == [
+        (worker_replay.Action.REQUEUE, worker_replay.Outcome.REPLAYED),
+        (worker_replay.Action.FAILED_AGAIN, worker_replay.Outcome.LEFT),
+    ]
+    assert items[1].letter.attributes["source_message_id"] == items[0].detail.split()[-1]
+
+    # The next run, once the mailbox exists, finds the new dead letter and the email goes out.
+    out = replay(capsys, pubsub, "--dry-run")
+    assert summary_line_of(out, delivery_id).startswith("would replay")
+    smtp_server.reset()
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
+    wait_until(lambda: row_is(Status.SENT, 2), timeout=30)
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("bounce@example.com",)]
+
+
+def summary_line_of(out: str, delivery_id: str) -> str:
+    return next(line for line in out.splitlines() if delivery_id in line)
+
+
+def test_a_policy_forwarded_copy_of_this_runs_republish_is_left_for_the_next_run(
+    pubsub: PubSubNamespace, ledger: Ledger, database_url: str
+) -> None:
+    """Pub/Sub's own dead-letter policy forwards the republished message with its attributes,
+    `replayed_from` among them: that names the dead letter this run replayed."""
+    body = factories.payload()
+    first = publish_dead_letter(pubsub, body)
+    items: list[worker_replay.Item] = []
+
+    def on_item(item: worker_replay.Item) -> None:
+        items.append(item)
+        if item.outcome is worker_replay.Outcome.REPLAYED:
+            [republished] = pubsub.deliveries(timeout=5)
+            pubsub.emulator.publish(
+                pubsub.dead_letter_topic,
+                bytes(republished.message.data),
+                **dict(republished.message.attributes),
+                CloudPubSubDeadLetterSourceDeliveryCount="10",
+            )
+
+    options = worker_replay.ReplayOptions(
+        subscription=pubsub.dead_letter_subscription, wait_seconds=1.0
+    )
+    run = worker_replay.replay(ledger, pubsub_settings(), options, on_item=on_item)
+    assert (run.replayed, run.skipped, run.left) == (1, 0, 1)
+    assert items[1].action is worker_replay.Action.FAILED_AGAIN
+    assert items[1].letter.attributes["replayed_from"] == first
+    [left] = pubsub.dead_letters(timeout=5)  # still there for the next run
+    assert left.message.attributes["replayed_from"] == first
+
+
+def test_a_skipped_row_is_final_its_dead_letter_acked(
+    pubsub: PubSubNamespace, ledger: Ledger, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = factories.payload()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+            " last_error_code) VALUES (%s, %s, %s, 'skipped', 'SUPPRESSED')",
+            (body["delivery_id"], body["workflow"], body["recipient"]),
+        )
+    publish_dead_letter(pubsub, body)
+
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+    assert "deliberately not sent" in out
+    assert pubsub.deliveries(timeout=0.5) == []
+    assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"

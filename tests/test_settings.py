@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from worker.settings import SettingsError, load_settings
+from worker.settings import SettingsError, load_settings, log_level
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE = {
     "DATABASE_URL": "postgresql://worker@127.0.0.1/email",
     "SMTP_HOST": "smtp.example.com",
     "EMAIL_FROM": "Acme <no-reply@acme.example>",
     "GOOGLE_CLOUD_PROJECT": "acme-mail",
-    "DEAD_LETTER_TOPIC": "email-dead-letter",
+    "DEAD_LETTER_TOPIC": "email-deliveries-dead-letter",
 }
 
 
@@ -24,8 +32,8 @@ def test_defaults_follow_the_contract() -> None:
     )
     assert settings.retry.max_attempts == 5
     assert settings.smtp.message_id_domain == "acme.example"
-    assert settings.pubsub.topic_path("email-dead-letter") == (
-        "projects/acme-mail/topics/email-dead-letter"
+    assert settings.pubsub.topic_path("email-deliveries-dead-letter") == (
+        "projects/acme-mail/topics/email-deliveries-dead-letter"
     )
     assert settings.pubsub.topic_path("projects/other/topics/t") == "projects/other/topics/t"
     assert "worker@" not in repr(settings)  # the URL may hold a password
@@ -46,6 +54,10 @@ def test_defaults_follow_the_contract() -> None:
         ({"SMTP_PASSWORD": "pw"}, "SMTP_PASSWORD is set but SMTP_USERNAME is not"),
         ({"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS must be an integer 1..100, got '0'"),
         ({"DEAD_LETTER_TOPIC": ""}, "DEAD_LETTER_TOPIC is required but not set"),
+        (
+            {"LOG_LEVEL": "verbose"},
+            "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'",
+        ),
         ({"DATABASE_URL": ""}, "DATABASE_URL or DATABASE_URL_SECRET is required but not set"),
         (
             {"LEASE_SECONDS": "20", "SMTP_TIMEOUT_SECONDS": "10"},
@@ -58,3 +70,48 @@ def test_a_bad_setting_is_one_line_naming_it(change: dict[str, str], message: st
         load_settings({**BASE, **change})
     assert str(error.value) == message
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "level"), [(None, "INFO"), ("", "INFO"), ("debug", "DEBUG"), (" Warning ", "WARNING")]
+)
+def test_log_level(value: str | None, level: str) -> None:
+    env = {} if value is None else {"LOG_LEVEL": value}
+    assert log_level(env) == level
+
+
+# The worker's logger, as the function gets it: configured when worker.pipeline is imported.
+_LOG_EVERY_LEVEL = """
+from worker import pipeline
+pipeline.log.debug("at debug")
+pipeline.log.info("at info")
+pipeline.log.warning("at warning")
+pipeline.log.error("at error")
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (None, ["INFO", "WARNING", "ERROR"]),
+        ("DEBUG", ["DEBUG", "INFO", "WARNING", "ERROR"]),
+        ("warning", ["WARNING", "ERROR"]),
+        ("ERROR", ["ERROR"]),
+    ],
+)
+def test_log_level_is_honoured(value: str | None, shown: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    if value is not None:
+        env["LOG_LEVEL"] = value
+    result = subprocess.run(
+        [sys.executable, "-c", _LOG_EVERY_LEVEL],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["severity"] for line in lines] == shown
+    assert [line["message"] for line in lines] == [f"at {level.lower()}" for level in shown]

@@ -9,6 +9,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from typing import Any
 
@@ -138,6 +139,58 @@ def test_subject_is_one_line(smtp_server: SmtpTestServer) -> None:
         html="",
     )
     assert parsed(message)["Subject"] == "a Bcc: b"
+
+
+def _header_lines(message: OutgoingEmail, name: str) -> list[bytes]:
+    """The raw lines of header `name`, its folded continuation lines included."""
+    head = message.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    start = next(i for i, line in enumerate(head) if line.startswith(name.encode() + b":"))
+    end = start + 1
+    while end < len(head) and head[end][:1] in (b" ", b"\t"):
+        end += 1
+    return head[start:end]
+
+
+def test_date_is_utc_as_plus_0000_not_gmt(smtp_server: SmtpTestServer) -> None:
+    [line] = _header_lines(make_message(smtp_server.settings()), "Date")
+    # RFC 5322 section 4.3: `GMT` is obsolete syntax and must not be generated.
+    assert re.fullmatch(
+        rb"Date: [A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d \+0000", line
+    )
+
+
+ENCODED_WORD = re.compile(rb"=\?[^?]+\?[BbQq]\?[^?]*\?=")
+
+
+SUBJECT_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=300
+)
+# Display names as people write them (parseaddr has its own rules for specials).
+NAME_TEXT = st.text(st.characters(whitelist_categories=("L", "N", "Zs")), max_size=80)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    SUBJECT_TEXT.map(lambda s: " ".join(s.split())).filter(lambda s: not s.isascii()),
+    NAME_TEXT.map(lambda s: " ".join(s.split())).filter(lambda s: not s.isascii()),
+)
+def test_non_ascii_subjects_and_names_are_rfc_2047_encoded_words(subject: str, name: str) -> None:
+    settings = SmtpSettings(host="x", sender=f"{name} <noreply@example.com>")
+    message = build_message(
+        settings, delivery_id="d", recipient="a@example.com", subject=subject, text="", html=""
+    )
+    for header in ("Subject", "From"):
+        lines = _header_lines(message, header)
+        words = [word for line in lines for word in ENCODED_WORD.findall(line)]
+        assert words and all(len(word) <= 75 for word in words)  # RFC 2047 section 2
+        assert all(len(line) <= 78 for line in lines)  # RFC 5322 section 2.1.1
+    assert parsed(message)["Subject"] == subject
+    # The standard library's address parser keeps the folding space between two encoded-words
+    # of one display name (its own generator's output does not read back either); RFC 2047
+    # section 6.2 says to drop it, as decode_header does.
+    raw_from = b"".join(_header_lines(message, "From")).decode("ascii")
+    display = raw_from.removeprefix("From: ").removesuffix("<noreply@example.com>").strip()
+    assert str(make_header(decode_header(display))) == name
 
 
 @pytest.mark.parametrize(

@@ -3,33 +3,27 @@
 A dead-letter message carries the event's original `data` bytes unchanged and these string
 attributes: `delivery_id` and `workflow` (only when known), `reason`, `error_code`,
 `error_message` (sanitised, at most 500 characters), `attempts`, `source_message_id`.
-`publish_dead_letter` returns only once Pub/Sub has confirmed the message, so a ledger row is
-marked `dead_letter` only after that.
+`DeadLetterPublisher.publish` returns only once Pub/Sub has confirmed the message, so a
+ledger row is marked `failed`/`dead_letter` only after that. The function's worker holds one
+publisher (worker/pipeline.py), like its ledger and SMTP sender.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import StrEnum
 
 from worker import pubsub
+from worker.ledger import DEAD_LETTER_REASONS, Reason
 from worker.redact import MAX_ERROR_MESSAGE, sanitise
 from worker.settings import PubSubSettings
 
 __all__ = [
     "MAX_ERROR_MESSAGE_LENGTH",
-    "Reason",
+    "DeadLetterPublisher",
     "dead_letter_attributes",
-    "publish_dead_letter",
 ]
 
 MAX_ERROR_MESSAGE_LENGTH = MAX_ERROR_MESSAGE
-
-
-class Reason(StrEnum):
-    retries_exhausted = "retries_exhausted"
-    permanent_failure = "permanent_failure"
-    invalid_event = "invalid_event"
 
 
 def dead_letter_attributes(
@@ -43,6 +37,8 @@ def dead_letter_attributes(
     workflow: str | None,
 ) -> dict[str, str]:
     """The attributes of one dead-letter message; `delivery_id`/`workflow` only when known."""
+    if reason not in DEAD_LETTER_REASONS:
+        raise ValueError(f"{reason!r} is not a dead-letter reason")
     attributes = {
         "reason": Reason(reason).value,
         "error_code": sanitise(error_code),
@@ -57,19 +53,28 @@ def dead_letter_attributes(
     return attributes
 
 
-def publish_dead_letter(
-    settings: PubSubSettings, data: bytes, attributes: Mapping[str, str]
-) -> str:
-    """Publish the original `data` to the dead-letter topic; the confirmed message id.
+class DeadLetterPublisher:
+    """Publishes to `settings.dead_letter_topic` with its own client, made on first use."""
 
-    Raises `pubsub.PublishError` when the publish cannot be confirmed within
-    `settings.publish_timeout_seconds`, or when no dead-letter topic is configured.
-    """
-    if settings.dead_letter_topic is None:
-        raise pubsub.PublishError("no dead-letter topic configured (DEAD_LETTER_TOPIC)")
-    return pubsub.publish(
-        settings.topic_path(settings.dead_letter_topic),
-        data,
-        attributes,
-        timeout=settings.publish_timeout_seconds,
-    )
+    def __init__(self, settings: PubSubSettings) -> None:
+        self.settings = settings
+        self._publisher = pubsub.Publisher()
+
+    def publish(self, data: bytes, attributes: Mapping[str, str]) -> str:
+        """Publish the original `data`; the confirmed message id.
+
+        Raises `pubsub.PublishError` when the publish cannot be confirmed within
+        `settings.publish_timeout_seconds`, or when no dead-letter topic is configured.
+        """
+        topic = self.settings.dead_letter_topic
+        if topic is None:
+            raise pubsub.PublishError("no dead-letter topic configured (DEAD_LETTER_TOPIC)")
+        return self._publisher.publish(
+            self.settings.topic_path(topic),
+            data,
+            attributes,
+            timeout=self.settings.publish_timeout_seconds,
+        )
+
+    def close(self) -> None:
+        self._publisher.close()

@@ -1,19 +1,24 @@
 """Guarded transitions on `email.deliveries`, the source of truth for every email.
 
 Each method is one SQL statement from `sql/queries.sql`, named after its guard. A transition
-that returns False lost a race or held a stale claim: callers treat that as an answer. The
-audit rows in `email.delivery_events` are written by a trigger, never from here.
+that returns False lost a race or held a stale claim: callers treat that as an answer. Every
+transition (`set_*`) is retried here through a dropped connection or a database restart, so
+no caller can forget to; the claim is not (see `Ledger.claim`). The audit rows in
+`email.delivery_events` are written by a trigger, never from here.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Self
 
+import psycopg
+import psycopg_pool
+import tenacity
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -106,13 +111,39 @@ class Claim(_Row):
     lease_expires_at: datetime
 
 
+class Reason(StrEnum):
+    """Why a delivery is in its status: one vocabulary for `email.deliveries.status_reason`,
+    the audit payload's `reason`, a dead letter's `reason` attribute and the logs.
+
+    The worker's outcomes (worker/outcomes.py) set the first five; the SQL statements that
+    set the others get them as parameters from here, so no reason is spelled twice.
+    """
+
+    TRANSIENT_FAILURE = "transient_failure"  # retrying: Pub/Sub redelivers the event
+    RETRIES_EXHAUSTED = "retries_exhausted"  # dead_letter: MAX_ATTEMPTS send attempts used
+    PERMANENT_FAILURE = "permanent_failure"  # failed: the relay refused it (5xx), no template
+    INVALID_EVENT = "invalid_event"  # failed: the event itself can never be sent
+    # retrying: the dead letter was not confirmed, so the row waits for the redelivery
+    DEAD_LETTER_PUBLISH_FAILED = "dead_letter_publish_failed"
+    LEASE_EXPIRED = "lease_expired"  # in_progress: the claim took over an expired lease
+    REPLAY = "replay"  # queued: an operator's replay gave it a fresh attempt budget
+    # dead_letter: replay closed a row whose message Pub/Sub's dead-letter policy forwarded
+    PUBSUB_DEAD_LETTER_POLICY = "pubsub_dead_letter_policy"
+
+
+# The reasons a dead-letter message may carry (contract section 2).
+DEAD_LETTER_REASONS = frozenset(
+    {Reason.RETRIES_EXHAUSTED, Reason.PERMANENT_FAILURE, Reason.INVALID_EVENT}
+)
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong, already sanitised: it is stored and shown to operators."""
 
     code: str
     message: str
-    reason: str
+    reason: Reason
 
 
 class Ledger:
@@ -132,7 +163,11 @@ class Ledger:
         source_message_id: str | None,
         lease_seconds: int,
     ) -> Claim | None:
-        """Claim for sending, or None: already finished, or leased by a live worker."""
+        """Claim for sending, or None: already finished, or leased by a live worker.
+
+        Not retried: nothing has been sent yet, so a failure raises and Pub/Sub redelivers
+        (a claim committed just before its connection dropped is taken over after its lease).
+        """
         row = self._fetch_one(
             "claim",
             delivery_id=delivery_id,
@@ -142,16 +177,25 @@ class Ledger:
             metadata=None if metadata is None else Jsonb(dict(metadata)),
             source_message_id=source_message_id,
             lease_seconds=lease_seconds,
+            takeover_reason=Reason.LEASE_EXPIRED.value,
         )
         return None if row is None else Claim.from_row(row)
 
-    def set_sent_if_claimed(self, claim: Claim, *, attempts: int, provider_message_id: str) -> bool:
-        return self._changed(
+    def set_sent_if_claimed(
+        self,
+        claim: Claim,
+        *,
+        attempts: int,
+        provider_message_id: str,
+        relay_message_id: str | None = None,
+    ) -> bool:
+        return self._transition(
             "set_sent_if_claimed",
             delivery_id=claim.delivery_id,
             claim_token=claim.claim_token,
             attempts=attempts,
             provider_message_id=provider_message_id,
+            relay_message_id=relay_message_id,
         )
 
     def set_retrying_if_claimed(self, claim: Claim, *, attempts: int, failure: Failure) -> bool:
@@ -173,13 +217,13 @@ class Ledger:
         failure: Failure,
     ) -> bool:
         """Record an event that can never be sent. False: the row exists and was left alone."""
-        return self._changed(
+        return self._transition(
             "set_failed_if_new_or_queued",
             delivery_id=delivery_id,
             workflow=workflow,
             recipient=recipient,
             source_message_id=source_message_id,
-            reason=failure.reason,
+            reason=failure.reason.value,
             error_code=failure.code,
             error_message=failure.message,
         )
@@ -188,10 +232,16 @@ class Ledger:
 
     def set_queued_if_finished(self, delivery_id: str) -> bool:
         """Replay: `failed`/`dead_letter` back to `queued` with a fresh attempt budget."""
-        return self._changed("set_queued_if_finished", delivery_id=delivery_id)
+        return self._transition(
+            "set_queued_if_finished", delivery_id=delivery_id, reason=Reason.REPLAY.value
+        )
 
-    def set_dead_letter_if_abandoned(self, delivery_id: str, *, reason: str) -> bool:
-        return self._changed("set_dead_letter_if_abandoned", delivery_id=delivery_id, reason=reason)
+    def set_dead_letter_if_abandoned(
+        self, delivery_id: str, *, reason: Reason = Reason.PUBSUB_DEAD_LETTER_POLICY
+    ) -> bool:
+        return self._transition(
+            "set_dead_letter_if_abandoned", delivery_id=delivery_id, reason=Reason(reason).value
+        )
 
     # --- reads -----------------------------------------------------------------------
 
@@ -214,19 +264,25 @@ class Ledger:
     # --- plumbing --------------------------------------------------------------------
 
     def _set_unsent(self, status: Status, claim: Claim, attempts: int, failure: Failure) -> bool:
-        return self._changed(
+        return self._transition(
             "set_unsent_if_claimed",
             status=status.value,
             delivery_id=claim.delivery_id,
             claim_token=claim.claim_token,
             attempts=attempts,
-            reason=failure.reason,
+            reason=failure.reason.value,
             error_code=failure.code,
             error_message=failure.message,
         )
 
-    def _changed(self, name: str, **params: Any) -> bool:
-        return self._fetch_one(name, **params) is not None
+    def _transition(self, name: str, **params: Any) -> bool:
+        """One guarded statement, retried through a dropped connection or a restart.
+
+        Repeating a guarded transition is harmless (its guard no longer holds once it has
+        committed), and it narrows the window in which an email has gone out but the ledger
+        cannot say so.
+        """
+        return _durably(lambda: self._fetch_one(name, **params) is not None)
 
     def _fetch_one(self, name: str, **params: Any) -> dict[str, Any] | None:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -243,3 +299,15 @@ class Ledger:
     def lease_expired(self, delivery_id: str) -> bool:
         """In progress under a lease that has run out, by the database's clock."""
         return self._fetch_one("lease_expired", delivery_id=delivery_id) is not None
+
+
+def _durably(statement: Callable[[], bool]) -> bool:
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=2),
+        retry=tenacity.retry_if_exception_type(
+            (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+        ),
+        reraise=True,
+    )
+    return retrying(statement)

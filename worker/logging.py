@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from worker.redact import mask_links_and_addresses
+from worker.settings import SettingsError, log_level
 
 SENSITIVE_KEYS = frozenset(
     {
@@ -86,11 +87,18 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Idempotent: the first call wins (a warm instance configures once)."""
+def configure_logging(level: str | None = None) -> None:
+    """Idempotent: the first call wins (a warm instance configures once). The level is
+    `LOG_LEVEL` unless given; a malformed `LOG_LEVEL` means `INFO` here, and `load_settings`
+    stops the instance with one line naming it."""
     global _configured
     if _configured:
         return
+    if level is None:
+        try:
+            level = log_level()
+        except SettingsError:
+            level = "INFO"
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

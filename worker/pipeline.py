@@ -1,12 +1,13 @@
-"""One delivery event, start to finish: decode, claim, render, send, record.
+"""One delivery event, start to finish: decode, claim, render, send; decide; finish.
 
 The order is what makes "one email per delivery_id" hold:
   1. the claim is durable in PostgreSQL before anything is sent (no claim, no email);
-  2. the email is sent with the claim held (a lease, fenced by a claim token);
-  3. the outcome is recorded with a statement guarded by that token.
-A dead letter is published and confirmed before the ledger says so. Every failure either
-returns (the event is finished, and the ledger says why) or raises `RetryLater`, so Pub/Sub
-redelivers it.
+  2. the email is sent with the claim held (a lease, fenced by a claim token), and every SMTP
+     attempt can end inside that lease (`settings.send_window`);
+  3. what happened is turned into an `Outcome` by a pure function (worker/outcomes.py), and
+     `finish` carries it out: the dead letter published and confirmed before the ledger says
+     so, one guarded ledger write (retried through dropped connections by the ledger), one
+     log line, and the answer to Pub/Sub: return (ack) or raise `RetryLater` (redeliver).
 """
 
 from __future__ import annotations
@@ -14,26 +15,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any
 
-import psycopg
-import psycopg_pool
-import tenacity
-
-from worker import deadletter, events, smtp
+from worker import events, relay, smtp
 from worker.db import shared_pool
-from worker.deadletter import Reason
-from worker.ledger import Claim, Failure, Ledger
+from worker.deadletter import DeadLetterPublisher, dead_letter_attributes
+from worker.ledger import Claim, Failure, Ledger, Reason
 from worker.logging import bind, bind_event, clear_event, get_logger
+from worker.outcomes import Ending, Facts, Outcome, decide, send_tries
 from worker.pubsub import PublishError
 from worker.redact import mask_email, sanitise
 from worker.rendering import Renderer, TemplateError
-from worker.settings import Settings, load_settings
+from worker.settings import Settings, load_settings, send_window
 
-T = TypeVar("T")
-# Slack between the last SMTP attempt's worst-case end and the lease's expiry.
-LEASE_MARGIN_SECONDS = 1.0
 log = get_logger()
 
 
@@ -49,6 +44,7 @@ class Worker:
     ledger: Ledger
     sender: smtp.SmtpSender
     renderer: Renderer
+    dead_letters: DeadLetterPublisher
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
@@ -57,6 +53,7 @@ class Worker:
             ledger=Ledger(shared_pool(settings.database)),
             sender=smtp.SmtpSender(settings.smtp),
             renderer=Renderer(),
+            dead_letters=DeadLetterPublisher(settings.pubsub),
         )
 
 
@@ -83,6 +80,27 @@ def instance() -> Worker:
     return _worker
 
 
+@dataclass(frozen=True)
+class Subject:
+    """The event as `finish` needs it: which delivery, and the bytes a dead letter carries."""
+
+    delivery_id: str | None
+    workflow: str | None
+    data: bytes
+    source_message_id: str
+
+    @classmethod
+    def of(cls, event: events.DeliveryEvent) -> Subject:
+        message = event.message
+        return cls(event.delivery_id, event.workflow, message.data, message.message_id)
+
+    @classmethod
+    def of_invalid(cls, invalid: events.InvalidEvent) -> Subject:
+        message = invalid.message
+        data, message_id = (message.data, message.message_id) if message else (b"", "")
+        return cls(invalid.delivery_id, invalid.workflow, data, message_id)
+
+
 def handle(cloud_event: Any, worker: Worker | None = None) -> None:
     """The function body: returns when the event is finished, raises `RetryLater` if not."""
     worker = worker or instance()
@@ -90,7 +108,9 @@ def handle(cloud_event: Any, worker: Worker | None = None) -> None:
         try:
             event = events.decode(cloud_event)
         except events.InvalidEvent as invalid:
-            reject(worker, invalid)
+            bind_event(delivery_id=invalid.delivery_id, workflow=invalid.workflow)
+            outcome = decide(Facts(invalid=sanitise(str(invalid))), 0)
+            finish(worker, Subject.of_invalid(invalid), None, outcome)
             return
         bind_event(
             project=worker.settings.pubsub.project,
@@ -105,12 +125,9 @@ def handle(cloud_event: Any, worker: Worker | None = None) -> None:
         clear_event()
 
 
-# --- the happy path and its failures ------------------------------------------------------
-
-
 def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
+    """Claim, attempt, decide, finish."""
     started = time.monotonic()
-    retry = worker.settings.retry
     claim = worker.ledger.claim(
         delivery_id=event.delivery_id,
         workflow=event.workflow,
@@ -118,26 +135,28 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         locale=event.locale,
         metadata=event.metadata,
         source_message_id=event.message.message_id,
-        lease_seconds=retry.lease_seconds,
+        lease_seconds=worker.settings.retry.lease_seconds,
     )
     if claim is None:
-        settle_unclaimed(worker, event)
-        return
-    bind(attempt=claim.attempts)
-    budget = retry.max_attempts - claim.attempts + 1
-    if budget < 1:
-        # Claims that never finished (lease expiries) used the budget up.
-        failure = Failure("ATTEMPTS_EXHAUSTED", "no send attempts left", Reason.retries_exhausted)
-        dead_letter(worker, event, claim, claim.attempts, failure)
-        return
+        row = worker.ledger.get(event.delivery_id)
+        facts = Facts(found=None if row is None else row.status)
+    else:
+        bind(attempt=claim.attempts)
+        facts = attempt(worker, event, claim, started)
+    outcome = decide(facts, worker.settings.retry.max_attempts)
+    finish(worker, Subject.of(event), claim, outcome, started=started)
 
+
+def attempt(worker: Worker, event: events.DeliveryEvent, claim: Claim, started: float) -> Facts:
+    """Render and send under the claim, unless its attempt budget is spent; what happened."""
+    facts = Facts(claimed=claim.attempts)
+    tries = send_tries(claim.attempts, worker.settings.retry)
+    if tries < 1:
+        return facts
     try:
         rendered = worker.renderer.render(event)
     except TemplateError as template_error:
-        failure = Failure("TEMPLATE_ERROR", sanitise(str(template_error)), Reason.permanent_failure)
-        dead_letter(worker, event, claim, claim.attempts, failure)
-        return
-
+        return replace(facts, template_error=sanitise(str(template_error)))
     message = smtp.build_message(
         worker.settings.smtp,
         delivery_id=event.delivery_id,
@@ -145,197 +164,155 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         subject=rendered.subject,
         text=rendered.text,
         html=rendered.html,
-    )
+    ).with_headers(relay.tracking_headers(worker.settings.smtp.provider, event.delivery_id))
+    retry = worker.settings.retry
     result = smtp.send_with_retry(
         worker.sender,
         message,
-        tries=min(retry.tries_per_invocation, budget),
+        tries=tries,
         initial_backoff=retry.initial_backoff_seconds,
         max_backoff=retry.max_backoff_seconds,
         on_retry=_log_retry(claim),
-        deadline=_last_start_within_lease(worker, started),
-    )
-    attempts = claim.attempts + result.attempts - 1
-    if result.error is None:
-        record_sent(worker, claim, attempts, message.message_id, started)
-        return
-
-    error = result.error
-    if not error.transient:
-        failure = Failure(error.code, error.message, Reason.permanent_failure)
-        dead_letter(worker, event, claim, attempts, failure)
-    elif attempts >= retry.max_attempts:
-        failure = Failure(error.code, error.message, Reason.retries_exhausted)
-        dead_letter(worker, event, claim, attempts, failure)
-    else:
-        failure = Failure(error.code, error.message, "transient_failure")
-        _durably(
-            lambda: worker.ledger.set_retrying_if_claimed(claim, attempts=attempts, failure=failure)
-        )
-        log.warning(
-            "delivery will be retried",
-            attempts=attempts,
-            error_code=error.code,
-            error_message=error.message,
-        )
-        raise RetryLater(
-            f"{error.code}: transient failure, attempt {attempts} of {retry.max_attempts}"
-        )
-
-
-def record_sent(
-    worker: Worker, claim: Claim, attempts: int, message_id: str, started: float
-) -> None:
-    won = _durably(
-        lambda: worker.ledger.set_sent_if_claimed(
-            claim, attempts=attempts, provider_message_id=message_id
-        )
-    )
-    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-    if won:
-        log.info(
-            "delivery sent",
-            attempts=attempts,
-            provider_message_id=message_id,
-            duration_ms=elapsed_ms,
-        )
-    else:
-        # Our lease expired while we were sending and someone else claimed the row: the
-        # email went out, but the ledger belongs to the newer claim now.
-        log.error(
-            "delivery sent but the claim was lost",
-            attempts=attempts,
-            provider_message_id=message_id,
-            duration_ms=elapsed_ms,
-        )
-
-
-def settle_unclaimed(worker: Worker, event: events.DeliveryEvent) -> None:
-    """The claim returned nothing: a finished delivery (ack) or a live claim (retry later)."""
-    row = worker.ledger.get(event.delivery_id)
-    if row is not None and row.status.finished:
-        log.info("duplicate event skipped", status=row.status.value)
-        return
-    # Another worker holds a live lease. Acking could lose the email if that worker dies,
-    # so let Pub/Sub bring this copy back; by then the row is finished or the lease expired.
-    status = row.status.value if row is not None else "missing"
-    log.info("delivery is being handled elsewhere", status=status)
-    raise RetryLater(f"delivery {event.delivery_id} is {status} under another claim")
-
-
-# --- dead letters -------------------------------------------------------------------------
-
-
-def dead_letter(
-    worker: Worker, event: events.DeliveryEvent, claim: Claim, attempts: int, failure: Failure
-) -> None:
-    """Publish the dead letter, then close the row: `failed` for a permanent failure,
-    `dead_letter` when the attempts ran out (contract section 2)."""
-    _publish_or_release(worker, event, claim, attempts, failure)
-    ledger = worker.ledger
-    close = (
-        ledger.set_failed_if_claimed
-        if failure.reason == Reason.permanent_failure
-        else ledger.set_dead_letter_if_claimed
-    )
-    _durably(lambda: close(claim, attempts=attempts, failure=failure))
-    log.error(
-        "delivery dead-lettered",
-        reason=failure.reason,
-        attempts=attempts,
-        error_code=failure.code,
-        error_message=failure.message,
-    )
-
-
-def _publish_or_release(
-    worker: Worker, event: events.DeliveryEvent, claim: Claim, attempts: int, failure: Failure
-) -> None:
-    """Publish the dead letter; if Pub/Sub cannot confirm it, hand the row back (`retrying`)
-    so the redelivery can claim it at once, and raise."""
-    attributes = deadletter.dead_letter_attributes(
-        reason=Reason(failure.reason),
-        error_code=failure.code,
-        error_message=failure.message,
-        attempts=attempts,
-        source_message_id=event.message.message_id,
-        delivery_id=event.delivery_id,
-        workflow=event.workflow,
-    )
-    try:
-        deadletter.publish_dead_letter(worker.settings.pubsub, event.message.data, attributes)
-    except PublishError as error:
-        worker.ledger.set_retrying_if_claimed(claim, attempts=attempts, failure=failure)
-        log.error("dead-letter publish failed", error_message=str(error))
-        raise RetryLater(f"dead-letter publish failed: {error}") from None
-
-
-def reject(worker: Worker, invalid: events.InvalidEvent) -> None:
-    """An event that can never succeed: dead-letter it, then record why when it has an id."""
-    bind_event(delivery_id=invalid.delivery_id, workflow=invalid.workflow)
-    message = invalid.message
-    failure = Failure("INVALID_EVENT", sanitise(str(invalid)), Reason.invalid_event)
-    attributes = deadletter.dead_letter_attributes(
-        reason=Reason.invalid_event,
-        error_code=failure.code,
-        error_message=failure.message,
-        attempts=0,
-        source_message_id=message.message_id if message else "",
-        delivery_id=invalid.delivery_id,
-        workflow=invalid.workflow,
-    )
-    data = message.data if message else b""
-    try:
-        deadletter.publish_dead_letter(worker.settings.pubsub, data, attributes)
-    except PublishError as error:
-        log.error("dead-letter publish failed", error_message=str(error), error_code=failure.code)
-        raise RetryLater(f"dead-letter publish failed: {error}") from None
-    if invalid.delivery_id is not None:
-        _durably(
-            lambda: worker.ledger.set_failed_if_new_or_queued(
-                delivery_id=invalid.delivery_id or "",
-                workflow=invalid.workflow,
-                recipient=None,
-                source_message_id=message.message_id if message else None,
-                failure=failure,
-            )
-        )
-    log.warning(
-        "invalid event dead-lettered", error_code=failure.code, error_message=failure.message
-    )
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-def _durably(record: Callable[[], T]) -> T:
-    """Retry a ledger write through a dropped connection or a database restart.
-
-    Every transition is guarded by the claim token, so repeating one is harmless. This
-    narrows the window in which an email has gone out but the ledger cannot say so.
-    """
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(4),
-        wait=tenacity.wait_exponential(multiplier=0.25, max=2),
-        retry=tenacity.retry_if_exception_type(
-            (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+        # `started` is taken before the claim, so the lease is never overestimated.
+        deadline=send_window(
+            retry.lease_seconds,
+            worker.settings.smtp.timeout_seconds,
+            elapsed=time.monotonic() - started,
         ),
-        reraise=True,
     )
-    return retrying(record)
+    return replace(facts, send=result, message_id=message.message_id)
 
 
-def _last_start_within_lease(worker: Worker, started: float) -> float:
-    """Seconds from now in which another SMTP attempt may still start.
+# --- the one place an outcome is carried out ----------------------------------------------
 
-    An attempt must end inside the claim's lease: once the lease expires, a redelivered copy
-    may claim the row and send, and a late attempt here would be a second email. One attempt
-    takes at most about two command timeouts; `started` is taken before the claim, so the
-    lease (which starts at the claim) is never overestimated.
-    """
-    elapsed = time.monotonic() - started
-    attempt = 2 * worker.settings.smtp.timeout_seconds
-    return worker.settings.retry.lease_seconds - elapsed - attempt - LEASE_MARGIN_SECONDS
+
+def finish(
+    worker: Worker,
+    subject: Subject,
+    claim: Claim | None,
+    outcome: Outcome,
+    *,
+    started: float | None = None,
+) -> None:
+    """Dead letter first (confirmed), then the ledger, the log line, the answer to Pub/Sub."""
+    if outcome.publishes_dead_letter:
+        try:
+            worker.dead_letters.publish(subject.data, _attributes(subject, outcome))
+        except PublishError as error:
+            log.error(
+                "dead-letter publish failed",
+                error_message=str(error),
+                error_code=outcome.failure.code if outcome.failure else None,
+            )
+            outcome = outcome.unpublished()
+    recorded = record(worker.ledger, subject, claim, outcome)
+    _log(outcome, recorded, started)
+    if not outcome.acks:
+        raise RetryLater(_retry_later_message(worker, subject, outcome))
+
+
+def record(ledger: Ledger, subject: Subject, claim: Claim | None, outcome: Outcome) -> bool:
+    """The outcome's one ledger write; False when its guard did not hold, or it has none.
+    Every write is retried through a dropped connection by the ledger itself."""
+    match outcome.ending:
+        case Ending.ALREADY_FINISHED | Ending.HELD_ELSEWHERE:
+            return False  # another claim's row, or a finished one: not ours to touch
+        case Ending.REJECTED:
+            return subject.delivery_id is not None and ledger.set_failed_if_new_or_queued(
+                delivery_id=subject.delivery_id,
+                workflow=subject.workflow,
+                recipient=None,
+                source_message_id=subject.source_message_id or None,
+                failure=_failure(outcome),
+            )
+    if claim is None:
+        return False  # a rejected event whose dead letter failed: nothing was claimed
+    match outcome.ending:
+        case Ending.SENT:
+            return ledger.set_sent_if_claimed(
+                claim,
+                attempts=outcome.attempts,
+                provider_message_id=outcome.provider_message_id or "",
+                relay_message_id=outcome.relay_message_id,
+            )
+        case Ending.RETRYING:
+            setter = ledger.set_retrying_if_claimed
+        case Ending.FAILED:
+            setter = ledger.set_failed_if_claimed
+        case Ending.DEAD_LETTER:
+            setter = ledger.set_dead_letter_if_claimed
+        case _:
+            raise AssertionError(f"unhandled ending {outcome.ending}")
+    return setter(claim, attempts=outcome.attempts, failure=_failure(outcome))
+
+
+def _failure(outcome: Outcome) -> Failure:
+    assert outcome.failure is not None, f"{outcome.ending} carries a failure"
+    return outcome.failure
+
+
+def _attributes(subject: Subject, outcome: Outcome) -> dict[str, str]:
+    failure = _failure(outcome)
+    return dead_letter_attributes(
+        reason=failure.reason,
+        error_code=failure.code,
+        error_message=failure.message,
+        attempts=outcome.attempts,
+        source_message_id=subject.source_message_id,
+        delivery_id=subject.delivery_id,
+        workflow=subject.workflow,
+    )
+
+
+def _log(outcome: Outcome, recorded: bool, started: float | None) -> None:
+    failure = outcome.failure
+    error = (
+        {} if failure is None else {"error_code": failure.code, "error_message": failure.message}
+    )
+    found = None if outcome.found is None else outcome.found.value
+    match outcome.ending:
+        case Ending.SENT:
+            elapsed_ms = None if started is None else round((time.monotonic() - started) * 1000, 1)
+            fields = {
+                "attempts": outcome.attempts,
+                "provider_message_id": outcome.provider_message_id,
+                "relay_message_id": outcome.relay_message_id,
+                "duration_ms": elapsed_ms,
+            }
+            if recorded:
+                log.info("delivery sent", **fields)
+            else:
+                # Our lease expired while we were sending and someone else claimed the row:
+                # the email went out, but the ledger belongs to the newer claim now.
+                log.error("delivery sent but the claim was lost", **fields)
+        case Ending.ALREADY_FINISHED:
+            log.info("duplicate event skipped", status=found)
+        case Ending.HELD_ELSEWHERE:
+            log.info("delivery is being handled elsewhere", status=found or "missing")
+        case Ending.RETRYING:
+            log.warning(
+                "delivery will be retried",
+                reason=outcome.reason,
+                attempts=outcome.attempts,
+                **error,
+            )
+        case Ending.FAILED | Ending.DEAD_LETTER:
+            log.error(
+                "delivery dead-lettered", reason=outcome.reason, attempts=outcome.attempts, **error
+            )
+        case Ending.REJECTED:
+            log.warning("invalid event dead-lettered", **error)
+
+
+def _retry_later_message(worker: Worker, subject: Subject, outcome: Outcome) -> str:
+    failure = outcome.failure
+    if outcome.ending is Ending.HELD_ELSEWHERE or failure is None:
+        status = outcome.found.value if outcome.found else "missing"
+        return f"delivery {subject.delivery_id} is {status} under another claim"
+    if failure.reason is Reason.DEAD_LETTER_PUBLISH_FAILED:
+        return f"dead-letter publish failed ({failure.code})"
+    max_attempts = worker.settings.retry.max_attempts
+    return f"{failure.code}: transient failure, attempt {outcome.attempts} of {max_attempts}"
 
 
 def _log_retry(claim: Claim) -> Callable[[smtp.SmtpError, int], None]:

@@ -1,9 +1,11 @@
-"""The Pub/Sub publisher: one per process, created on first use.
+"""Pub/Sub publishers, each creating its client on first use.
 
-`google.cloud.pubsub_v1` is imported only inside `_client()`, so importing this module (and
-`main`) stays cheap; only paths that actually publish pay for the library. The emulator is
-honoured by the library itself through `PUBSUB_EMULATOR_HOST`, read when the client is
-created: call `reset_client()` after changing it.
+A `Publisher` is held by whatever needs one: the function's worker holds its dead-letter
+publisher (worker/deadletter.py), and the commands share the module's default one through
+`publish()`. `google.cloud.pubsub_v1` is imported only when a client is made, so importing
+this module (and `main`) stays cheap; only paths that actually publish pay for the library.
+The emulator is honoured by the library itself through `PUBSUB_EMULATOR_HOST`, read when the
+client is made: call `reset_client()` (or `Publisher.close()`) after changing it.
 
 `publish()` waits for the server's message id and is bounded by `timeout`: the library's
 default publish retry keeps trying an unreachable server for 600 seconds, so every call
@@ -18,43 +20,90 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PublishError", "publish", "reset_client"]
+__all__ = ["PublishError", "Publisher", "publish", "reset_client"]
 
 # Extra time the caller waits on the future beyond the retry deadline, so the library's own
 # (more specific) error wins over a bare "timed out" when both are due.
 _RESULT_GRACE_SECONDS = 1.0
-
-_lock = threading.Lock()
-_publisher: Any = None  # google.cloud.pubsub_v1.PublisherClient, created lazily
 
 
 class PublishError(Exception):
     """A message could not be confirmed as published. `str(error)` is one line."""
 
 
-def _client() -> Any:
-    global _publisher
-    with _lock:
-        if _publisher is None:
-            from google.cloud.pubsub_v1 import PublisherClient  # deferred: cold start matters
+class Publisher:
+    """One lazily made `PublisherClient`, reused for every publish until `close()`."""
 
-            _publisher = PublisherClient()
-        return _publisher
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: Any = None  # google.cloud.pubsub_v1.PublisherClient
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from google.cloud.pubsub_v1 import PublisherClient  # deferred: cold start
+
+                self._client = PublisherClient()
+            return self._client
+
+    def close(self) -> None:
+        """Drop the client; the next publish makes a new one."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            # stop() is non-blocking and flushes anything still batched; if it fails (already
+            # stopped, a broken client) the client is dropped all the same.
+            with contextlib.suppress(Exception):
+                client.stop()
+
+    def publish(
+        self, topic_path: str, data: bytes, attributes: Mapping[str, str], *, timeout: float
+    ) -> str:
+        """Publish one message and return the server's message id once it is confirmed.
+
+        Raises `PublishError` (one line, naming the topic) for any failure: server
+        unreachable, topic not found, rejected message, or no confirmation within `timeout`
+        seconds.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        try:
+            future = self.client().publish(
+                topic_path,
+                data,
+                retry=_retry(timeout),
+                # The RPC timeout: api_core gives each attempt what is left of it.
+                timeout=timeout,
+                **dict(attributes),
+            )
+        except Exception as error:
+            raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
+        try:
+            message_id = future.result(timeout=timeout + _RESULT_GRACE_SECONDS)
+        except TimeoutError:
+            future.cancel()
+            raise PublishError(
+                f"publish to {topic_path} not confirmed within {timeout:g} seconds"
+            ) from None
+        except Exception as error:
+            raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
+        return str(message_id)
+
+
+# The commands' publisher (python -m worker publish/replay, the local stack).
+_default = Publisher()
+
+
+def _client() -> Any:
+    return _default.client()
 
 
 def reset_client() -> None:
-    """Drop the cached publisher; the next `publish()` creates a new one.
+    """Drop the default publisher's client; the next `publish()` makes a new one.
 
     Used by tests and the CLI, e.g. after changing `PUBSUB_EMULATOR_HOST`.
     """
-    global _publisher
-    with _lock:
-        publisher, _publisher = _publisher, None
-    if publisher is not None:
-        # stop() is non-blocking and flushes anything still batched; if it fails (already
-        # stopped, a broken client) the client is dropped all the same.
-        with contextlib.suppress(Exception):
-            publisher.stop()
+    _default.close()
 
 
 def _retry(timeout: float) -> Any:
@@ -84,31 +133,5 @@ def _one_line(error: BaseException) -> str:
 
 
 def publish(topic_path: str, data: bytes, attributes: Mapping[str, str], *, timeout: float) -> str:
-    """Publish one message and return the server's message id once it is confirmed.
-
-    Raises `PublishError` (one line, naming the topic) for any failure: server unreachable,
-    topic not found, rejected message, or no confirmation within `timeout` seconds.
-    """
-    if timeout <= 0:
-        raise ValueError("timeout must be positive")
-    try:
-        future = _client().publish(
-            topic_path,
-            data,
-            retry=_retry(timeout),
-            # The RPC timeout: api_core gives each attempt what is left of it.
-            timeout=timeout,
-            **dict(attributes),
-        )
-    except Exception as error:
-        raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
-    try:
-        message_id = future.result(timeout=timeout + _RESULT_GRACE_SECONDS)
-    except TimeoutError:
-        future.cancel()
-        raise PublishError(
-            f"publish to {topic_path} not confirmed within {timeout:g} seconds"
-        ) from None
-    except Exception as error:
-        raise PublishError(f"publish to {topic_path} failed: {_one_line(error)}") from error
-    return str(message_id)
+    """`Publisher.publish` with the default publisher."""
+    return _default.publish(topic_path, data, attributes, timeout=timeout)

@@ -5,15 +5,18 @@ first folder that exists among the event's exact tag (`pt-BR`), its language (`p
 a folder missing one of the three files is a bug and raises rather than mixing locales.
 
 Template variables are the event's `data`, the workflow's optional variables (None when
-absent, so templates test them with `{% if name %}`) and `recipient`. Undefined variables
-raise (`StrictUndefined`): a template bug is a permanent `TemplateError`, whose message names
-the workflow, locale, file or variable, never a value.
+absent, so templates test them with `{% if name %}`) and `recipient`. The `long_date` filter
+writes an ISO date (`2030-01-31`) the way the template's language does ("January 31, 2030",
+"31 janvier 2030"); a language without an entry in `_LONG_DATES` keeps the ISO form.
+Undefined variables raise (`StrictUndefined`): a template bug is a permanent
+`TemplateError`, whose message names the workflow, locale, file or variable, never a value.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,21 @@ from worker.workflows import WORKFLOWS
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 FILES = ("subject.txt", "body.txt", "body.html")
 _UNDEFINED_NAME = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)' is undefined")
+# `long_date` per template language: the pattern, the month names and how the first of a
+# month is written. Add an entry beside a new locale folder; without one, the ISO form stays.
+# fmt: off
+_LONG_DATES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "en": ("{month} {day}, {year}", (
+        "January", "February", "March", "April", "May", "June",
+        "July", "August", "September", "October", "November", "December",
+    ), "1"),
+    "fr": ("{day} {month} {year}", (
+        "janvier", "février", "mars", "avril", "mai", "juin",
+        "juillet", "août", "septembre", "octobre", "novembre", "décembre",
+    ), "1er"),
+}
+# fmt: on
+LOCALE_KEY = "template_locale"
 # Errors a template can raise while rendering validated data; anything else is not ours.
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)
 
@@ -68,11 +86,12 @@ class Renderer:
                 # Templates ship with the code: no need to stat files on every render.
                 auto_reload=False,
             )
+            self._env.filters["long_date"] = long_date
         return self._env
 
     def render(self, event: DeliveryEvent) -> RenderedEmail:
         locale, templates = self._templates(event.workflow, event.locale)
-        context = _context(event)
+        context = {**_context(event), LOCALE_KEY: locale}
         where = f"{event.workflow}/{locale}"
         subject, text, html = (
             _render_one(template, context, f"{where}/{name}")
@@ -123,6 +142,18 @@ def _context(event: DeliveryEvent) -> dict[str, Any]:
     optional = {v.name: None for v in workflow.optional} if workflow else {}
     # `recipient` comes last so `data` cannot replace the address the email goes to.
     return {**optional, **event.data, "recipient": event.recipient}
+
+
+@jinja2.pass_context
+def long_date(context: jinja2.runtime.Context, value: str) -> str:
+    """`2030-01-31` in the words of the template's language (the locale folder in use)."""
+    day = date.fromisoformat(value)
+    language = str(context.get(LOCALE_KEY, DEFAULT_LOCALE)).split("-")[0]
+    if language not in _LONG_DATES:
+        return day.isoformat()
+    pattern, months, first = _LONG_DATES[language]
+    number = first if day.day == 1 else str(day.day)
+    return pattern.format(month=months[day.month - 1], day=number, year=day.year)
 
 
 def _render_one(template: jinja2.Template, context: dict[str, Any], where: str) -> str:

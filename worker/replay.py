@@ -13,7 +13,12 @@ A run pulls the dead-letter subscription in batches (synchronous pull) and, per 
      `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed;
      the republishes of one pulled batch run concurrently and are acked in one call.
 Acked messages are gone, so a second run replays nothing twice; a row already `sent` is acked
-without a republish.
+without a republish. A dead letter of a message this run republished (the delivery failed
+again while the run went on: its `source_message_id` is one of the run's republishes, or, when
+Pub/Sub's policy forwarded it, its `replayed_from` is one of the run's replayed dead letters) is
+never acked nor republished by the run: it stays on the subscription for the next run, after
+the operator fixed the cause. Only an earlier copy of a dead letter for a delivery this run
+replayed is acked as a duplicate.
 
 `google.cloud.pubsub_v1` is imported only when a run starts: importing the CLI stays cheap.
 """
@@ -31,7 +36,7 @@ from typing import Any, TypeVar
 
 from worker import events
 from worker import pubsub as worker_pubsub
-from worker.ledger import Ledger, Status
+from worker.ledger import Ledger, Reason, Status
 from worker.settings import PubSubSettings, SettingsError
 
 __all__ = [
@@ -47,7 +52,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-POLICY_REASON = "pubsub_dead_letter_policy"
+POLICY_REASON = Reason.PUBSUB_DEAD_LETTER_POLICY
 POLICY_PREFIX = "CloudPubSubDeadLetter"
 OUR_ATTRIBUTES = frozenset(
     {"reason", "error_code", "error_message", "attempts", "source_message_id"}
@@ -77,8 +82,10 @@ class Action(StrEnum):
     REQUEUE = "requeue"  # failed/dead_letter -> queued, then republish
     CLOSE_AND_REQUEUE = "close_and_requeue"  # retrying/expired lease -> dead_letter -> queued
     SKIP_SENT = "skip_sent"  # already sent: ack, nothing to do
+    SKIP_SKIPPED = "skip_skipped"  # deliberately not sent (suppressed, rate limited): ack
     SKIP_IN_PROGRESS = "skip_in_progress"  # a live lease: leave for later
     SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
+    FAILED_AGAIN = "failed_again"  # dead letter of this run's own republish: leave for later
 
     @property
     def republishes(self) -> bool:
@@ -95,8 +102,10 @@ _DESCRIPTIONS = {
     Action.REQUEUE: "row requeued",
     Action.CLOSE_AND_REQUEUE: "abandoned row closed and requeued",
     Action.SKIP_SENT: "already sent",
+    Action.SKIP_SKIPPED: "deliberately not sent (skipped); final",
     Action.SKIP_IN_PROGRESS: "in progress under a live lease",
     Action.SKIP_DUPLICATE: "already replayed in this run",
+    Action.FAILED_AGAIN: "failed again after this run republished it; left for the next run",
 }
 
 
@@ -105,6 +114,7 @@ class Outcome(StrEnum):
     WOULD_REPLAY = "would replay"
     SKIPPED = "skipped"
     FAILED = "failed"
+    LEFT = "left"
 
 
 # --- one dead letter ------------------------------------------------------------------------
@@ -148,6 +158,14 @@ class DeadLetter:
             if key not in OUR_ATTRIBUTES and not key.startswith(POLICY_PREFIX)
         }
         return {**kept, "replayed_from": self.message_id}
+
+    def descends_from(self, republished: set[str], replayed: set[str]) -> bool:
+        """Whether this is the dead letter of a message in `republished` (our own dead
+        letters name the failed message in `source_message_id`; Pub/Sub's policy forwards the
+        message's own attributes, which carry `replayed_from`, a dead letter in `replayed`)."""
+        if "reason" in self.attributes:
+            return self.attributes.get("source_message_id") in republished
+        return self.attributes.get("replayed_from") in replayed
 
 
 def _policy_or_unknown(attributes: Mapping[str, str]) -> str:
@@ -320,7 +338,11 @@ class _Run:
         self.summary = Summary(dry_run=options.dry_run)
         self.held: dict[str, str] = {}  # message id -> latest ack id, released at the end
         self.acked: set[str] = set()
-        self.replayed_ids: set[str] = set()
+        self.replayed_ids: set[str] = set()  # delivery ids
+        # Message ids of this run's republishes, and of the dead letters they replayed: a dead
+        # letter naming one of them is a new failure, not a copy of one this run handled.
+        self.republished: set[str] = set()
+        self.replayed_letters: set[str] = set()
         self.leased_at = time.monotonic()
         # Decided and made replayable, waiting for the batch's concurrent republish.
         self.pending: list[tuple[DeadLetter, Action]] = []
@@ -369,6 +391,11 @@ class _Run:
             self._seen_again(letter)
             return
         self.summary.pulled += 1
+        if letter.descends_from(self.republished, self.replayed_letters):
+            self._hold(letter)
+            self.summary.left += 1
+            on_item(Item(letter, Action.FAILED_AGAIN, Outcome.LEFT))
+            return
         if not self.options.filters.match(letter) or self._room() <= 0:
             self._hold(letter)
             self.summary.left += 1
@@ -397,6 +424,8 @@ class _Run:
             return Action.NEW
         if row.status is Status.SENT:
             return Action.SKIP_SENT
+        if row.status is Status.SKIPPED:
+            return Action.SKIP_SKIPPED
         if row.status in (Status.FAILED, Status.DEAD_LETTER):
             return Action.REQUEUE
         if row.status is Status.QUEUED:
@@ -479,6 +508,8 @@ class _Run:
                 items.append(Item(letter, action, Outcome.FAILED, str(result)))
             else:
                 self._count_replayed(letter)
+                self.republished.add(result)
+                self.replayed_letters.add(letter.message_id)
                 items.append(Item(letter, action, Outcome.REPLAYED, f"as message {result}"))
         return items
 

@@ -18,6 +18,8 @@ from worker.relay import SmtpProvider
 
 T = TypeVar("T")
 SmtpSecurity = Literal["starttls", "ssl", "none"]
+# Slack between the last SMTP attempt's worst-case end and the lease's expiry.
+LEASE_MARGIN_SECONDS = 1.0
 
 
 class SettingsError(Exception):
@@ -239,16 +241,40 @@ def retry_settings(env: Mapping[str, str] = os.environ) -> RetrySettings:
     )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str] = os.environ) -> str:
+    """`LOG_LEVEL`, upper-cased; `INFO` when unset."""
+    value = (_raw(env, "LOG_LEVEL") or "INFO").upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {env['LOG_LEVEL']!r}"
+        )
+    return value
+
+
+def send_window(lease_seconds: float, smtp_timeout_seconds: float, elapsed: float = 0.0) -> float:
+    """The lease rule: an SMTP attempt must be able to end inside the claim's lease.
+
+    Seconds from now in which an attempt may still start, `elapsed` seconds into the lease.
+    Once the lease expires a redelivered copy may claim the row and send, so a late attempt
+    here would be a second email. One attempt takes at most about two command timeouts (a
+    failure costs at most one timeout plus a reconnect). Settings refuse a lease with no
+    window at all; the pipeline hands the window to `smtp.send_with_retry` as its deadline.
+    """
+    return lease_seconds - elapsed - 2 * smtp_timeout_seconds - LEASE_MARGIN_SECONDS
+
+
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     """Everything the function needs; the dead-letter topic is required for it."""
+    log_level(env)  # read by worker.logging; checked here so a typo stops the instance
     pubsub = pubsub_settings(env)
     if pubsub.dead_letter_topic is None:
         raise SettingsError("DEAD_LETTER_TOPIC is required but not set")
     smtp = smtp_settings(env)
     retry = retry_settings(env)
-    # One SMTP attempt (about two command timeouts) must fit inside a claim's lease, or a
-    # slow attempt could still be sending when a redelivered copy takes the claim over.
-    if retry.lease_seconds <= 2 * smtp.timeout_seconds + 1:
+    if send_window(retry.lease_seconds, smtp.timeout_seconds) <= 0:
         raise SettingsError(
             f"LEASE_SECONDS ({retry.lease_seconds}) must be more than twice "
             f"SMTP_TIMEOUT_SECONDS ({smtp.timeout_seconds:g}) plus one"

@@ -6,6 +6,7 @@ that is safe to store in the ledger and to put on a dead-letter message.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import contextlib
 import functools
@@ -16,8 +17,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email.header import Header
-from email.utils import formataddr, formatdate, parseaddr
+from datetime import UTC, datetime
+from email.utils import format_datetime, formataddr, parseaddr
 from typing import TYPE_CHECKING
 
 import tenacity
@@ -91,7 +92,11 @@ def _sender_headers(sender: str, reply_to: str | None) -> tuple[str, bytes]:
 
 def _address_header(value: str) -> str:
     name, address = parseaddr(value)
-    return formataddr((name, address), charset="utf-8")  # RFC 2047 for a non-ASCII name
+    if not name or name.isascii():
+        return formataddr((name, address))  # quotes the name where it needs it
+    words = _encoded_words(name)  # RFC 2047 for a non-ASCII name
+    last_line = len("Reply-To: ") + len(words.rsplit("\n", 1)[-1]) + len(address) + 3
+    return f"{words}{' ' if last_line <= 78 else FOLD}<{address}>"
 
 
 def _subject_header(subject: str) -> str:
@@ -99,7 +104,34 @@ def _subject_header(subject: str) -> str:
     subject = " ".join(subject.split())
     if subject.isascii() and len(subject) <= 900:
         return subject
-    return Header(subject, "utf-8").encode(linesep="\r\n")
+    return _encoded_words(subject)
+
+
+# RFC 2047 section 2: an encoded-word is at most 75 characters. `=?utf-8?b?` + `?=` take 12,
+# leaving 63 for base64, i.e. 45 bytes; 42 keeps `Subject: ` plus the first word within
+# RFC 5322's 78-character line as well.
+_WORD_BYTES = 42
+FOLD = "\r\n "
+
+
+def _encoded_words(text: str) -> str:
+    """`text` as base64 encoded-words, each of whole UTF-8 characters (RFC 2047 section 5),
+    folded one per line; readers join adjacent encoded-words without the folding space."""
+    words: list[bytes] = []
+    chunk = b""
+    for char in text:
+        encoded = char.encode("utf-8")
+        if len(chunk) + len(encoded) > _WORD_BYTES:
+            words.append(chunk)
+            chunk = b""
+        chunk += encoded
+    words.append(chunk)
+    return FOLD.join(f"=?utf-8?b?{base64.b64encode(w).decode('ascii')}?=" for w in words)
+
+
+def _date_header() -> str:
+    """Now, in UTC as `+0000`: RFC 5322 section 4.3 forbids generating the obsolete `GMT`."""
+    return format_datetime(datetime.now(UTC))
 
 
 def _quoted_printable(text: str) -> bytes:
@@ -130,7 +162,7 @@ def build_message(
     head = (
         f"To: {recipient}\r\n"
         f"Subject: {_subject_header(subject)}\r\n"
-        f"Date: {formatdate(usegmt=True)}\r\n"
+        f"Date: {_date_header()}\r\n"
         f"Message-ID: {message_id}\r\n"
         # RFC 3834: tells auto-responders (vacation replies) not to answer.
         "Auto-Submitted: auto-generated\r\n"
@@ -421,6 +453,7 @@ def send_with_retry(
     max_backoff: float,
     on_retry: Callable[[SmtpError, int], None] | None = None,
     deadline: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> SendResult:
     """Send, retrying transient `SmtpError`s within this invocation.
 
@@ -429,17 +462,16 @@ def send_with_retry(
     random): the fixed half respects a relay that asked us to slow down (421/451), the
     random half keeps instances that failed together from retrying together.
 
-    No retry starts if it would begin after `deadline` seconds (default: per try, one
-    backoff plus two command timeouts — a normal failure costs at most one timeout plus a
-    reconnect), so a pathologically slow relay cannot push the invocation past its
-    function timeout and claim lease; Pub/Sub redelivery takes over from there.
+    No retry starts if it would begin after `deadline` seconds: the pipeline passes the
+    lease rule's window (`settings.send_window`), so a pathologically slow relay cannot
+    push an attempt past the claim's lease; Pub/Sub redelivery takes over from there.
+    Without a deadline only `tries` bounds it.
 
-    `on_retry(error, attempt_number)` runs before each sleep. Never raises `SmtpError`.
+    `on_retry(error, attempt_number)` runs before each wait, `sleep(seconds)` waits.
+    Never raises `SmtpError`.
     """
     if tries < 1:
         raise ValueError("tries must be at least 1")
-    if deadline is None:
-        deadline = tries * (max_backoff + 2 * sender.settings.timeout_seconds)
     half, half_max = initial_backoff / 2, max_backoff / 2
     attempts = 0
 
@@ -449,11 +481,13 @@ def send_with_retry(
             on_retry(error, state.attempt_number)
 
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(tries) | tenacity.stop_before_delay(deadline),
+        stop=tenacity.stop_after_attempt(tries)
+        | tenacity.stop_before_delay(float("inf") if deadline is None else deadline),
         wait=tenacity.wait_exponential(multiplier=half, max=half_max)
         + tenacity.wait_random_exponential(multiplier=half, max=half_max),
         retry=tenacity.retry_if_exception(_is_transient),
         before_sleep=before_sleep,
+        sleep=sleep,
         reraise=True,
     )
     relay_id: str | None = None

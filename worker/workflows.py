@@ -17,6 +17,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ MAX_NAME_LENGTH = 200
 # percent-encoded by the publisher, so a link can never break out of its line or attribute.
 _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.ASCII)
 _CODE = re.compile(r"[A-Za-z0-9]{4,12}", re.ASCII)
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 # Bidi embeddings, overrides and isolates can make a name display as something else.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -52,6 +54,20 @@ def is_code(value: Any) -> bool:
 def is_minutes(value: Any) -> bool:
     # bool is an int subclass; `true` is not a number of minutes.
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10080
+
+
+def is_iso_date(value: Any) -> bool:
+    """A calendar date as `YYYY-MM-DD` (ISO 8601), rendered per locale by the templates.
+
+    A date, not a timestamp: which day a timestamp falls on depends on the recipient's time
+    zone, which only the publisher knows."""
+    if not isinstance(value, str) or _ISO_DATE.fullmatch(value) is None:
+        return False
+    try:
+        date.fromisoformat(value)
+    except ValueError:  # 2030-02-30
+        return False
+    return True
 
 
 def is_web_url(value: Any) -> bool:
@@ -123,11 +139,7 @@ WORKFLOWS: dict[str, Workflow] = {
             required=(_url("invite_url"), _name("organization_name", allow_empty=False)),
             optional=(
                 _name("inviter_name", allow_empty=True),
-                Variable(
-                    "expires_at",
-                    "must be a string of at most 64 characters without control characters",
-                    text(64, allow_empty=True),
-                ),
+                Variable("expires_at", "must be a date as YYYY-MM-DD (ISO 8601)", is_iso_date),
             ),
         ),
         Workflow(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ class FunctionServer:
     """`functions-framework --target handle_delivery --signature-type cloudevent` on 127.0.0.1
     (or another target: `handle_provider_event` with `signature_type="http"`).
 
-    Its stdout and stderr (the worker's JSON log lines) go to `log_path`.
+    Its stdout and stderr (the worker's JSON log lines) go to `log_path`; without one, to a
+    temporary directory of its own, deleted by `stop()` (`logs()` still answers after that).
     """
 
     def __init__(
@@ -40,9 +42,9 @@ class FunctionServer:
         self.signature_type = signature_type
         self.port = port or _free_port()
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.log_path = (
-            log_path or Path(tempfile.mkdtemp(prefix="email-function-")) / "function.log"
-        )
+        self._own_dir = None if log_path else Path(tempfile.mkdtemp(prefix="email-function-"))
+        self.log_path = log_path or (self._own_dir or Path()) / "function.log"
+        self._stopped_log = ""  # what the log held when its own directory was deleted
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +81,7 @@ class FunctionServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # nothing to stop, but its directory to delete
                 raise RuntimeError(f"functions-framework exited: {self.logs()[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
@@ -89,15 +92,20 @@ class FunctionServer:
         raise RuntimeError(f"functions-framework did not listen within {timeout}s")
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, SIGKILL after 10 s) and delete its own log directory."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        if self._own_dir is not None and self._own_dir.exists():
+            self._stopped_log = self.logs()
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return self._stopped_log

@@ -11,6 +11,7 @@ import pytest
 
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
+from worker.deadletter import DeadLetterPublisher
 from worker.ledger import Ledger
 from worker.pipeline import Worker
 from worker.rendering import Renderer
@@ -38,8 +39,9 @@ def make_worker(
     database_url: str, ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
 ) -> Iterator[MakeWorker]:
     """`make_worker(retry=FAST_RETRY, smtp=None, **changes)`: `smtp` replaces the server's
-    client settings; `changes` replace Worker fields (ledger, renderer, ...)."""
+    client settings; `changes` replace Worker fields (ledger, renderer, dead_letters, ...)."""
     senders: list[SmtpSender] = []
+    publishers: list[DeadLetterPublisher] = []
 
     def make(
         retry: RetrySettings = FAST_RETRY, *, smtp: SmtpSettings | None = None, **changes: Any
@@ -52,9 +54,19 @@ def make_worker(
         )
         sender = SmtpSender(settings.smtp)
         senders.append(sender)
-        worker = Worker(settings=settings, ledger=ledger, sender=sender, renderer=Renderer())
+        dead_letters = DeadLetterPublisher(settings.pubsub)
+        publishers.append(dead_letters)
+        worker = Worker(
+            settings=settings,
+            ledger=ledger,
+            sender=sender,
+            renderer=Renderer(),
+            dead_letters=dead_letters,
+        )
         return replace(worker, **changes)
 
     yield make
     for sender in senders:
         sender.close()
+    for publisher in publishers:
+        publisher.close()
