@@ -314,6 +314,7 @@ def test_deploy_function_passes_optional_smtp_settings_and_password_secret(
     settings = {
         "SMTP_PORT": "465",
         "SMTP_SECURITY": "ssl",
+        "SMTP_PROVIDER": "postmark",
         "SMTP_USERNAME": "apikey",
         "EMAIL_REPLY_TO": "support@acme.example",
         "MAX_ATTEMPTS": "7",
@@ -628,3 +629,10 @@ def test_all_deploys_the_webhook_only_when_providers_are_named(deploy: Deploy) -
     result = deploy.dry("all.sh", env={"WEBHOOK_PROVIDERS": "mailgun"})
     deployed = [argv[3] for argv in result.find("gcloud", "functions", "deploy")]
     assert deployed == ["email-worker", "email-webhooks"]
+
+
+def test_deploy_function_refuses_an_unknown_smtp_provider(deploy: Deploy) -> None:
+    result = deploy.run("deploy-function.sh", "--dry-run", env={"SMTP_PROVIDER": "gmail"})
+    assert result.returncode == 2
+    assert "SMTP_PROVIDER must be ses, sendgrid, mailgun, postmark, resend or none" in result.stderr
+    assert result.commands == []
