@@ -54,9 +54,12 @@ def _event_id() -> str:
 class Requests:
     """Signed requests, one method per provider, shaped after tests/fixtures/providers/."""
 
-    def __init__(self, keys: ProviderKeys, message_ids: Mapping[str, str]) -> None:
+    def __init__(
+        self, keys: ProviderKeys, message_ids: Mapping[str, str], relay_ids: Mapping[str, str]
+    ) -> None:
         self.keys = keys
         self.message_ids = message_ids  # delivery_id -> Message-ID the worker wrote
+        self.relay_ids = relay_ids  # delivery_id -> the id in the relay's 250 reply
 
     def sendgrid(self, delivery_id: str, kinds: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
         # Matched by Message-ID (`smtp-id`), as when no unique argument was attached.
@@ -103,10 +106,12 @@ class Requests:
     ) -> tuple[bytes, dict[str, str]]:
         body = fixture("resend", f"{name}.json")
         body["created_at"] = datetime.now(UTC).isoformat()
+        # Resend has no SMTP tag header: its events name its own id, the one its 250 reply
+        # gave the worker (relay_message_id).
         body["data"] |= {
-            "email_id": f"re-{delivery_id}",
+            "email_id": self.relay_ids[delivery_id],
             "to": ["kim@example.com"],
-            "tags": [{"name": "delivery_id", "value": delivery_id}],
+            "tags": [],
         }
         if link is not None:
             body["data"]["click"]["link"] = link
@@ -157,6 +162,15 @@ def read_provider_statuses(database_url: str) -> list[dict[str, Any]]:
             "   WHERE e.delivery_id = d.delivery_id) AS events"
             " FROM email.deliveries d WHERE d.status = 'sent' ORDER BY d.delivery_id"
         ).fetchall()
+
+
+def read_relay_ids(database_url: str) -> dict[str, str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, relay_message_id FROM email.deliveries"
+            " WHERE relay_message_id IS NOT NULL"
+        ).fetchall()
+    return {str(delivery_id): str(relay_id) for delivery_id, relay_id in rows}
 
 
 def read_suppressions(database_url: str) -> list[dict[str, Any]]:
@@ -224,7 +238,7 @@ def demonstrate(
         "  keys      made for this run: SendGrid ECDSA P-256, Mailgun and Svix HMAC, Postmark Basic"
     )
     message_ids = {row["delivery_id"]: str(row["provider_message_id"]) for row in rows}
-    posted = post_events(server, Requests(keys, message_ids))
+    posted = post_events(server, Requests(keys, message_ids, read_relay_ids(database_url)))
     statuses = read_provider_statuses(database_url)
     outcome = Outcome(
         posted,
