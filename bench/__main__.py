@@ -5,6 +5,7 @@ Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
+  concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from bench import (
     coldstart,
+    concurrency,
     dbcost,
     httpbench,
     inprocess,
@@ -49,6 +51,8 @@ class Sizes:
     dbcost_count: int
     http_count: int
     http_concurrency: tuple[int, ...]
+    concurrency_levels: tuple[int, ...]
+    concurrency_seconds: float
     memory_count: int
     coldstart_reps: int
     scaleout_events: int
@@ -65,6 +69,8 @@ FULL = Sizes(
     dbcost_count=500,
     http_count=1000,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 4, 8, 16),
+    concurrency_seconds=4.0,
     memory_count=3000,
     coldstart_reps=7,
     scaleout_events=600,
@@ -80,6 +86,8 @@ QUICK = Sizes(
     dbcost_count=100,
     http_count=150,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 8),
+    concurrency_seconds=1.0,
     memory_count=300,
     coldstart_reps=3,
     scaleout_events=100,
@@ -99,6 +107,9 @@ BENCHMARKS: dict[str, Runner] = {
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
+    ),
+    "concurrency": lambda stack, s, logs: concurrency.run(
+        stack, levels=s.concurrency_levels, seconds=s.concurrency_seconds, log_dir=logs
     ),
     "memory": lambda stack, s, logs: memory.run(stack, count=s.memory_count, log_dir=logs),
     "coldstart": lambda stack, s, logs: coldstart.run(
