@@ -8,7 +8,8 @@
 #   1. its own service account, which may read only the database URL and the enabled
 #      providers' secrets;
 #   2. one Secret Manager secret per provider credential (created empty if missing; add the
-#      value with deploy/set-secret.sh), the function gets `..._SECRET` version names;
+#      value with deploy/set-secret.sh), mounted with --set-secrets like the worker's
+#      (SECRETS_VIA=worker: the function gets `..._SECRET` version names and reads them);
 #   3. gcloud functions deploy --gen2 --trigger-http --allow-unauthenticated;
 #   4. the URL to give each provider, printed (deploy/README.md says where it goes).
 #
@@ -52,8 +53,15 @@ project=(--project="$PROJECT_ID")
 webhook_sa_email="$WEBHOOK_SA@$PROJECT_ID.iam.gserviceaccount.com"
 secret_name() { printf 'projects/%s/secrets/%s/versions/latest' "$PROJECT_ID" "$1"; }
 
-# Each provider: the setting the function reads as NAME_SECRET, and the secret that holds it.
-env_vars=("DATABASE_URL_SECRET=$DATABASE_URL_SECRET")
+# Each provider: the setting the function reads, and the secret that holds it.
+env_vars=(
+  # Sizes the database pool; THREADS must match --concurrency (deploy-function.sh says why).
+  "CONCURRENCY=$CONCURRENCY"
+  "THREADS=$CONCURRENCY"
+  "LOG_EXECUTION_ID=true"
+)
+secret_vars=(DATABASE_URL)
+secret_ids=("$DATABASE_URL_SECRET_ID")
 secrets=()
 providers=()
 IFS=, read -ra requested <<<"$WEBHOOK_PROVIDERS"
@@ -80,11 +88,26 @@ for provider in "${requested[@]}"; do
   providers+=("$provider")
   for pair in ${pairs[@]+"${pairs[@]}"}; do
     read -r setting secret <<<"$pair"
-    env_vars+=("${setting}_SECRET=$(secret_name "$secret")")
+    secret_vars+=("$setting")
+    secret_ids+=("$secret")
     secrets+=("$secret")
   done
 done
 ((${#providers[@]})) || die_config "WEBHOOK_PROVIDERS names no provider"
+
+secret_flags=()
+if [[ $SECRETS_VIA == env ]]; then
+  mounted=()
+  for i in "${!secret_ids[@]}"; do
+    mounted+=("${secret_vars[$i]}=${secret_ids[$i]}:latest")
+  done
+  secret_flags+=("--set-secrets=$(IFS=,; printf '%s' "${mounted[*]}")")
+else
+  for i in "${!secret_ids[@]}"; do
+    env_vars+=("${secret_vars[$i]}_SECRET=$(secret_name "${secret_ids[$i]}")")
+  done
+  secret_flags+=(--clear-secrets)  # NAME beside NAME_SECRET would stop the instance
+fi
 
 # gcloud splits --set-env-vars on commas; SNS_TOPIC_ARNS holds them, so switch delimiter
 # with gcloud's ^DELIM^ syntax when needed.
@@ -142,9 +165,12 @@ run gcloud functions deploy "$WEBHOOK_FUNCTION_NAME" \
   --service-account="$webhook_sa_email" \
   --ingress-settings=all \
   --timeout="$WEBHOOK_TIMEOUT" \
+  --concurrency="$CONCURRENCY" \
+  --cpu="$CPU" \
   --memory="$WEBHOOK_MEMORY" \
   --max-instances="$WEBHOOK_MAX_INSTANCES" \
   --set-env-vars="$joined" \
+  "${secret_flags[@]}" \
   "${project[@]}"
 
 url=$(capture '<function-url>' \

@@ -625,22 +625,28 @@ def test_deploy_webhook_is_an_open_http_function_of_the_webhook_target(deploy: D
     assert "#   sendgrid: <function-url>/sendgrid" in result.stdout
 
 
-def test_deploy_webhook_passes_each_providers_settings_as_secret_names(deploy: Deploy) -> None:
+def test_deploy_webhook_mounts_each_providers_secret(deploy: Deploy) -> None:
     arns = "arn:aws:sns:us-east-1:123456789012:ses-a,arn:aws:sns:eu-west-1:123456789012:ses-b"
     result = deploy.dry(
         "deploy-webhook.sh",
         env={"WEBHOOK_PROVIDERS": "sendgrid, mailgun,postmark,resend,ses", "SNS_TOPIC_ARNS": arns},
     )
-    env = env_vars(result.one("gcloud", "functions", "deploy"))
-    assert env == {
-        "DATABASE_URL_SECRET": secret_version("email-database-url"),
-        "SENDGRID_WEBHOOK_PUBLIC_KEY_SECRET": secret_version("email-webhook-sendgrid-public-key"),
-        "MAILGUN_WEBHOOK_SIGNING_KEY_SECRET": secret_version("email-webhook-mailgun-signing-key"),
+    argv = result.one("gcloud", "functions", "deploy")
+    assert env_vars(argv) == {
+        "CONCURRENCY": "8",
+        "THREADS": "8",
+        "LOG_EXECUTION_ID": "true",
         "POSTMARK_WEBHOOK_USERNAME": "postmark",
-        "POSTMARK_WEBHOOK_PASSWORD_SECRET": secret_version("email-webhook-postmark-password"),
-        "RESEND_WEBHOOK_SECRET_SECRET": secret_version("email-webhook-resend-secret"),
         "SNS_TOPIC_ARNS": arns,  # commas survive: gcloud's ^DELIM^ syntax
     }
+    assert flag(argv, "set-secrets").split(",") == [
+        "DATABASE_URL=email-database-url:latest",
+        "SENDGRID_WEBHOOK_PUBLIC_KEY=email-webhook-sendgrid-public-key:latest",
+        "MAILGUN_WEBHOOK_SIGNING_KEY=email-webhook-mailgun-signing-key:latest",
+        "POSTMARK_WEBHOOK_PASSWORD=email-webhook-postmark-password:latest",
+        "RESEND_WEBHOOK_SECRET=email-webhook-resend-secret:latest",
+    ]
+    assert (flag(argv, "concurrency"), flag(argv, "cpu")) == ("8", "1")
     created = [argv[3] for argv in result.find("gcloud", "secrets", "create")]
     assert created == [
         "email-webhook-sendgrid-public-key",
@@ -649,6 +655,21 @@ def test_deploy_webhook_passes_each_providers_settings_as_secret_names(deploy: D
         "email-webhook-resend-secret",
     ]
     assert "#   postmark: https://postmark:<password>@<function-url>/postmark" in result.stdout
+
+
+def test_deploy_webhook_can_pass_secret_names_for_the_function_to_read(deploy: Deploy) -> None:
+    result = deploy.dry(
+        "deploy-webhook.sh", env={"WEBHOOK_PROVIDERS": "sendgrid,resend", "SECRETS_VIA": "worker"}
+    )
+    argv = result.one("gcloud", "functions", "deploy")
+    env = env_vars(argv)
+    assert env["DATABASE_URL_SECRET"] == secret_version("email-database-url")
+    assert env["SENDGRID_WEBHOOK_PUBLIC_KEY_SECRET"] == secret_version(
+        "email-webhook-sendgrid-public-key"
+    )
+    assert env["RESEND_WEBHOOK_SECRET_SECRET"] == secret_version("email-webhook-resend-secret")
+    assert "--clear-secrets" in argv
+    assert not any(arg.startswith("--set-secrets") for arg in argv)
 
 
 def test_deploy_webhook_grants_its_own_account_its_secrets_only(deploy: Deploy) -> None:
