@@ -70,8 +70,15 @@ def handle_provider_event(request: Any) -> tuple[dict[str, Any], int]:
     from worker.providers import webhook  # the webhook path only
 
     provider = request.path.rstrip("/").rpartition("/")[2]
-    answer = webhook.instance().handle(
-        request.method,
-        webhook.request_from(provider, request.url, request.headers, request.get_data()),
-    )
+    # Its lines carry the request's trace and execution id too (no Pub/Sub project here: the
+    # trace is named only when GOOGLE_CLOUD_PROJECT is set).
+    with request_scope(
+        project=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+        trace=events.trace_from_headers(request.headers),
+        execution_id=request.headers.get("Function-Execution-Id"),
+    ):
+        answer = webhook.instance().handle(
+            request.method,
+            webhook.request_from(provider, request.url, request.headers, request.get_data()),
+        )
     return dict(answer.body), answer.status
