@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.harness.worker",
     "tests.harness.pgbouncer",
     "tests.harness.webhook",
+    "tests.harness.https",
 ]

@@ -24,6 +24,7 @@ MODULES: Mapping[str, str] = {
     "mailgun": "worker.providers.mailgun",
     "postmark": "worker.providers.postmark",
     "resend": "worker.providers.resend",
+    "ses": "worker.providers.ses",
 }
 
 
