@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from cryptography.hazmat.primitives.asymmetric import rsa
 from psycopg.rows import dict_row
 
 from tests.harness.function import FunctionServer
-from tests.harness.webhook import ProviderKeys, Response, fixture, post
+from tests.harness.https import HttpsTestServer, SnsSigner, TestCa, pem
+from tests.harness.webhook import FIXTURES, ProviderKeys, Response, fixture, post
 from tests.provider_signing import basic_auth, mailgun_signature, svix_headers
 from worker.redact import mask_email
 
@@ -32,6 +37,7 @@ EXPECTED_STATUS = {
     "reset-demo-1": "clicked",  # Resend: delivered, clicked
 }
 LINKS = ("https://app.example.com/invite/7Hq2xLm9", "https://app.example.com/reset/Qw8rT2zP")
+SES_TOPIC = "arn:aws:sns:us-east-1:123456789012:email-events"
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,14 @@ class Requests:
     """Signed requests, one method per provider, shaped after tests/fixtures/providers/."""
 
     def __init__(
-        self, keys: ProviderKeys, message_ids: Mapping[str, str], relay_ids: Mapping[str, str]
+        self,
+        keys: ProviderKeys,
+        message_ids: Mapping[str, str],
+        relay_ids: Mapping[str, str],
+        sns: SnsSigner,
     ) -> None:
         self.keys = keys
+        self.sns = sns
         self.message_ids = message_ids  # delivery_id -> Message-ID the worker wrote
         self.relay_ids = relay_ids  # delivery_id -> the id in the relay's 250 reply
 
@@ -118,6 +129,26 @@ class Requests:
         raw = json.dumps(body).encode()
         return raw, svix_headers(self.keys.resend_secret, raw, msg_id=msg_id)
 
+    def ses(self, delivery_id: str, name: str) -> tuple[bytes, dict[str, str]]:
+        """An SES event record in an SNS notification signed with the local certificate."""
+        record = json.loads((FIXTURES / "ses" / f"{name}.json").read_text())
+        record.pop("_source", None)
+        record["mail"]["tags"] = {**record["mail"].get("tags", {}), "delivery_id": [delivery_id]}
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        record["mail"]["timestamp"] = now
+        if isinstance(record.get("delivery"), dict):
+            record["delivery"]["timestamp"] = now
+        envelope = {
+            "Type": "Notification",
+            "MessageId": str(uuid.uuid4()),
+            "TopicArn": SES_TOPIC,
+            "Message": json.dumps(record),
+            "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe",
+        }
+        body = json.dumps(self.sns.sign(envelope)).encode()
+        return body, {"x-amz-sns-message-type": "Notification"}
+
 
 def post_events(server: FunctionServer, requests: Requests) -> list[Posted]:
     posted: list[Posted] = []
@@ -150,7 +181,29 @@ def post_events(server: FunctionServer, requests: Requests) -> list[Posted]:
     send("clicked (before delivered)", "resend", "reset-demo-1", body, headers, 200)
     body, headers = requests.resend("reset-demo-1", "email.delivered")
     send("delivered (late)", "resend", "reset-demo-1", body, headers, 200)
+    # Through SNS, after the open: stored, its time kept, the status not moved back.
+    body, headers = requests.ses("verify-demo-1", "event-delivery")
+    send("delivered (after the open)", "ses", "verify-demo-1", body, headers, 200)
     return posted
+
+
+def start_sns(
+    register_stop: Callable[[str, Callable[[], None]], None],
+) -> tuple[SnsSigner, dict[str, str]]:
+    """What SNS would be: a signing key whose certificate an HTTPS server hands out."""
+    directory = Path(tempfile.mkdtemp(prefix="local-sns-"))
+    register_stop("the SNS files", lambda: shutil.rmtree(directory, ignore_errors=True))
+    server = HttpsTestServer(TestCa(directory))
+    register_stop("the SNS certificate server", server.close)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    certificate = server.ca.issue("sns.amazonaws.com", key)
+    signer = SnsSigner(key, server.serve("/SimpleNotificationService-local.pem", pem(certificate)))
+    settings = {
+        "SNS_TOPIC_ARNS": SES_TOPIC,
+        "SNS_CERT_HOSTS": server.host_pattern,
+        "SNS_CA_FILE": server.ca.ca_file,
+    }
+    return signer, settings
 
 
 def read_provider_statuses(database_url: str) -> list[dict[str, Any]]:
@@ -225,8 +278,15 @@ def demonstrate(
     register_stop: Callable[[str, Callable[[], None]], None],
 ) -> Outcome:
     keys = ProviderKeys()
+    sns, sns_settings = start_sns(register_stop)
     server = FunctionServer(
-        {"DATABASE_URL": database_url, **keys.env(), "SMTP_HOST": "", "EMAIL_FROM": ""},
+        {
+            "DATABASE_URL": database_url,
+            **keys.env(),
+            **sns_settings,
+            "SMTP_HOST": "",
+            "EMAIL_FROM": "",
+        },
         log_path=log_path,
         target="handle_provider_event",
         signature_type="http",
@@ -234,11 +294,11 @@ def demonstrate(
     register_stop("the webhook function", server.stop)
     server.start(timeout=60)
     say(f"  webhook   {server.url}/<provider> (target handle_provider_event, http)")
-    say(
-        "  keys      made for this run: SendGrid ECDSA P-256, Mailgun and Svix HMAC, Postmark Basic"
-    )
+    say("  keys      made for this run: SendGrid ECDSA P-256, Mailgun and Svix HMAC,")
+    say("            Postmark Basic, an SNS certificate served over HTTPS by a local CA")
     message_ids = {row["delivery_id"]: str(row["provider_message_id"]) for row in rows}
-    posted = post_events(server, Requests(keys, message_ids, read_relay_ids(database_url)))
+    requests = Requests(keys, message_ids, read_relay_ids(database_url), sns)
+    posted = post_events(server, requests)
     statuses = read_provider_statuses(database_url)
     outcome = Outcome(
         posted,

@@ -196,12 +196,18 @@ def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
 def test_signed_provider_events_move_each_sent_delivery(stack_run: Run) -> None:
     """The webhook half (contract section 6): every provider, through functions-framework."""
     requests = stack_run.summary["provider_requests"]
-    assert {r["provider"] for r in requests} == {"sendgrid", "mailgun", "postmark", "resend"}
+    assert {r["provider"] for r in requests} == {
+        "sendgrid",
+        "mailgun",
+        "postmark",
+        "resend",
+        "ses",
+    }
     refused = [(r["provider"], r["request"]) for r in requests if r["status"] != 200]
     assert refused == [("sendgrid", "forged (signed by someone else)")]
     assert all(r["status"] in (200, 403) for r in requests)
     assert stack_run.summary["provider_events"] == (
-        "7 provider events applied, 2 duplicate, 1 refused"
+        "8 provider events applied, 2 duplicate, 1 refused"
     )
     body = stack_run.stdout.split("Provider status (email.deliveries)")[1].splitlines()
     statuses = {line.split()[0]: line.split()[1] for line in body[2:5]}
