@@ -4,6 +4,7 @@ write JSON (bench/results/latest.json by default).
 Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
+  claimcost  the claim with suppression and rate limits on vs off (migrations 004, 005)
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
   memory     peak RSS of a functions-framework worker after N events
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import (
+    claimcost,
     coldstart,
     concurrency,
     dbcost,
@@ -105,6 +107,9 @@ BENCHMARKS: dict[str, Runner] = {
         stack, count=s.inprocess_count, rounds=s.inprocess_rounds, log_dir=logs
     ),
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
+    "claimcost": lambda stack, s, logs: claimcost.run(
+        stack, count=s.dbcost_count * 2, ledger_rows=100_000, log_dir=logs
+    ),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
     ),

@@ -33,8 +33,8 @@ from worker.redact import mask_email
 # What each sample delivery should end as, and the links its email carried.
 EXPECTED_STATUS = {
     "verify-demo-1": "opened",  # SendGrid: delivered, open
-    "invite-demo-1": "complained",  # Mailgun: delivered, clicked; Postmark: spam complaint
-    "reset-demo-1": "clicked",  # Resend: delivered, clicked
+    "invite-demo-1": "clicked",  # Mailgun: delivered, clicked
+    "reset-demo-1": "complained",  # Resend: clicked, delivered; Postmark: spam complaint
 }
 LINKS = ("https://app.example.com/invite/7Hq2xLm9", "https://app.example.com/reset/Qw8rT2zP")
 SES_TOPIC = "arn:aws:sns:us-east-1:123456789012:email-events"
@@ -107,7 +107,7 @@ class Requests:
             "Metadata": {"delivery_id": delivery_id},
             "MessageID": _event_id(),
             "BouncedAt": datetime.now(UTC).isoformat(),
-            "Email": "grace@example.com",
+            "Email": "kim@example.com",
         }
         auth = basic_auth(self.keys.postmark_user, self.keys.postmark_password)
         return json.dumps(body).encode(), auth
@@ -174,13 +174,13 @@ def post_events(server: FunctionServer, requests: Requests) -> list[Posted]:
     for kind, url in (("delivered", None), ("clicked", LINKS[0])):
         body = requests.mailgun("invite-demo-1", kind, url)
         send(kind, "mailgun", "invite-demo-1", body, {}, 200)
-    body, headers = requests.postmark("invite-demo-1", "spam-complaint")
-    send("spam complaint", "postmark", "invite-demo-1", body, headers, 200)
     # Out of order: the click arrives before the delivery report.
     body, headers = requests.resend("reset-demo-1", "email.clicked", LINKS[1])
     send("clicked (before delivered)", "resend", "reset-demo-1", body, headers, 200)
     body, headers = requests.resend("reset-demo-1", "email.delivered")
     send("delivered (late)", "resend", "reset-demo-1", body, headers, 200)
+    body, headers = requests.postmark("reset-demo-1", "spam-complaint")
+    send("spam complaint", "postmark", "reset-demo-1", body, headers, 200)
     # Through SNS, after the open: stored, its time kept, the status not moved back.
     body, headers = requests.ses("verify-demo-1", "event-delivery")
     send("delivered (after the open)", "ses", "verify-demo-1", body, headers, 200)

@@ -21,4 +21,4 @@ echo "== pytest on $("$root/.venv-py312/bin/python" --version)"
 "$root/.venv-py312/bin/python" -m pytest -p no:cacheprovider \
   tests/test_events.py tests/test_rendering.py tests/test_smtp.py tests/test_settings.py \
   tests/test_ledger.py tests/test_pipeline.py tests/test_end_to_end.py tests/test_tracing.py \
-  tests/test_provider_ses.py "$@"
+  tests/test_claim.py tests/test_skipping.py tests/test_provider_ses.py "$@"

@@ -81,7 +81,7 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
             " provider_message_id) VALUES ('kept', 'invite', 'a@example.com',"
             " 'failed', '<kept@example.com>')"
         )
-    migrate_up(url, report=quiet)
+    up_to(url, 3)
     assert columns(url) == before | NEW_COLUMNS
     with (
         psycopg.connect(url, autocommit=True) as conn,
@@ -120,7 +120,7 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
                     (target, delivery_id),
                 )
 
-    migrate_up(url, report=quiet)
+    up_to(url, 3)
     assert columns(url) == before | NEW_COLUMNS
     with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
         assert Tracking(pool).apply(bounce("kept")) is Applied.APPLIED
@@ -318,9 +318,8 @@ def test_a_no_transaction_file_splits_into_its_statements() -> None:
 def test_the_matching_indexes_are_built_concurrently_and_valid(empty_database_url: str) -> None:
     up_to(empty_database_url, 2)
     # Inside a transaction PostgreSQL refuses CONCURRENTLY: applying 003 proves it ran outside.
-    assert [m.label for m in migrate_up(empty_database_url, report=quiet)] == [
-        "003_provider_indexes"
-    ]
+    applied = migrate_up(empty_database_url, report=quiet)
+    assert applied[0].label == "003_provider_indexes"
     with psycopg.connect(empty_database_url) as conn:
         rows = conn.execute(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c"
@@ -373,4 +372,4 @@ def test_an_interrupted_concurrent_build_stops_the_migration_with_what_to_do(
     )
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("DROP INDEX CONCURRENTLY email.deliveries_provider_message_id_idx")
-    assert [m.version for m in migrate_up(empty_database_url, report=quiet)] == [3]
+    assert migrate_up(empty_database_url, report=quiet)[0].version == 3
