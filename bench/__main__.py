@@ -4,6 +4,7 @@ write JSON (bench/results/latest.json by default).
 Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
+  ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
@@ -26,7 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import coldstart, dbcost, httpbench, inprocess, machine, memory, replay, scaleout
+from bench import (
+    coldstart,
+    dbcost,
+    httpbench,
+    inprocess,
+    ledgercost,
+    machine,
+    memory,
+    replay,
+    scaleout,
+)
 from bench.report import Section, table, write_json
 from bench.services import ROOT, Stack
 
@@ -36,6 +47,7 @@ class Sizes:
     inprocess_count: int
     inprocess_rounds: int
     dbcost_count: int
+    ledgercost_rounds: int
     http_count: int
     http_concurrency: tuple[int, ...]
     memory_count: int
@@ -50,6 +62,7 @@ FULL = Sizes(
     inprocess_count=2000,
     inprocess_rounds=3,
     dbcost_count=500,
+    ledgercost_rounds=15,
     http_count=1000,
     http_concurrency=(1, 4),
     memory_count=3000,
@@ -63,6 +76,7 @@ QUICK = Sizes(
     inprocess_count=200,
     inprocess_rounds=2,
     dbcost_count=100,
+    ledgercost_rounds=3,
     http_count=150,
     http_concurrency=(1, 4),
     memory_count=300,
@@ -80,6 +94,9 @@ BENCHMARKS: dict[str, Runner] = {
         stack, count=s.inprocess_count, rounds=s.inprocess_rounds, log_dir=logs
     ),
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
+    "ledgercost": lambda stack, s, logs: ledgercost.run(
+        stack, chunk=100, rounds=s.ledgercost_rounds, log_dir=logs
+    ),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
     ),
