@@ -10,6 +10,7 @@ Benchmarks (in the order they run):
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
   replay     N dead letters replayed from the emulator by `python -m worker replay`
+  tracking   provider events applied per second; migration 002's stall on a live ledger
 
 They print figures; none asserts a speed. Run on a shared machine: compare ratios.
 """
@@ -37,6 +38,7 @@ from bench import (
     memory,
     replay,
     scaleout,
+    tracking,
 )
 from bench.report import Section, table, write_json
 from bench.services import ROOT, Stack
@@ -56,6 +58,8 @@ class Sizes:
     scaleout_processes: tuple[int, ...]
     scaleout_delay_ms: float
     replay_count: int
+    tracking_count: int
+    tracking_ledger_rows: int
 
 
 FULL = Sizes(
@@ -71,6 +75,8 @@ FULL = Sizes(
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=10_000,
+    tracking_count=2000,
+    tracking_ledger_rows=200_000,
 )
 QUICK = Sizes(
     inprocess_count=200,
@@ -85,6 +91,8 @@ QUICK = Sizes(
     scaleout_processes=(1, 2, 4, 8),
     scaleout_delay_ms=20.0,
     replay_count=1_000,
+    tracking_count=200,
+    tracking_ledger_rows=20_000,
 )
 
 Runner = Callable[[Stack, Sizes, Path], Section]
@@ -112,6 +120,9 @@ BENCHMARKS: dict[str, Runner] = {
         log_dir=logs,
     ),
     "replay": lambda stack, s, logs: replay.run(stack, count=s.replay_count, log_dir=logs),
+    "tracking": lambda stack, s, logs: tracking.run(
+        stack, count=s.tracking_count, ledger_rows=s.tracking_ledger_rows, log_dir=logs
+    ),
 }
 
 

@@ -31,3 +31,22 @@ FROM email.provider_events
 WHERE delivery_id IS NULL AND received_at >= now() - %(since_seconds)s * interval '1 second'
 ORDER BY received_at DESC
 LIMIT %(limit)s;
+
+-- name: count_prunable_unmatched
+-- `python -m worker prune`: unmatched events hold an address and belong to no delivery, so
+-- they would outlive every retention window; they go by received_at.
+SELECT count(*) AS n FROM email.provider_events
+WHERE delivery_id IS NULL AND received_at < now() - %(older_than_seconds)s * interval '1 second';
+
+-- name: prune_unmatched_batch
+WITH doomed AS (
+    SELECT id FROM email.provider_events
+    WHERE delivery_id IS NULL
+      AND received_at < now() - %(older_than_seconds)s * interval '1 second'
+    ORDER BY received_at
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM email.provider_events WHERE id IN (SELECT id FROM doomed) RETURNING id
+)
+SELECT count(*) AS n FROM gone;

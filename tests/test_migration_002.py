@@ -1,5 +1,6 @@
-"""Migration 002 (provider events, suppressions, `skipped`): its way back, and the previous
-release's worker running against the schema while it is migrated and after."""
+"""Migrations 002 and 003 (provider events, suppressions, `skipped`; the matching indexes,
+built concurrently): their way back, the previous release's worker running against the
+schema while it is migrated and after, and the runner's no-transaction mode."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from tests.harness.smtp import SmtpTestServer
-from worker.migrations import discover, migrate_down, migrate_up
+from worker.migrations import (
+    MigrationError,
+    _statements,
+    discover,
+    migrate_down,
+    migrate_up,
+)
 from worker.providers.model import Applied, EventType, ProviderEvent
 from worker.tracking import Tracking
 
@@ -87,7 +94,10 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
         )
         conn.execute("UPDATE email.deliveries SET status = 'skipped' WHERE delivery_id = 'skip'")
 
-    assert [m.label for m in migrate_down(url, report=quiet)] == ["002_provider_events"]
+    assert [m.label for m in migrate_down(url, steps=2, report=quiet)] == [
+        "003_provider_indexes",
+        "002_provider_events",
+    ]
     assert columns(url) == before
     with psycopg.connect(url, autocommit=True) as conn:
         tables = {
@@ -283,3 +293,84 @@ def test_the_previous_release_works_during_and_after_the_migration(
             relay_message_id=None,
         )
         assert Tracking(pool).apply(event) is Applied.APPLIED
+
+
+# --- no-transaction migrations (003) ------------------------------------------------------------
+
+
+def test_a_no_transaction_file_splits_into_its_statements() -> None:
+    [indexes] = [m for m in discover() if m.version == 3]
+    statements = _statements(indexes.up.read_text())
+    # Comments stay with the statement they precede; each part is one statement.
+    firsts = [
+        next(line for line in s.splitlines() if not line.startswith("--")) for s in statements
+    ]
+    assert firsts == [
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS deliveries_provider_message_id_idx",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS deliveries_relay_message_id_idx",
+        "ALTER TABLE email.deliveries VALIDATE CONSTRAINT deliveries_bounce_type_check",
+        "ALTER TABLE email.deliveries VALIDATE CONSTRAINT deliveries_relay_message_id_check",
+    ]
+    assert _statements("-- only a comment\n") == []
+    assert _statements("SELECT 1;\n-- trailing\n") == ["SELECT 1"]
+
+
+def test_the_matching_indexes_are_built_concurrently_and_valid(empty_database_url: str) -> None:
+    up_to(empty_database_url, 2)
+    # Inside a transaction PostgreSQL refuses CONCURRENTLY: applying 003 proves it ran outside.
+    assert [m.label for m in migrate_up(empty_database_url, report=quiet)] == [
+        "003_provider_indexes"
+    ]
+    with psycopg.connect(empty_database_url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c"
+            " ON c.oid = i.indexrelid WHERE c.relname LIKE 'deliveries_%%message_id_idx'"
+            " ORDER BY 1"
+        ).fetchall()
+    assert rows == [
+        ("deliveries_provider_message_id_idx", True),
+        ("deliveries_relay_message_id_idx", True),
+    ]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        checks = conn.execute(
+            "SELECT conname, convalidated FROM pg_constraint WHERE conname IN"
+            " ('deliveries_bounce_type_check', 'deliveries_relay_message_id_check') ORDER BY 1"
+        ).fetchall()
+        assert checks == [
+            ("deliveries_bounce_type_check", True),
+            ("deliveries_relay_message_id_check", True),
+        ]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+                " relay_message_id) VALUES ('long', 'invite', 'a@x', 'failed', repeat('x', 501))"
+            )
+
+
+def test_an_interrupted_concurrent_build_stops_the_migration_with_what_to_do(
+    empty_database_url: str,
+) -> None:
+    up_to(empty_database_url, 2)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        # A concurrent build that fails (duplicates under a unique index) leaves an invalid
+        # index behind, as an interrupted one does; IF NOT EXISTS would keep it.
+        conn.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+            " provider_message_id) VALUES ('a', 'invite', 'a@x', 'failed', '<same@x>'),"
+            " ('b', 'invite', 'b@x', 'failed', '<same@x>')"
+        )
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY deliveries_provider_message_id_idx"
+                " ON email.deliveries (provider_message_id)"
+            )
+    with pytest.raises(MigrationError) as stopped:
+        migrate_up(empty_database_url, report=quiet)
+    assert str(stopped.value) == (
+        "index email.deliveries_provider_message_id_idx is invalid (an interrupted CREATE INDEX"
+        " CONCURRENTLY): run DROP INDEX CONCURRENTLY email.deliveries_provider_message_id_idx;"
+        " then migrate again"
+    )
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX CONCURRENTLY email.deliveries_provider_message_id_idx")
+    assert [m.version for m in migrate_up(empty_database_url, report=quiet)] == [3]

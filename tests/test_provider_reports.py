@@ -179,3 +179,26 @@ def test_prune_takes_skipped_rows_and_provider_events_with_them(
     ).fetchone()
     # The suppression outlives the delivery that caused it.
     assert counts == (0, 0, 1, None)
+
+
+def test_prune_takes_old_unmatched_events(
+    admin: psycopg.Connection[Any], ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for n in range(3):
+        report(ledger, f"nobody-{n}", "bounced", n)
+    admin.execute(
+        "UPDATE email.provider_events SET received_at = now() - interval '100 days'"
+        " WHERE provider_event_id <> 'nobody-2-bounced-2'"
+    )
+    assert ok(capsys, "prune", "--older-than", "90d", "--dry-run").splitlines()[-1] == (
+        "would delete 2 unmatched provider events (received more than 90d ago)"
+    )
+    out = ok(capsys, "prune", "--older-than", "90d", "--batch-size", "1")
+    assert out.splitlines() == [
+        "deleted 0 deliveries and 0 events (finished, last updated more than 90d ago) in 0"
+        " batch(es)",
+        "deleted 2 unmatched provider events (received more than 90d ago)",
+    ]
+    assert admin.execute("SELECT provider_event_id FROM email.provider_events").fetchall() == [
+        ("nobody-2-bounced-2",)
+    ]

@@ -187,9 +187,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Delete finished deliveries (sent, failed, dead_letter, skipped) not updated for --older-than,
-    with their events, in batches of short transactions (needs DATABASE_URL and a role that
-    may delete: the table owner)."""
+    """Delete finished deliveries (sent, failed, dead_letter, skipped) not updated for
+    --older-than, with their events and provider events, and unmatched provider events received
+    before it, in batches of short transactions (needs DATABASE_URL and a role that may delete:
+    the table owner)."""
     older_than: _Duration = args.older_than
     with _ledger() as ledger:
         result = reports.prune(
@@ -202,6 +203,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(
             f"deleted {result.deliveries} deliveries and {result.events} events ({scope}) "
             f"in {result.batches} batch(es)"
+        )
+    if result.unmatched_events:
+        verb = "would delete" if result.dry_run else "deleted"
+        print(
+            f"{verb} {result.unmatched_events} unmatched provider events "
+            f"(received more than {older_than.text} ago)"
         )
     return 0
 

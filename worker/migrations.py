@@ -4,12 +4,21 @@ Each migration runs in its own transaction that first takes a transaction-level 
 lock and re-reads what is applied, so two migrators started together apply each migration
 once, and the lock is released with the transaction (which also works through a
 transaction-mode pooler, where a session lock would leak to another client).
+
+A file whose first line is `-- migrate: no-transaction` runs statement by statement outside
+a transaction, for what PostgreSQL refuses inside one: `CREATE INDEX CONCURRENTLY`, which
+builds an index on a live ledger without blocking the workers' writes. The migration lock
+is held meanwhile by the runner's own transaction, and the statements run on a second
+connection. Statements end with `;` at the end of a line and hold no `;` inside; an index
+left invalid by an interrupted build stops the migration with a line saying how to drop it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +30,20 @@ MIGRATIONS_DIR = SQL_DIR / "migrations"
 # Any constant will do; this one spells "emailmig" and stays clear of other apps' locks.
 LOCK_KEY = 0x656D61696C6D6967
 _FILE = re.compile(r"^(\d{3})_(\w+)\.up\.sql$")
+NO_TRANSACTION = "-- migrate: no-transaction"
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+# Indexes of the email schema left unusable by an interrupted concurrent build.
+_INVALID_INDEXES = """
+SELECT i.indexrelid::regclass::text AS index
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+WHERE NOT i.indisvalid AND c.relnamespace = 'email'::regnamespace
+"""
+
+
+class MigrationError(Exception):
+    """A migration cannot go on; the message says what to do."""
+
 
 BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS email;
@@ -61,21 +84,86 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def _locked_applied(conn: psycopg.Connection) -> set[int]:
-    """Inside a transaction: take the migration lock, then read what is applied."""
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-    conn.execute(BOOTSTRAP)
-    rows = conn.execute("SELECT version FROM email.schema_migrations").fetchall()
-    return {version for (version,) in rows}
+@contextmanager
+def _locked(conn: psycopg.Connection) -> Iterator[set[int]]:
+    """A transaction holding the migration lock; yields the applied versions.
+
+    The lock is tried, not waited for: a transaction waiting on a lock holds a snapshot, and
+    a concurrent index build of the lock holder waits for every such snapshot to end, which
+    would be a deadlock. A failed try ends its transaction, so through a transaction-mode
+    pooler the waiting migrator holds no server connection between tries either.
+    """
+    delay = 0.02
+    while True:
+        with conn.transaction():
+            row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).fetchone()
+            if row is not None and row[0]:
+                conn.execute(BOOTSTRAP)
+                rows = conn.execute("SELECT version FROM email.schema_migrations").fetchall()
+                yield {version for (version,) in rows}
+                return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def _sql(path: Path) -> str:
     return path.read_text()
 
 
+def _outside_transaction(path: Path) -> bool:
+    return _sql(path).startswith(NO_TRANSACTION)
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a no-transaction migration into its statements (comment-only parts dropped)."""
+    parts = (part.strip() for part in _STATEMENT_END.split(sql))
+    meaningful = (
+        part
+        for part in parts
+        if any(line.strip() and not line.strip().startswith("--") for line in part.splitlines())
+    )
+    return list(meaningful)
+
+
+def _check_indexes(conn: psycopg.Connection) -> None:
+    """Refuse an index an interrupted concurrent build left invalid (IF NOT EXISTS keeps it)."""
+    invalid = [name for (name,) in conn.execute(_INVALID_INDEXES).fetchall()]
+    if invalid:
+        raise MigrationError(
+            f"index {invalid[0]} is invalid (an interrupted CREATE INDEX CONCURRENTLY): "
+            f"run DROP INDEX CONCURRENTLY {invalid[0]}; then migrate again"
+        )
+
+
+def _run(url: str, conn: psycopg.Connection, migration: Migration, path: Path, up: bool) -> bool:
+    """Run one direction of a migration and record it; False if it was done already."""
+    with _locked(conn) as applied:
+        if (migration.version in applied) is up:
+            return False
+        if _outside_transaction(path):
+            # The lock stays held by this transaction while another connection runs the
+            # statements, each in its own transaction, as CONCURRENTLY requires.
+            with psycopg.connect(url, autocommit=True) as worker:
+                for statement in _statements(_sql(path)):
+                    worker.execute(statement)
+                _check_indexes(worker)
+        else:
+            conn.execute(_sql(path))
+        if up:
+            conn.execute(
+                "INSERT INTO email.schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+        else:
+            conn.execute(
+                "DELETE FROM email.schema_migrations WHERE version = %s", (migration.version,)
+            )
+    return True
+
+
 def applied_versions(url: str) -> set[int]:
-    with psycopg.connect(url) as conn, conn.transaction():
-        return _locked_applied(conn)
+    with psycopg.connect(url, autocommit=True) as conn, _locked(conn) as applied:
+        return applied
 
 
 def migrate_up(
@@ -88,14 +176,8 @@ def migrate_up(
     done: list[Migration] = []
     with psycopg.connect(url, autocommit=True) as conn:
         for migration in migrations:
-            with conn.transaction():
-                if migration.version in _locked_applied(conn):
-                    continue
-                conn.execute(_sql(migration.up))
-                conn.execute(
-                    "INSERT INTO email.schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
-                )
+            if not _run(url, conn, migration, migration.up, up=True):
+                continue
             report(f"applied {migration.label}")
             done.append(migration)
     if not done:
@@ -115,15 +197,13 @@ def migrate_down(
     undone: list[Migration] = []
     with psycopg.connect(url, autocommit=True) as conn:
         for _ in range(steps):
-            with conn.transaction():
-                applied = _locked_applied(conn)
-                if not applied:
-                    break
-                migration = by_version[max(applied)]
-                conn.execute(_sql(migration.down))
-                conn.execute(
-                    "DELETE FROM email.schema_migrations WHERE version = %s", (migration.version,)
-                )
+            with _locked(conn) as applied:
+                pass
+            if not applied:
+                break
+            migration = by_version[max(applied)]
+            if not _run(url, conn, migration, migration.down, up=False):
+                continue  # another migrator rolled it back meanwhile
             report(f"rolled back {migration.label}")
             undone.append(migration)
     if not undone:

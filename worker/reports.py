@@ -15,6 +15,7 @@ from typing import Any
 
 from psycopg.rows import dict_row
 
+from worker import tracking
 from worker.db import query
 from worker.ledger import Delivery, Ledger, Status, StatusChange
 from worker.tracking import StoredEvent, Tracking
@@ -147,6 +148,7 @@ class PruneResult:
     events: int
     batches: int
     dry_run: bool
+    unmatched_events: int = 0  # provider events no delivery claimed (by received_at)
 
 
 def prune(
@@ -156,24 +158,36 @@ def prune(
     batch_size: int,
     dry_run: bool,
 ) -> PruneResult:
-    """Delete finished deliveries (and, by cascade, their events) not updated for
-    `older_than`, `batch_size` rows per transaction; with `dry_run`, only count them."""
+    """Delete finished deliveries (and, by cascade, their events and provider events) not
+    updated for `older_than`, then unmatched provider events received before it, `batch_size`
+    rows per transaction; with `dry_run`, only count them."""
     seconds = older_than.total_seconds()
     if dry_run:
         row = _fetch_one(ledger, "count_prunable", older_than_seconds=seconds)
-        return PruneResult(int(row["deliveries"]), int(row["events"]), 0, dry_run=True)
+        old = _fetch_tracking(ledger, "count_prunable_unmatched", older_than_seconds=seconds)
+        return PruneResult(int(row["deliveries"]), int(row["events"]), 0, True, int(old["n"]))
     total = PruneResult(0, 0, 0, dry_run=False)
     while True:
         # Short transactions keep locks brief and let the worker run alongside a big prune.
         row = _fetch_one(ledger, "prune_batch", older_than_seconds=seconds, batch_size=batch_size)
         if row["deliveries"] == 0:
-            return total
+            break
         total = PruneResult(
             total.deliveries + int(row["deliveries"]),
             total.events + int(row["events"]),
             total.batches + 1,
             dry_run=False,
         )
+    unmatched = 0
+    while True:
+        batch = _fetch_tracking(
+            ledger, "prune_unmatched_batch", older_than_seconds=seconds, batch_size=batch_size
+        )
+        if batch["n"] == 0:
+            return PruneResult(
+                total.deliveries, total.events, total.batches, False, unmatched_events=unmatched
+            )
+        unmatched += int(batch["n"])
 
 
 def _fetch_all(ledger: Ledger, name: str, **params: Any) -> list[dict[str, Any]]:
@@ -185,4 +199,13 @@ def _fetch_all(ledger: Ledger, name: str, **params: Any) -> list[dict[str, Any]]
 def _fetch_one(ledger: Ledger, name: str, **params: Any) -> dict[str, Any]:
     """The one row an aggregate query always returns."""
     [row] = _fetch_all(ledger, name, **params)
+    return row
+
+
+def _fetch_tracking(ledger: Ledger, name: str, **params: Any) -> dict[str, Any]:
+    """The one row of an aggregate query of sql/tracking.sql."""
+    with ledger.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(tracking.query(name), params)
+        row = cur.fetchone()
+    assert row is not None
     return row

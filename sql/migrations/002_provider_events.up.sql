@@ -39,6 +39,9 @@ CREATE TYPE email.provider_status AS ENUM (
     'delivered', 'opened', 'clicked', 'bounced', 'complained'
 );
 
+-- A CHECK added with its column would scan the whole ledger under this exclusive lock to
+-- prove what is obvious (the column is empty): NOT VALID enforces it on every write from now
+-- on, and 003 validates it under a lock that lets the workers write.
 ALTER TABLE email.deliveries
     ADD COLUMN provider_status  email.provider_status,
     ADD COLUMN delivered_at     timestamptz,
@@ -46,17 +49,15 @@ ALTER TABLE email.deliveries
     ADD COLUMN clicked_at       timestamptz,  -- the first click
     ADD COLUMN bounced_at       timestamptz,
     ADD COLUMN complained_at    timestamptz,
-    ADD COLUMN bounce_type      text CHECK (length(bounce_type) <= 100),
+    ADD COLUMN bounce_type      text,
     -- The relay's own id for the message, from its final 250 reply.
-    ADD COLUMN relay_message_id text CHECK (length(relay_message_id) <= 500);
+    ADD COLUMN relay_message_id text,
+    ADD CONSTRAINT deliveries_bounce_type_check CHECK (length(bounce_type) <= 100) NOT VALID,
+    ADD CONSTRAINT deliveries_relay_message_id_check
+        CHECK (length(relay_message_id) <= 500) NOT VALID;
 
--- Matching an event must not scan the ledger. Partial: rows never sent have neither id.
--- (A plain CREATE INDEX blocks writes while it builds; on a ledger pruned to 90 days that is
--- seconds at most, and relay_message_id is empty on every existing row.)
-CREATE INDEX deliveries_provider_message_id_idx ON email.deliveries (provider_message_id)
-    WHERE provider_message_id IS NOT NULL;
-CREATE INDEX deliveries_relay_message_id_idx ON email.deliveries (relay_message_id)
-    WHERE relay_message_id IS NOT NULL;
+-- The indexes that make matching cheap (Message-ID, relay id) are built by 003, concurrently:
+-- built here they would hold this transaction's exclusive lock on a big ledger for seconds.
 
 -- The order of section 6: forward only along delivered -> opened -> clicked (steps may be
 -- skipped: an open may be the first event to arrive); bounced only from NULL or delivered;
