@@ -76,14 +76,19 @@ class Side:
     url: str
     proc: InProcess
     worker_pid: int
+    # What-if: the same worker with protocol-level prepared statements (psycopg's
+    # prepare_threshold=0), which a transaction-mode PgBouncer 1.18 does not carry.
+    prepared: InProcess
+    prepared_pid: int
     floor: psycopg.Connection[Any]
     smtp: smtplib.SMTP
     worker_chunks: Chunks = field(default_factory=Chunks)
+    prepared_chunks: Chunks = field(default_factory=Chunks)
     floor_chunks: Chunks = field(default_factory=Chunks)
-    sent_by_floor: int = 0
 
     def close(self) -> None:
         self.proc.close()
+        self.prepared.close()
         self.floor.close()
         self.smtp.quit()
 
@@ -108,17 +113,30 @@ def prebuilt(settings: Settings, payloads: list[dict[str, Any]]) -> list[smtp.Ou
     return built
 
 
-def open_side(label: str, url: str, smtp_port: int) -> Side:
+def one_connection_worker(
+    url: str, smtp_port: int, overrides: dict[str, Any] | None = None
+) -> tuple[InProcess, int]:
+    """A worker whose pool holds one connection, and that connection's backend pid."""
     pids: list[int] = []
     proc = in_process_worker(
-        url, smtp_port, pool_size=1, configure=lambda conn: pids.append(conn.info.backend_pid)
+        url,
+        smtp_port,
+        pool_size=1,
+        overrides=overrides,
+        configure=lambda conn: pids.append(conn.info.backend_pid),
     )
+    return proc, pids[-1]
+
+
+def open_side(label: str, url: str, smtp_port: int) -> Side:
+    proc, pid = one_connection_worker(url, smtp_port)
+    prepared, prepared_pid = one_connection_worker(url, smtp_port, {"prepare_threshold": 0})
     settings = proc.worker.settings
     floor = psycopg.connect(url, **connection_kwargs(settings.database))
     floor.execute(FLOOR_TABLE)
     relay = smtplib.SMTP("127.0.0.1", smtp_port, timeout=30)
     relay.ehlo()
-    return Side(label, url, proc, pids[-1], floor, relay)
+    return Side(label, url, proc, pid, prepared, prepared_pid, floor, relay)
 
 
 def timed(pid: int, chunk: Chunks, count: int, run: Callable[[], None]) -> None:
@@ -128,15 +146,23 @@ def timed(pid: int, chunk: Chunks, count: int, run: Callable[[], None]) -> None:
     chunk.cpu.append((backend_cpu_ns(pid) - cpu_before) / count)
 
 
-def run_worker(side: Side, prefix: str, count: int, log_path: Path) -> None:
+def run_worker(
+    side: Side, prefix: str, count: int, log_path: Path, *, prepared: bool = False
+) -> None:
     event_objects = [cloud_event(b, f"{prefix}-{i}") for i, b in enumerate(bodies(count, prefix))]
+    worker = (side.prepared if prepared else side.proc).worker
 
     def deliver() -> None:
         with captured_stdout(log_path):
             for event in event_objects:
-                pipeline.handle(event, side.proc.worker)
+                pipeline.handle(event, worker)
 
-    timed(side.worker_pid, side.worker_chunks, count, deliver)
+    pid, chunks = (
+        (side.prepared_pid, side.prepared_chunks)
+        if prepared
+        else (side.worker_pid, side.worker_chunks)
+    )
+    timed(pid, chunks, count, deliver)
 
 
 def run_floor(side: Side, prefix: str, count: int) -> None:
@@ -150,7 +176,14 @@ def run_floor(side: Side, prefix: str, count: int) -> None:
             side.floor.execute(FLOOR_AFTER, key)
 
     timed(side.floor.info.backend_pid, side.floor_chunks, count, deliver)
-    side.sent_by_floor += count
+
+
+def steps(side: Side, tag: str, count: int, log_path: Path) -> list[Callable[[], None]]:
+    return [
+        lambda: run_worker(side, f"lc-{tag}", count, log_path),
+        lambda: run_floor(side, f"lc-floor-{tag}", count),
+        lambda: run_worker(side, f"lc-prep-{tag}", count, log_path, prepared=True),
+    ]
 
 
 def run(stack: Stack, *, chunk: int, rounds: int, log_dir: Path) -> Section:
@@ -171,20 +204,21 @@ def run(stack: Stack, *, chunk: int, rounds: int, log_dir: Path) -> Section:
             open_side("fsync on", on_url, sink.port),
         ]
         for side in sides:  # connections, plan caches, the SMTP session: warm
-            run_worker(side, "lc-warm", 20, log_path)
-            run_floor(side, "lc-floor-warm", 20)
-            side.worker_chunks, side.floor_chunks = Chunks(), Chunks()
+            for step in steps(side, "warm", 20, log_path):
+                step()
+            side.worker_chunks, side.prepared_chunks, side.floor_chunks = (
+                Chunks(),
+                Chunks(),
+                Chunks(),
+            )
         for number in range(rounds):
-            # Alternate which server and which of worker and floor go first.
+            # Each round turns the order around: of the servers, and of what runs on each.
             for side in sides if number % 2 == 0 else sides[::-1]:
-                worker_first = number % 2 == 0
-                if worker_first:
-                    run_worker(side, f"lc-{number}", chunk, log_path)
-                run_floor(side, f"lc-floor-{number}", chunk)
-                if not worker_first:
-                    run_worker(side, f"lc-{number}", chunk, log_path)
+                order = steps(side, str(number), chunk, log_path)
+                for step in order if number % 2 == 0 else order[::-1]:
+                    step()
         for side in sides:
-            report(section, side, count=chunk * rounds + 20)
+            report(section, side, count=2 * (chunk * rounds + 20))
         section.data.update(chunk=chunk, rounds=rounds, smtp_sink_messages=sink.messages())
     finally:
         for side in sides:
@@ -195,8 +229,9 @@ def run(stack: Stack, *, chunk: int, rounds: int, log_dir: Path) -> Section:
 
 
 def report(section: Section, side: Side, *, count: int) -> None:
-    worker, floor = side.worker_chunks, side.floor_chunks
+    worker, prepared, floor = side.worker_chunks, side.prepared_chunks, side.floor_chunks
     ratios = [w / f for w, f in zip(worker.wall, floor.wall, strict=True)]
+    prepared_ratios = [p / f for p, f in zip(prepared.wall, floor.wall, strict=True)]
     ratio = median(ratios)
     worker_ms, floor_ms = median(worker.wall) * 1e3, median(floor.wall) * 1e3
     sent = count_status(side.url, "lc-").get("sent", 0)
@@ -213,12 +248,22 @@ def report(section: Section, side: Side, *, count: int) -> None:
         "us",
         "the backend's own run time (schedstat)",
     )
+    section.add(
+        f"{side.label}: what-if prepared statements / floor",
+        median(prepared_ratios),
+        "x",
+        f"{median(prepared.wall) * 1e3:.2f} ms, server CPU {median(prepared.cpu) / 1e3:.0f} us"
+        " (not through a transaction-mode PgBouncer 1.18)",
+    )
     section.data[side.label.replace(" ", "_")] = {
         "worker_ms": [round(w * 1e3, 3) for w in worker.wall],
+        "prepared_ms": [round(p * 1e3, 3) for p in prepared.wall],
         "floor_ms": [round(f * 1e3, 3) for f in floor.wall],
         "worker_cpu_us": [round(c / 1e3, 1) for c in worker.cpu],
+        "prepared_cpu_us": [round(c / 1e3, 1) for c in prepared.cpu],
         "floor_cpu_us": [round(c / 1e3, 1) for c in floor.cpu],
         "ratios": [round(r, 3) for r in ratios],
+        "prepared_ratios": [round(r, 3) for r in prepared_ratios],
         "ratio": round(ratio, 3),
         "worker_rows_sent": sent,
         "expected_sent": count,

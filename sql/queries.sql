@@ -31,7 +31,7 @@ WHERE d.status IN ('queued', 'retrying')
 RETURNING d.delivery_id, d.claim_token, d.attempts, d.lease_expires_at;
 
 -- name: set_sent_if_claimed
--- The guarded UPDATE is inside email.set_sent_if_claimed() (migration 004), so the server
+-- The guarded UPDATE is inside email.set_sent_if_claimed() (migration 006), so the server
 -- plans it once per connection; no row back: the claim no longer holds the row.
 SELECT sent AS delivery_id
 FROM email.set_sent_if_claimed(
@@ -44,7 +44,7 @@ FROM email.set_sent_if_claimed(
 -- name: set_unsent_if_claimed
 -- The claim ends without an email: `retrying` (Pub/Sub will redeliver), `failed` (permanent)
 -- or `dead_letter` (attempts exhausted). Like set_sent_if_claimed, fenced by the claim token,
--- and a function of migration 004.
+-- and a function of migration 006.
 SELECT unsent AS delivery_id
 FROM email.set_unsent_if_claimed(
     delivery_id => %(delivery_id)s,

@@ -449,7 +449,7 @@ SELECT * FROM email.set_unsent_if_claimed(
 def test_the_transition_functions_are_guarded_like_any_writer(
     admin: psycopg.Connection[Any], ledger: Ledger
 ) -> None:
-    """Migration 004's functions run the worker's guarded UPDATEs; they are no way around
+    """Migration 006's functions run the worker's guarded UPDATEs; they are no way around
     the state machine, the claim token or the audit trail."""
     claimed = claim(ledger, "fn")
     assert claimed is not None

@@ -1,5 +1,5 @@
--- Back to 002: the transition functions go (workers of version 002 do not call them), and
--- transition_allowed() is 002's again (the same table, not inlined).
+-- One step back: the transition functions go (workers of the previous release do not call them),
+-- and transition_allowed() is 002's again (the same table, not inlined).
 SET LOCAL lock_timeout = '5s';
 
 DROP FUNCTION IF EXISTS email.set_unsent_if_claimed(

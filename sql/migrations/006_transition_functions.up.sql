@@ -2,8 +2,8 @@
 -- database spent per email beyond the work itself was parsing and planning, twice per email,
 -- (1) the body of transition_allowed() and (2) the worker's guarded UPDATE.
 --
--- Safe to apply while workers of version 002 run: the replaced function accepts exactly the
--- transitions it accepted before, and the new functions are new. Nothing takes a table lock.
+-- Safe to apply while workers of the previous release run: the replaced function accepts the
+-- same transitions as before, and the new functions are new. Nothing takes a table lock.
 SET LOCAL lock_timeout = '5s';
 
 -- 1. transition_allowed() without `SET search_path`. A SQL function with a SET clause is never
