@@ -66,7 +66,7 @@ FULL = Sizes(
     inprocess_count=2000,
     inprocess_rounds=3,
     dbcost_count=500,
-    ledgercost_rounds=15,
+    ledgercost_rounds=25,
     http_count=1000,
     http_concurrency=(1, 4),
     memory_count=3000,
@@ -103,7 +103,7 @@ BENCHMARKS: dict[str, Runner] = {
     ),
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
     "ledgercost": lambda stack, s, logs: ledgercost.run(
-        stack, chunk=100, rounds=s.ledgercost_rounds, log_dir=logs
+        stack, chunk=40, rounds=s.ledgercost_rounds, log_dir=logs
     ),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
