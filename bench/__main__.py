@@ -6,6 +6,7 @@ Benchmarks (in the order they run):
   dbcost     statements and protocol round trips per delivery
   ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
+  concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from bench import (
     coldstart,
+    concurrency,
     dbcost,
     httpbench,
     inprocess,
@@ -52,6 +54,8 @@ class Sizes:
     ledgercost_rounds: int
     http_count: int
     http_concurrency: tuple[int, ...]
+    concurrency_levels: tuple[int, ...]
+    concurrency_seconds: float
     memory_count: int
     coldstart_reps: int
     scaleout_events: int
@@ -69,6 +73,8 @@ FULL = Sizes(
     ledgercost_rounds=25,
     http_count=1000,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 4, 8, 16),
+    concurrency_seconds=4.0,
     memory_count=3000,
     coldstart_reps=7,
     scaleout_events=600,
@@ -85,6 +91,8 @@ QUICK = Sizes(
     ledgercost_rounds=3,
     http_count=150,
     http_concurrency=(1, 4),
+    concurrency_levels=(1, 8),
+    concurrency_seconds=1.0,
     memory_count=300,
     coldstart_reps=3,
     scaleout_events=100,
@@ -107,6 +115,9 @@ BENCHMARKS: dict[str, Runner] = {
     ),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs
+    ),
+    "concurrency": lambda stack, s, logs: concurrency.run(
+        stack, levels=s.concurrency_levels, seconds=s.concurrency_seconds, log_dir=logs
     ),
     "memory": lambda stack, s, logs: memory.run(stack, count=s.memory_count, log_dir=logs),
     "coldstart": lambda stack, s, logs: coldstart.run(

@@ -46,3 +46,20 @@ def since(start: dict[str, float]) -> dict[str, float]:
         for role, used in now.items()
         if used > start.get(role, 0.0)
     }
+
+
+def group_seconds(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of one process group (a server started
+    with `start_new_session=True`: functions-framework's gunicorn master and its worker)."""
+    used = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # state ppid pgrp ...: the process group is index 2 here.
+        if int(fields[2]) == pgid:
+            used += (int(fields[11]) + int(fields[12])) / TICK
+    return used

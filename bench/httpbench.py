@@ -42,11 +42,16 @@ SHAPES: dict[str, Callable[[dict[str, Any], str], HttpRequest]] = {
 
 
 class NoopServer:
-    """functions-framework serving bench/noop_function.py."""
+    """functions-framework serving `target` of bench/noop_function.py; `env` adds variables
+    (THREADS, NOOP_WAIT_MS, LOG_EXECUTION_ID)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(
+        self, log_dir: Path, *, target: str = "noop", env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
-        self.log_path = log_dir / "noop-function.log"
+        self.target = target
+        self.env = dict(env or {})
+        self.log_path = log_dir / f"{target}-function-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NoopServer:
@@ -56,7 +61,7 @@ class NoopServer:
                 [
                     str(executable),
                     "--target",
-                    "noop",
+                    self.target,
                     "--signature-type",
                     "cloudevent",
                     "--source",
@@ -67,7 +72,7 @@ class NoopServer:
                     str(self.port),
                 ],
                 cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

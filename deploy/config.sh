@@ -29,9 +29,16 @@ SCRIPT_NAME=$(basename "$0")
 # Service account ids (the part before @); the emails are derived below.
 : "${RUNTIME_SA:=email-worker-runtime}"  # the function's identity
 : "${TRIGGER_SA:=email-worker-trigger}"  # Eventarc's identity when it invokes the function
-# Secret Manager secret ids; the function gets `projects/P/secrets/ID/versions/latest`.
+# Secret Manager secret ids, always read at `latest`.
 : "${DATABASE_URL_SECRET_ID:=email-database-url}"
 : "${SMTP_PASSWORD_SECRET_ID:=email-smtp-password}"
+# How the function gets them:
+#   env     (default) --set-secrets: Cloud Run resolves each secret when an instance starts and
+#           hands it over as the plain DATABASE_URL / SMTP_PASSWORD environment variables, so
+#           the worker imports no Secret Manager client and makes no RPC (the fast cold start);
+#   worker  DATABASE_URL_SECRET / SMTP_PASSWORD_SECRET name the versions and the worker reads
+#           them itself at start (google-cloud-secret-manager; ~300 ms more per cold start).
+: "${SECRETS_VIA:=env}"
 
 # --- the worker's own settings (contract section 4); empty ones are not passed --------------
 : "${SMTP_HOST:=}"
@@ -57,8 +64,25 @@ SCRIPT_NAME=$(basename "$0")
 
 # --- the function's resources ---------------------------------------------------------------
 : "${FUNCTION_TIMEOUT:=120s}"
-: "${MEMORY:=256Mi}"
+# Requests one instance serves at once (Cloud Run's --concurrency). A delivery spends most of
+# its time waiting for the relay (50-200 ms) and ~3 ms of the instance's CPU (bench/
+# concurrency, README Performance), so one vCPU sustains ~300 deliveries/s: 8 at once at
+# 50 ms (160/s) use about half of it, 16 would saturate it. Cloud Run's own default for a
+# function is 1 request per instance, one billed instance per 5-20 emails a second. gunicorn
+# gets as many threads (THREADS), and the worker sizes its database pool and kept SMTP
+# connections from it.
+: "${CONCURRENCY:=8}"
+# More than one request per instance needs at least one whole vCPU (Cloud Run's rule).
+: "${CPU:=1}"
+: "${MEMORY:=512Mi}"
 : "${MAX_INSTANCES:=20}"
+# Optional: a Serverless VPC Access connector (projects/P/locations/R/connectors/C or its
+# name) through which all egress goes, for a static egress IP with Cloud NAT (deploy/README.md).
+: "${VPC_CONNECTOR:=}"
+# Optional: the service account Cloud Build runs the function's build as
+# (projects/P/serviceAccounts/EMAIL, or an email), for projects without the default build
+# service account's permissions.
+: "${BUILD_SERVICE_ACCOUNT:=}"
 # Only Google-internal traffic (Eventarc's Pub/Sub push) reaches the function; IAM still
 # requires the trigger service account's token on top of that.
 : "${INGRESS_SETTINGS:=internal-only}"
@@ -182,6 +206,15 @@ load_config() {
     die_config "MAX_DELIVERY_ATTEMPTS ($MAX_DELIVERY_ATTEMPTS) must be higher than MAX_ATTEMPTS ($MAX_ATTEMPTS)"
   fi
   int_in MAX_INSTANCES 1 1000
+  int_in CONCURRENCY 1 1000
+  matches CPU '^([0-9]{1,2}|0?\.[0-9]{1,3}|[0-9]{1,2}\.[0-9]{1,3})$' "a number of vCPUs like 1, 2 or 0.583"
+  if ((10#$CONCURRENCY > 1)) && ! awk -v cpu="$CPU" 'BEGIN { exit !(cpu >= 1) }'; then
+    die_config "CONCURRENCY ($CONCURRENCY) above 1 needs CPU of at least 1, got '$CPU'"
+  fi
+  matches MEMORY '^[0-9]{1,6}(Mi|Gi)$' "a size like 512Mi or 1Gi"
+  matches SECRETS_VIA '^(env|worker)$' "env or worker"
+  [[ -z $VPC_CONNECTOR ]] || matches VPC_CONNECTOR '^(projects/[^/]+/locations/[^/]+/connectors/)?[a-z][a-z0-9-]{0,23}$' "a connector name"
+  [[ -z $BUILD_SERVICE_ACCOUNT ]] || matches BUILD_SERVICE_ACCOUNT '^(projects/[^/]+/serviceAccounts/)?[^/@[:space:]]+@[^/[:space:]]+$' "a service account email or projects/P/serviceAccounts/EMAIL"
   int_in LEASE_SECONDS 5 86400
   int_in ACK_DEADLINE 10 600
   local timeout

@@ -3,9 +3,11 @@
 # the parts Eventarc's trigger does not keep by itself:
 #
 #   1. gcloud functions deploy --gen2 --trigger-topic --retry, with the worker's settings as
-#      environment variables. The secrets are passed as Secret Manager version names
-#      (DATABASE_URL_SECRET, SMTP_PASSWORD_SECRET) that the worker reads itself once per
-#      instance (contract section 4), not with --set-secrets.
+#      environment variables, CONCURRENCY requests per instance on CPU vCPUs, and the secrets
+#      with --set-secrets (Cloud Run resolves `latest` when an instance starts and hands the
+#      worker plain DATABASE_URL / SMTP_PASSWORD variables: no Secret Manager client at
+#      start). SECRETS_VIA=worker passes DATABASE_URL_SECRET / SMTP_PASSWORD_SECRET instead,
+#      which the worker reads itself (contract section 4; the slower cold start).
 #   2. the trigger's subscription (created by Eventarc, looked up through the function's
 #      eventTrigger.trigger) gets the Pub/Sub dead-letter policy and retry backoff;
 #   3. the Pub/Sub service agent may forward to the dead-letter topic and ack on that
@@ -38,17 +40,54 @@ env_vars=(
   "GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
   "DELIVERY_TOPIC=$DELIVERY_TOPIC"
   "DEAD_LETTER_TOPIC=$DEAD_LETTER_TOPIC"
-  "DATABASE_URL_SECRET=$DATABASE_URL_SECRET"
   "MAX_ATTEMPTS=$MAX_ATTEMPTS"
   "LEASE_SECONDS=$LEASE_SECONDS"
+  # Sizes the worker's pools; THREADS is functions-framework's gunicorn thread count, which
+  # must match Cloud Run's --concurrency or requests queue inside the instance.
+  "CONCURRENCY=$CONCURRENCY"
+  "THREADS=$CONCURRENCY"
+  # functions-framework adds the execution id (labels) and span id to every JSON line.
+  "LOG_EXECUTION_ID=true"
 )
 for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS EMAIL_FROM EMAIL_REPLY_TO; do
   if [[ -n ${!name} ]]; then
     env_vars+=("$name=${!name}")
   fi
 done
+
+# The secrets: ENV=SECRET:latest for --set-secrets, or the version names for the worker.
+secret_ids=("$DATABASE_URL_SECRET_ID")
+secret_vars=(DATABASE_URL)
 if [[ -n $SMTP_USERNAME ]]; then
-  env_vars+=("SMTP_PASSWORD_SECRET=$SMTP_PASSWORD_SECRET")
+  secret_ids+=("$SMTP_PASSWORD_SECRET_ID")
+  secret_vars+=(SMTP_PASSWORD)
+fi
+secret_flags=()
+if [[ $SECRETS_VIA == env ]]; then
+  mounted=()
+  for i in "${!secret_ids[@]}"; do
+    mounted+=("${secret_vars[$i]}=${secret_ids[$i]}:latest")
+  done
+  # --set-secrets replaces every secret the function had, so a dropped one goes away too.
+  secret_flags+=("--set-secrets=$(IFS=,; printf '%s' "${mounted[*]}")")
+else
+  for i in "${!secret_ids[@]}"; do
+    env_vars+=("${secret_vars[$i]}_SECRET=projects/$PROJECT_ID/secrets/${secret_ids[$i]}/versions/latest")
+  done
+  # A secret left mounted by an earlier deploy would set DATABASE_URL beside
+  # DATABASE_URL_SECRET, which the worker refuses.
+  secret_flags+=(--clear-secrets)
+fi
+
+optional_flags=()
+if [[ -n $VPC_CONNECTOR ]]; then
+  # All egress through the connector, so the relay sees Cloud NAT's static address.
+  optional_flags+=("--vpc-connector=$VPC_CONNECTOR" --egress-settings=all)
+fi
+if [[ -n $BUILD_SERVICE_ACCOUNT ]]; then
+  build_sa=$BUILD_SERVICE_ACCOUNT
+  [[ $build_sa == projects/* ]] || build_sa="projects/$PROJECT_ID/serviceAccounts/$build_sa"
+  optional_flags+=("--build-service-account=$build_sa")
 fi
 
 # gcloud splits --set-env-vars on commas; when a value holds one (a display name in
@@ -67,14 +106,10 @@ if [[ ${env_vars[*]} == *,* ]]; then
   joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
 fi
 
-# The worker reads versions/latest of each secret when an instance starts: without one it
-# would stop at start with "..._SECRET: ...", so stop here instead.
+# Each instance reads versions/latest of each secret when it starts: without one the deploy
+# (--set-secrets) or every instance (SECRETS_VIA=worker) would fail, so stop here instead.
 note "preflight: the secrets the function reads have an enabled latest version"
-secrets=("$DATABASE_URL_SECRET_ID")
-if [[ -n $SMTP_USERNAME ]]; then
-  secrets+=("$SMTP_PASSWORD_SECRET_ID")
-fi
-for secret in "${secrets[@]}"; do
+for secret in "${secret_ids[@]}"; do
   state=$(capture ENABLED gcloud secrets versions describe latest --secret="$secret" \
     "${project[@]}" --format='value(state)') || state=MISSING
   if [[ $state != ENABLED ]]; then
@@ -95,9 +130,13 @@ run gcloud functions deploy "$FUNCTION_NAME" \
   --trigger-service-account="$TRIGGER_SA_EMAIL" \
   --ingress-settings="$INGRESS_SETTINGS" \
   --timeout="$FUNCTION_TIMEOUT" \
+  --concurrency="$CONCURRENCY" \
+  --cpu="$CPU" \
   --memory="$MEMORY" \
   --max-instances="$MAX_INSTANCES" \
   --set-env-vars="$joined" \
+  "${secret_flags[@]}" \
+  ${optional_flags[@]+"${optional_flags[@]}"} \
   "${project[@]}"
 
 note "lookups"

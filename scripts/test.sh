@@ -10,6 +10,8 @@ bash scripts/bootstrap.sh
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "== lock"
+.venv/bin/python scripts/check_lock.py
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -288,10 +288,15 @@ def test_deploy_function_flags(deploy: Deploy) -> None:
     assert flag(argv, "service-account") == RUNTIME_SA
     assert flag(argv, "trigger-service-account") == TRIGGER_SA
     assert flag(argv, "timeout") == "120s"
-    assert flag(argv, "memory") == "256Mi"
+    # Several requests per instance, on a whole vCPU (Cloud Run's rule for concurrency > 1).
+    assert flag(argv, "concurrency") == "8"
+    assert flag(argv, "cpu") == "1"
+    assert flag(argv, "memory") == "512Mi"
     assert flag(argv, "max-instances") == "20"
-    # The worker reads its secrets itself (contract section 4).
-    assert not any(arg.startswith(("--set-secrets", "--update-secrets")) for arg in argv)
+    # Cloud Run resolves the secrets at instance start; the worker reads plain variables.
+    assert flag(argv, "set-secrets") == "DATABASE_URL=email-database-url:latest"
+    assert "--clear-secrets" not in argv
+    assert not any(a.startswith(("--vpc-connector", "--build-service-account")) for a in argv)
 
 
 def test_deploy_function_environment(deploy: Deploy) -> None:
@@ -300,9 +305,11 @@ def test_deploy_function_environment(deploy: Deploy) -> None:
         "GOOGLE_CLOUD_PROJECT": PROJECT,
         "DELIVERY_TOPIC": "email-deliveries",
         "DEAD_LETTER_TOPIC": "email-deliveries-dead-letter",
-        "DATABASE_URL_SECRET": f"projects/{PROJECT}/secrets/email-database-url/versions/latest",
         "MAX_ATTEMPTS": "5",
         "LEASE_SECONDS": "300",
+        "CONCURRENCY": "8",
+        "THREADS": "8",  # gunicorn serves as many requests at once as Cloud Run sends
+        "LOG_EXECUTION_ID": "true",
         "SMTP_HOST": "smtp.example.com",
         "EMAIL_FROM": "no-reply@acme.example",
     }
@@ -322,8 +329,64 @@ def test_deploy_function_passes_optional_smtp_settings_and_password_secret(
     env = env_vars(argv)
     for key, value in settings.items():
         assert env[key] == value
+    assert flag(argv, "set-secrets") == (
+        "DATABASE_URL=email-database-url:latest,SMTP_PASSWORD=email-smtp-password:latest"
+    )
+    assert not any(key.endswith("_SECRET") or key == "SMTP_PASSWORD" for key in env)
+
+
+def test_deploy_function_can_leave_the_secrets_to_the_worker(deploy: Deploy) -> None:
+    """SECRETS_VIA=worker: the slower path, for deployments that want the *_SECRET names."""
+    argv = deploy.dry(
+        "deploy-function.sh", env={"SECRETS_VIA": "worker", "SMTP_USERNAME": "apikey"}
+    ).one("gcloud", "functions", "deploy")
+    env = env_vars(argv)
+    assert env["DATABASE_URL_SECRET"] == (
+        f"projects/{PROJECT}/secrets/email-database-url/versions/latest"
+    )
     assert env["SMTP_PASSWORD_SECRET"] == (
         f"projects/{PROJECT}/secrets/email-smtp-password/versions/latest"
+    )
+    # Secrets an earlier deploy mounted would set DATABASE_URL beside DATABASE_URL_SECRET.
+    assert "--clear-secrets" in argv
+    assert not any(arg.startswith("--set-secrets") for arg in argv)
+
+
+def test_deploy_function_preflights_exactly_the_secrets_it_mounts(deploy: Deploy) -> None:
+    result = deploy.dry("deploy-function.sh", env={"SMTP_USERNAME": "apikey"})
+    checked = [argv[5] for argv in result.find("gcloud", "secrets", "versions", "describe")]
+    assert checked == ["--secret=email-database-url", "--secret=email-smtp-password"]
+    mounted = flag(result.one("gcloud", "functions", "deploy"), "set-secrets")
+    assert [item.split("=")[1].split(":")[0] for item in mounted.split(",")] == [
+        "email-database-url",
+        "email-smtp-password",
+    ]
+
+
+def test_deploy_function_sizes_concurrency_cpu_and_threads_together(deploy: Deploy) -> None:
+    argv = deploy.dry(
+        "deploy-function.sh", env={"CONCURRENCY": "16", "CPU": "2", "MEMORY": "1Gi"}
+    ).one("gcloud", "functions", "deploy")
+    assert (flag(argv, "concurrency"), flag(argv, "cpu"), flag(argv, "memory")) == (
+        "16",
+        "2",
+        "1Gi",
+    )
+    assert (env_vars(argv)["CONCURRENCY"], env_vars(argv)["THREADS"]) == ("16", "16")
+
+
+def test_deploy_function_static_egress_and_build_account(deploy: Deploy) -> None:
+    argv = deploy.dry(
+        "deploy-function.sh",
+        env={
+            "VPC_CONNECTOR": "email-egress",
+            "BUILD_SERVICE_ACCOUNT": f"builder@{PROJECT}.iam.gserviceaccount.com",
+        },
+    ).one("gcloud", "functions", "deploy")
+    assert flag(argv, "vpc-connector") == "email-egress"
+    assert flag(argv, "egress-settings") == "all"
+    assert flag(argv, "build-service-account") == (
+        f"projects/{PROJECT}/serviceAccounts/builder@{PROJECT}.iam.gserviceaccount.com"
     )
 
 
@@ -517,6 +580,12 @@ def test_deploying_needs_smtp_host_and_sender(deploy: Deploy, script: str, missi
         ({"DEAD_LETTER_TOPIC": "email-deliveries"}, "DEAD_LETTER_TOPIC"),
         ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY"),
         ({"SMTP_PORT": "99999"}, "SMTP_PORT"),
+        ({"CONCURRENCY": "0"}, "CONCURRENCY"),
+        ({"CONCURRENCY": "8", "CPU": "0.583"}, "CPU"),
+        ({"CPU": "lots"}, "CPU"),
+        ({"MEMORY": "512"}, "MEMORY"),
+        ({"SECRETS_VIA": "file"}, "SECRETS_VIA"),
+        ({"BUILD_SERVICE_ACCOUNT": "not an account"}, "BUILD_SERVICE_ACCOUNT"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(

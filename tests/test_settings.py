@@ -53,6 +53,8 @@ def test_defaults_follow_the_contract() -> None:
         ({"EMAIL_FROM": "nobody"}, "EMAIL_FROM must be an email address, got 'nobody'"),
         ({"SMTP_PASSWORD": "pw"}, "SMTP_PASSWORD is set but SMTP_USERNAME is not"),
         ({"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS must be an integer 1..100, got '0'"),
+        ({"CONCURRENCY": "0"}, "CONCURRENCY must be an integer 1..1000, got '0'"),
+        ({"THREADS": "many"}, "THREADS must be an integer 1..1000, got 'many'"),
         ({"DEAD_LETTER_TOPIC": ""}, "DEAD_LETTER_TOPIC is required but not set"),
         (
             {"LOG_LEVEL": "verbose"},
@@ -70,6 +72,22 @@ def test_a_bad_setting_is_one_line_naming_it(change: dict[str, str], message: st
         load_settings({**BASE, **change})
     assert str(error.value) == message
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "size"),
+    [
+        ({}, 4),  # functions-framework's default: 4 threads on one CPU
+        ({"THREADS": "12"}, 12),  # what gunicorn really runs
+        ({"THREADS": "12", "CONCURRENCY": "16"}, 16),  # the deploy's --concurrency wins
+        ({"CONCURRENCY": "16", "DB_POOL_MAX_SIZE": "3"}, 16),  # the database pool alone
+    ],
+)
+def test_pools_are_sized_from_the_concurrency(change: dict[str, str], size: int) -> None:
+    """Every request in flight gets its own database and SMTP connection, never waits."""
+    settings = load_settings({**BASE, **change})
+    assert settings.smtp.max_idle_connections == size
+    assert settings.database.pool_max_size == int(change.get("DB_POOL_MAX_SIZE", size))
 
 
 @pytest.mark.parametrize(

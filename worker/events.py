@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from worker.workflows import WORKFLOWS, Workflow
 
@@ -31,6 +31,8 @@ DEFAULT_LOCALE = "en"
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}", re.ASCII)
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+# TRACE_ID/SPAN_ID;o=OPTIONS, the span and options optional (Cloud Trace's legacy header).
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/[0-9]{1,20})?(?:;o=[0-9]+)?")
 # addr-spec with a dot-atom local part: no quoted strings, comments, domain literals or
 # display names, so the value cannot smuggle a second address or a header into SMTP.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -162,6 +164,28 @@ def _trace_id(traceparent: Any) -> str | None:
     if match is None or set(match.group(1)) == {"0"}:
         return None
     return match.group(1)
+
+
+class Headers(Protocol):
+    """Request headers looked up by name (werkzeug's `Headers`, a dict)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+def trace_from_headers(headers: Headers) -> str | None:
+    """The trace id of the HTTP request that carried the event, when the CloudEvent has none:
+    W3C `traceparent` first, then Google's `X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=1`
+    (Cloud Run adds one or both to every request it forwards)."""
+    trace = _trace_id(headers.get("traceparent"))
+    if trace is not None:
+        return trace
+    cloud = headers.get("X-Cloud-Trace-Context")
+    if not isinstance(cloud, str):
+        return None
+    match = _CLOUD_TRACE.fullmatch(cloud.strip())
+    if match is None or set(match.group(1)) == {"0"}:
+        return None
+    return match.group(1).lower()
 
 
 def _attributes(value: Any) -> dict[str, str]:

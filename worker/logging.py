@@ -1,6 +1,8 @@
 """structlog, one JSON object per line on stdout, in Cloud Logging's structured format.
 
-Cloud Logging reads `severity`, `message` and `logging.googleapis.com/trace` from each line.
+Cloud Logging reads `severity`, `message`, `logging.googleapis.com/trace` and
+`logging.googleapis.com/labels` from each line. `request_scope()` (main.py) adds the HTTP
+request's trace, when the event carried none, and its execution id to every line.
 Per-event fields (`delivery_id`, `workflow`, `attempt`, `message_id`) are bound with
 `bind_event()` and cleared by `clear_event()`. Redaction runs last, on every line: values
 under sensitive keys are dropped and addresses and URLs in any string are masked, so a
@@ -12,7 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -47,11 +52,25 @@ _SEVERITY = {
     "critical": "CRITICAL",
 }
 TRACE_KEY = "logging.googleapis.com/trace"
+LABELS_KEY = "logging.googleapis.com/labels"
 # Ids that only look like addresses (`<inv_2f6c9d1e@example.com>`): kept as they are, so a
 # log line can be matched to the email and the ledger row.
 VERBATIM_KEYS = frozenset({TRACE_KEY, "provider_message_id", "message_id", "delivery_id"})
 
 _configured = False
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the HTTP request that carried an event adds to every line logged while it runs."""
+
+    trace: str | None  # full resource name: projects/P/traces/T
+    execution_id: str | None
+
+
+# Per request thread (gunicorn serves CONCURRENCY requests at once in one process); apart from
+# structlog's context so that `bind_event`/`clear_event` leave it alone.
+_request: ContextVar[_Request | None] = ContextVar("email_worker_request", default=None)
 
 
 class _StdoutLogger:
@@ -78,6 +97,28 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
+def _request_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The request's trace, unless the event carried its own, and its execution id.
+
+    functions-framework's LOG_EXECUTION_ID adds the execution id too (and the span id), by
+    swapping the process-wide `sys.stdout` while a request runs; with several requests at
+    once a request ending can restore the plain stream under another that is still running.
+    Adding it here, per thread, labels every line whatever the framework does.
+    """
+    request = _request.get()
+    if request is None:
+        return event
+    if request.trace is not None and TRACE_KEY not in event:
+        event[TRACE_KEY] = request.trace
+    if request.execution_id is not None:
+        labels = event.get(LABELS_KEY)
+        event[LABELS_KEY] = {
+            **(labels if isinstance(labels, Mapping) else {}),
+            "execution_id": request.execution_id,
+        }
+    return event
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
         if key.lower() in SENSITIVE_KEYS:
@@ -102,6 +143,7 @@ def configure_logging(level: str | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _request_fields,
             structlog.processors.add_log_level,
             _severity,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
@@ -138,3 +180,17 @@ def bind(**fields: Any) -> None:
 
 def clear_event() -> None:
     structlog.contextvars.clear_contextvars()
+
+
+@contextmanager
+def request_scope(
+    *, project: str | None, trace: str | None, execution_id: str | None
+) -> Iterator[None]:
+    """Every line logged inside carries the request's trace (when the event has none) and its
+    execution id (functions-framework's `Function-Execution-Id`)."""
+    resource = f"projects/{project}/traces/{trace}" if trace and project else None
+    token = _request.set(_Request(trace=resource, execution_id=execution_id or None))
+    try:
+        yield
+    finally:
+        _request.reset(token)

@@ -16,6 +16,9 @@ from typing import Literal, TypeVar
 
 T = TypeVar("T")
 SmtpSecurity = Literal["starttls", "ssl", "none"]
+# Requests one instance serves at once when neither CONCURRENCY nor THREADS says otherwise:
+# functions-framework's gunicorn default on one CPU (4 threads per CPU).
+DEFAULT_CONCURRENCY = 4
 # Slack between the last SMTP attempt's worst-case end and the lease's expiry.
 LEASE_MARGIN_SECONDS = 1.0
 
@@ -38,6 +41,9 @@ class SmtpSettings:
     message_id_domain: str = "localhost"
     # A private relay's CA bundle; the system store is used when unset.
     ca_file: str | None = None
+    # Open connections kept between sends: one per request the instance serves at once, so
+    # a busy instance never closes and re-handshakes a connection it needs again at once.
+    max_idle_connections: int = DEFAULT_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class RetrySettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = field(repr=False)
-    pool_max_size: int = 4
+    pool_max_size: int = DEFAULT_CONCURRENCY
     connect_timeout_seconds: float = 10.0
 
 
@@ -157,13 +163,30 @@ def _address(env: Mapping[str, str], name: str) -> str | None:
 # --- sections --------------------------------------------------------------------------
 
 
+def concurrency(env: Mapping[str, str] = os.environ) -> int:
+    """How many requests one instance serves at once: `CONCURRENCY` (the deploy sets it to
+    Cloud Run's `--concurrency`), else functions-framework's `THREADS`, else 4.
+
+    The instance's pools are sized from it: every request in flight can hold a database
+    connection and an SMTP connection without waiting for another request's.
+    """
+    rule = "an integer 1..1000"
+    threads = _parsed(env, "THREADS", DEFAULT_CONCURRENCY, _int_in(1, 1000), rule)
+    return _parsed(env, "CONCURRENCY", threads, _int_in(1, 1000), rule)
+
+
 def database_settings(env: Mapping[str, str] = os.environ) -> DatabaseSettings:
     url = _secret_or_env(env, "DATABASE_URL")
     if url is None:
         raise SettingsError("DATABASE_URL or DATABASE_URL_SECRET is required but not set")
+    # Connections are opened on demand up to this size (the pool starts with one), so a
+    # larger CONCURRENCY costs connections only when requests really overlap on the ledger.
+    pool = _parsed(
+        env, "DB_POOL_MAX_SIZE", concurrency(env), _int_in(1, 1000), "an integer 1..1000"
+    )
     return DatabaseSettings(
         url=url,
-        pool_max_size=_parsed(env, "DB_POOL_MAX_SIZE", 4, _int_in(1, 100), "an integer 1..100"),
+        pool_max_size=pool,
         connect_timeout_seconds=_parsed(
             env, "DB_TIMEOUT_SECONDS", 10.0, _positive_float, "a positive number"
         ),
@@ -195,6 +218,7 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         reply_to=_address(env, "EMAIL_REPLY_TO"),
         message_id_domain=_raw(env, "MESSAGE_ID_DOMAIN") or domain,
         ca_file=_raw(env, "SMTP_CA_FILE"),
+        max_idle_connections=concurrency(env),
     )
 
 

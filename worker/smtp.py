@@ -308,10 +308,15 @@ class SmtpSender:
     """
 
     def __init__(
-        self, settings: SmtpSettings, *, max_idle: int = 4, max_idle_seconds: float = 60.0
+        self,
+        settings: SmtpSettings,
+        *,
+        max_idle: int | None = None,
+        max_idle_seconds: float = 60.0,
     ) -> None:
         self.settings = settings
-        self._max_idle = max_idle
+        # Sized from CONCURRENCY (settings.max_idle_connections) unless given.
+        self._max_idle = settings.max_idle_connections if max_idle is None else max_idle
         # Idle connections may be dropped silently by NAT/firewalls (no FIN), which would
         # only show as a TIMEOUT on the next use; retire them well before that.
         self._max_idle_seconds = max_idle_seconds

@@ -101,17 +101,29 @@ class WorkerCluster:
     """`n` functions-framework processes serving `main.py` on 127.0.0.1, one port each.
 
     `env` is the whole worker configuration (see `worker_env`); `threads` sets gunicorn's
-    threads per process (`THREADS`, functions-framework's default is 4 per CPU). Servers are
+    threads per process (`THREADS`, functions-framework's default is 4 per CPU);
+    `concurrency` sets `CONCURRENCY` and `THREADS` together, as the deploy does. Servers are
     addressed by index `0..n-1`; a restarted server keeps its index and port, so `urls` never
     changes. Use as a context manager, or call `start()` and `stop()`.
     """
 
-    def __init__(self, n: int, env: Mapping[str, str], *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        env: Mapping[str, str],
+        *,
+        threads: int | None = None,
+        concurrency: int | None = None,
+    ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one server")
         self.env = dict(env)
         if threads is not None:
             self.env["THREADS"] = str(threads)
+        if concurrency is not None:
+            # The deployed shape (deploy/deploy-function.sh): CONCURRENCY requests at once per
+            # instance, as many gunicorn threads, the worker's pools sized from it.
+            self.env["CONCURRENCY"] = self.env["THREADS"] = str(concurrency)
         self._servers = [FunctionServer(self.env) for _ in range(n)]
         self._lock = threading.Lock()
         self._kills = 0
@@ -275,6 +287,9 @@ class DeliveryReport:
     seconds: float = 0.0
     failures: Counter[str] = field(default_factory=Counter)
     gave_up_ids: list[str] = field(default_factory=list)
+    # Per server index: the most POSTs that were outstanding on it at one moment (sent and
+    # not yet answered), i.e. how many requests that worker process had at once.
+    peak_in_flight: dict[int, int] = field(default_factory=dict)
 
     @property
     def posts_per_second(self) -> float:
@@ -301,6 +316,7 @@ class DeliveryReport:
             "seconds": round(self.seconds, 2),
             "posts_per_second": round(self.posts_per_second, 1),
             "failures": dict(self.failures.most_common()),
+            "peak_in_flight": dict(sorted(self.peak_in_flight.items())),
         }
 
     def summary(self) -> str:
@@ -365,6 +381,9 @@ class Deliverer:
         self._local = threading.local()
         self._connections: set[http.client.HTTPConnection] = set()
         self._connections_lock = threading.Lock()
+        self._in_flight: Counter[int] = Counter()
+        self._peaks: dict[int, int] = {}
+        self._in_flight_lock = threading.Lock()
 
     # one POST
 
@@ -377,7 +396,11 @@ class Deliverer:
     def post_body(self, body: bytes, server: int) -> str:
         """POST a ready-made body (e.g. a hand-built, malformed push) to server `server`."""
         urls = self._urls()
-        url = urls[server % len(urls)]
+        index = server % len(urls)
+        url = urls[index]
+        with self._in_flight_lock:
+            self._in_flight[index] += 1
+            self._peaks[index] = max(self._peaks.get(index, 0), self._in_flight[index])
         try:
             try:
                 return self._exchange(url, body, fresh=False)
@@ -386,6 +409,14 @@ class Deliverer:
         except (OSError, http.client.HTTPException) as error:
             self._drop_connection(url)
             return "TimeoutError" if isinstance(error, TimeoutError) else type(error).__name__
+        finally:
+            with self._in_flight_lock:
+                self._in_flight[index] -= 1
+
+    def peak_in_flight(self) -> dict[int, int]:
+        """Per server index, the most POSTs outstanding on it at once so far."""
+        with self._in_flight_lock:
+            return dict(self._peaks)
 
     def _exchange(self, url: str, body: bytes, *, fresh: bool) -> str:
         if fresh:
@@ -487,6 +518,8 @@ class Deliverer:
                 on_result(result)
 
         started = time.monotonic()
+        with self._in_flight_lock:
+            self._peaks = {}
         with ThreadPoolExecutor(concurrency, thread_name_prefix="deliverer") as pool:
             futures: list[Future[None]] = []
             for k, message in enumerate(messages):
@@ -499,6 +532,7 @@ class Deliverer:
             for future in futures:
                 future.result()
         report.seconds = time.monotonic() - started
+        report.peak_in_flight = self.peak_in_flight()
         self.close()
         return report
 
