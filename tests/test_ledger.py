@@ -471,3 +471,15 @@ def test_the_transition_functions_are_guarded_like_any_writer(
     as_role(admin, "email_reader")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         admin.execute(UNSENT, {**params, "to": "failed"})
+
+
+def test_the_transition_table_is_inlined_into_the_guard(admin: psycopg.Connection[Any]) -> None:
+    """transition_allowed() stays a plain SQL function the planner inlines (no SET clause):
+    a called SQL function's body is parsed and planned again in every transaction, that is
+    on every ledger write of the autocommit worker (bench ledgercost, migration 006)."""
+    plan = admin.execute(
+        # A column, not a constant: an immutable call on constants is folded either way.
+        "EXPLAIN (VERBOSE, COSTS OFF)"
+        " SELECT email.transition_allowed(status, 'sent') FROM email.deliveries"
+    ).fetchall()
+    assert plan and "transition_allowed" not in str(plan)
