@@ -255,6 +255,7 @@ def report(section: Section, side: Side, *, count: int) -> None:
         f"{median(prepared.wall) * 1e3:.2f} ms, server CPU {median(prepared.cpu) / 1e3:.0f} us"
         " (not through a transaction-mode PgBouncer 1.18)",
     )
+    section.add(f"{side.label}: worker rows sent", f"{sent} / {count}", "", "email.deliveries")
     section.data[side.label.replace(" ", "_")] = {
         "worker_ms": [round(w * 1e3, 3) for w in worker.wall],
         "prepared_ms": [round(p * 1e3, 3) for p in prepared.wall],
