@@ -4,6 +4,7 @@ write JSON (bench/results/latest.json by default).
 Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
+  claimcost  the claim with suppression and rate limits on vs off (migrations 004, 005)
   ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import (
+    claimcost,
     coldstart,
     concurrency,
     dbcost,
@@ -110,6 +112,9 @@ BENCHMARKS: dict[str, Runner] = {
         stack, count=s.inprocess_count, rounds=s.inprocess_rounds, log_dir=logs
     ),
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
+    "claimcost": lambda stack, s, logs: claimcost.run(
+        stack, count=s.dbcost_count * 2, ledger_rows=100_000, log_dir=logs
+    ),
     "ledgercost": lambda stack, s, logs: ledgercost.run(
         stack, chunk=40, rounds=s.ledgercost_rounds, log_dir=logs
     ),

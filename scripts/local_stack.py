@@ -5,7 +5,10 @@ an SMTP server that saves each email as a `.eml` file (scripts/eml_sink.py) and 
 functions-framework, fed by a push subscription as Cloud Functions would be. Then publishes one
 delivery per workflow, a duplicate, one to an address the SMTP server refuses and one that is
 not JSON; waits until each is finished; prints the ledger, the dead letters, the emails and the
-logs; and stops everything it started (also on an error, Ctrl-C or SIGTERM).
+logs. Then shows deliveries skipped on purpose: a provider's hard bounce for one sample
+recipient and a second delivery to it (skipped, SUPPRESSED), and a burst of codes to one address
+(RATE_LIMITS: the limit is sent, the rest skipped). Stops everything it started (also on an
+error, Ctrl-C or SIGTERM).
 
 Exit 0 when every outcome is the expected one, 1 otherwise. Outputs go to the run directory
 (`--run-dir`, or `LOCAL_STACK_DIR`, default `run/`): `emails/`, `logs/`, `summary.json`.
@@ -26,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
@@ -36,12 +39,15 @@ from typing import Any
 import psycopg
 from eml_sink import EmlSink
 from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 
 from tests.harness.function import ROOT, FunctionServer
 from tests.harness.postgres import PostgresServer
 from tests.harness.pubsub import Emulator, EmulatorProcess
 from worker import pubsub as worker_pubsub
+from worker.providers.model import EventType, ProviderEvent
 from worker.redact import mask_email
+from worker.tracking import Tracking
 
 PROJECT = "local-project"
 # The names deploy/config.sh gives the real resources, so the README's commands work as
@@ -144,6 +150,32 @@ SAMPLES = (
 )
 SENT_IDS = (VERIFY.delivery_id, INVITE.delivery_id, RESET.delivery_id)
 FAILED_ID = "bounce-demo-1"
+
+# Skipped on purpose (contract section 7), after the samples: a hard bounce for the invite's
+# recipient, then a second invite to the same address in other letter case; and a burst of
+# codes to one address, over the function's RATE_LIMITS.
+CODES_PER_HOUR = 3
+RATE_LIMITS = f"verification-code={CODES_PER_HOUR}/1h"
+SUPPRESSED = Sample(
+    "invite after a hard bounce",
+    _event(
+        "invite-demo-2",
+        "invite",
+        "Grace@Example.com",
+        {"organization_name": "Acme", "invite_url": "https://app.example.com/invite/Zr4wKp1d"},
+    ),
+    "invite-demo-2",
+    "Grace@Example.com",
+)
+BURST = tuple(
+    Sample(
+        f"code {n} of a burst",
+        _event(f"burst-demo-{n}", "verification-code", "eve@example.com", {"code": f"90{n}417"}),
+        f"burst-demo-{n}",
+        "eve@example.com",
+    )
+    for n in range(1, 2 * CODES_PER_HOUR + 1)
+)
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -258,6 +290,7 @@ class Stack:
             "RETRY_BACKOFF_MAX_SECONDS": "1",
             "LEASE_SECONDS": "30",
             "PUBLISH_TIMEOUT_SECONDS": "10",
+            "RATE_LIMITS": RATE_LIMITS,
         }
 
     def ports(self) -> dict[str, int]:
@@ -386,14 +419,18 @@ def start_function(stack: Stack, emulator: Emulator, stop: Stopper) -> None:
     say(f"  push      {emulator.subscription_path(PUSH_SUBSCRIPTION)} -> {endpoint}")
     say("  settings  SMTP_SECURITY=none MAX_ATTEMPTS=3 SEND_TRIES_PER_INVOCATION=2")
     say("            RETRY_BACKOFF_SECONDS=0.2, push retry backoff 1..5 s")
+    say(f"            RATE_LIMITS={RATE_LIMITS}")
     say(f"  log       {server.log_path}")
 
 
-def publish_samples() -> None:
-    section("Publishing sample deliveries (worker.pubsub.publish)")
+def publish_samples(
+    samples: Sequence[Sample] = SAMPLES,
+    title: str = "Publishing sample deliveries (worker.pubsub.publish)",
+) -> None:
+    section(title)
     topic = f"projects/{PROJECT}/topics/{DELIVERY_TOPIC}"
     rows = []
-    for sample in SAMPLES:
+    for sample in samples:
         message_id = worker_pubsub.publish(topic, sample.body, {}, timeout=15)
         recipient = mask_email(sample.recipient) if sample.recipient else "-"
         rows.append((sample.label, sample.delivery_id or "-", recipient, message_id))
@@ -597,12 +634,117 @@ def keep_running(stack: Stack) -> None:
         say(f"    export {name}={value}")
     say("  then try, e.g.:")
     say(f"    .venv/bin/python -m worker status {VERIFY.delivery_id}")
+    say("    .venv/bin/python -m worker suppressions list")
     say(f"    .venv/bin/python -m worker replay --subscription {REPLAY_SUBSCRIPTION} --dry-run")
     try:
         while True:
             time.sleep(3600)
     finally:
         env_file.unlink(missing_ok=True)
+
+
+# --- skipped on purpose --------------------------------------------------------------------
+
+
+def report_hard_bounce(database_url: str, delivery_id: str, recipient: str) -> None:
+    """What a provider's webhook does on a hard bounce (worker/tracking.py): the recipient goes
+    on the suppression list."""
+    event = ProviderEvent(
+        provider="local-stack",
+        provider_event_id=f"bounce-{delivery_id}",
+        event_type=EventType.BOUNCED,
+        occurred_at=datetime.now(UTC),
+        recipient=recipient,
+        delivery_id=delivery_id,
+        message_id=None,
+        relay_message_id=None,
+        bounce_type="HardBounce",
+    )
+    with ConnectionPool(database_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        Tracking(pool).apply(event)
+
+
+def read_skipping(database_url: str) -> dict[str, dict[str, Any]]:
+    ids = [SUPPRESSED.delivery_id, *(sample.delivery_id for sample in BURST)]
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, recipient, status::text AS status, last_error_code,"
+            " status_reason FROM email.deliveries WHERE delivery_id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+    return {row["delivery_id"]: row for row in rows}
+
+
+def demonstrate_skipping(stack: Stack, timeout: float) -> tuple[list[str], str]:
+    """The suppression list and RATE_LIMITS at work; (problems, summary)."""
+    assert stack.sink is not None
+    assert INVITE.delivery_id is not None and INVITE.recipient is not None
+    section("Skipped on purpose: a provider reports a hard bounce (worker/tracking.py)")
+    report_hard_bounce(stack.database_url, INVITE.delivery_id, INVITE.recipient)
+    say(
+        f"  {INVITE.delivery_id} bounced: {mask_email(INVITE.recipient)} is on the suppression list"
+    )
+    emails_before = len(stack.sink.saved)
+    publish_samples(
+        (SUPPRESSED, *BURST),
+        f"Skipped on purpose: publishing to it again, and a burst of codes ({RATE_LIMITS})",
+    )
+    deadline = time.monotonic() + timeout
+    rows = read_skipping(stack.database_url)
+    while time.monotonic() < deadline and not (
+        len(rows) == 1 + len(BURST)
+        and all(r["status"] in ("sent", "skipped") for r in rows.values())
+    ):
+        time.sleep(0.25)
+        rows = read_skipping(stack.database_url)
+    time.sleep(0.5)  # a stray email would show up now
+    rows = read_skipping(stack.database_url)
+    emails = stack.sink.saved[emails_before:]
+    section("Skipped on purpose: the ledger")
+    headers = ("delivery_id", "recipient", "status", "last_error_code", "status_reason")
+    printed = [
+        (
+            delivery_id,
+            mask_email(row["recipient"]),
+            row["status"],
+            row["last_error_code"] or "-",
+            row["status_reason"] or "-",
+        )
+        for delivery_id, row in sorted(rows.items())
+    ]
+    for line in table(headers, printed):
+        say(line)
+    say(f"  emails: {len(emails)} more in {stack.emails_dir}/ (the burst's first {CODES_PER_HOUR})")
+    say("  see it: python -m worker suppressions list; lift it: suppressions remove ADDRESS")
+
+    found: list[str] = []
+    skipped = rows.get(str(SUPPRESSED.delivery_id))
+    if skipped is None or (skipped["status"], skipped["last_error_code"]) != (
+        "skipped",
+        "SUPPRESSED",
+    ):
+        found.append(f"{SUPPRESSED.delivery_id} should be skipped with SUPPRESSED, is {skipped}")
+    burst = collections.Counter(
+        (rows[str(s.delivery_id)]["status"], rows[str(s.delivery_id)]["last_error_code"])
+        for s in BURST
+        if str(s.delivery_id) in rows
+    )
+    want = {("sent", None): CODES_PER_HOUR, ("skipped", "RATE_LIMITED"): CODES_PER_HOUR}
+    if burst != want:
+        found.append(
+            f"the burst should be {CODES_PER_HOUR} sent and {CODES_PER_HOUR} skipped,"
+            f" got {dict(burst)}"
+        )
+    to = collections.Counter(email_headers(path)["To"].lower() for path in emails)
+    if to != {"eve@example.com": CODES_PER_HOUR}:
+        found.append(
+            f"expected {CODES_PER_HOUR} more emails, all to the burst's address: {dict(to)}"
+        )
+    summary = (
+        f"1 suppressed, {burst[('sent', None)]} of {len(BURST)} burst codes sent "
+        f"({burst[('skipped', 'RATE_LIMITED')]} rate limited)"
+    )
+    return found, summary
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -659,9 +801,11 @@ def run(args: argparse.Namespace) -> int:
         found = problems(observed)
         if not observed.finished():
             found.insert(0, f"not every delivery finished within {args.timeout:g} s")
+        skip_problems, skip_summary = demonstrate_skipping(stack, args.timeout)
+        found += skip_problems
         result = {
             "ok": not found,
-            "summary": summary_line(observed),
+            "summary": f"{summary_line(observed)}; {skip_summary}",
             "problems": found,
             "wait_seconds": round(waited, 2),
         }

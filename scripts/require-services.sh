@@ -13,6 +13,11 @@ if ! command -v java >/dev/null 2>&1; then
   echo "installing Java 17 for the Pub/Sub emulator (apt)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+  # The SNS signature tests cross-check their signer with the openssl command line tool.
+  echo "installing openssl (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   echo "installing PgBouncer for the transaction-pooling tests (apt)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null

@@ -3,32 +3,24 @@
 -- guard did not hold (another worker won, or the claim went stale): an answer, not an error.
 
 -- name: claim
--- Insert a new delivery already claimed, or take over one that is queued, retrying, or in
--- progress with an expired lease. One statement: concurrent claims of one id serialise on the
--- row, and the loser re-checks the WHERE against the winner's row and gets nothing back.
-INSERT INTO email.deliveries AS d (
-    delivery_id, workflow, recipient, locale, metadata, source_message_id,
-    status, attempts, claim_token, lease_expires_at, last_attempted_at
-) VALUES (
-    %(delivery_id)s, %(workflow)s, %(recipient)s, %(locale)s, %(metadata)s,
-    %(source_message_id)s, 'in_progress', 1, gen_random_uuid(),
-    now() + %(lease_seconds)s * interval '1 second', now()
-)
-ON CONFLICT (delivery_id) DO UPDATE SET
-    workflow = excluded.workflow,
-    recipient = excluded.recipient,
-    locale = excluded.locale,
-    metadata = excluded.metadata,
-    source_message_id = excluded.source_message_id,
-    status = 'in_progress',
-    status_reason = CASE WHEN d.status = 'in_progress' THEN %(takeover_reason)s END,
-    attempts = d.attempts + 1,
-    claim_token = excluded.claim_token,
-    lease_expires_at = excluded.lease_expires_at,
-    last_attempted_at = now()
-WHERE d.status IN ('queued', 'retrying')
-   OR (d.status = 'in_progress' AND d.lease_expires_at < now())
-RETURNING d.delivery_id, d.claim_token, d.attempts, d.lease_expires_at;
+-- Claim for sending, or end the row `skipped` (suppressed recipient, rate limit reached), or
+-- nothing (finished, or leased by a live worker): email.claim_delivery(), migration 005, in
+-- one round trip. Its guard is the one upsert inside: a new row, or one that is queued,
+-- retrying, or in progress with an expired lease; concurrent claims of one id serialise on
+-- the row, and the loser re-checks the guard against the winner's row and changes nothing.
+SELECT outcome, token, attempt, lease_until, code, reason, message, current_status
+FROM email.claim_delivery(
+    delivery_id => %(delivery_id)s,
+    workflow => %(workflow)s,
+    recipient => %(recipient)s,
+    locale => %(locale)s,
+    metadata => %(metadata)s,
+    source_message_id => %(source_message_id)s,
+    lease_seconds => %(lease_seconds)s,
+    rate_limit => %(rate_limit)s,
+    rate_window_seconds => %(rate_window_seconds)s,
+    takeover_reason => %(takeover_reason)s
+);
 
 -- name: set_sent_if_claimed
 -- The guarded UPDATE is inside email.set_sent_if_claimed() (migration 006), so the server
@@ -145,6 +137,11 @@ SELECT
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'dead_letter') AS dead_letter,
     count(*) FILTER (WHERE status = 'skipped') AS skipped,
+    -- Why they were skipped (migration 005); the codes come from worker.ledger.Code.
+    count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(suppressed)s)
+        AS skipped_suppressed,
+    count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(rate_limited)s)
+        AS skipped_rate_limited,
     -- What providers reported about the sent ones (migration 002). An open, a click or a
     -- complaint implies the email arrived; a bounce after a delivery report counts as bounced.
     count(*) FILTER (WHERE status = 'sent'

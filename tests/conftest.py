@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.harness.secretmanager",
     "tests.harness.worker",
     "tests.harness.pgbouncer",
+    "tests.harness.https",
 ]

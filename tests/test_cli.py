@@ -24,7 +24,16 @@ from worker import cli
 from worker.ledger import Failure, Ledger, Reason, Status
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["migrate", "replay", "status", "history", "stats", "prune", "publish"]
+COMMANDS = [
+    "migrate",
+    "replay",
+    "status",
+    "history",
+    "stats",
+    "prune",
+    "publish",
+    "suppressions",
+]
 _ids = (f"cli-{n}" for n in itertools.count())
 
 
@@ -171,7 +180,8 @@ def test_history_newest_first(ledger: Ledger, capsys: pytest.CaptureFixture[str]
     mine = [replayed_delivery(ledger) for _ in range(3)]
     replayed_delivery(ledger, recipient="grace@example.com")
 
-    lines = ok(capsys, "history", "--recipient", "ada@example.com").splitlines()
+    suppression, *lines = ok(capsys, "history", "--recipient", "ada@example.com").splitlines()
+    assert suppression == "suppression: none"
     assert lines[0].split()[:4] == ["UPDATED", "DELIVERY_ID", "WORKFLOW", "STATUS"]
     assert [line.split()[2] for line in lines[1:]] == list(reversed(mine))
     assert all("invite" in line and "queued" in line for line in lines[1:])
@@ -179,11 +189,16 @@ def test_history_newest_first(ledger: Ledger, capsys: pytest.CaptureFixture[str]
     doc = json.loads(
         ok(capsys, "history", "--recipient", "ada@example.com", "--limit", "2", "--json")
     )
-    assert [d["delivery_id"] for d in doc] == [mine[2], mine[1]]
+    assert [d["delivery_id"] for d in doc["deliveries"]] == [mine[2], mine[1]]
+    assert (doc["recipient"], doc["suppression"]) == ("ada@example.com", None)
     assert ok(capsys, "history", "--recipient", "x@example.com") == (
-        "no deliveries for x@example.com\n"
+        "suppression: none\nno deliveries for x@example.com\n"
     )
-    assert json.loads(ok(capsys, "history", "--recipient", "x@example.com", "--json")) == []
+    assert json.loads(ok(capsys, "history", "--recipient", "x@example.com", "--json")) == {
+        "recipient": "x@example.com",
+        "suppression": None,
+        "deliveries": [],
+    }
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -307,7 +322,9 @@ def test_stats_per_workflow(
     invite_line = lines[2].split()
     assert lines[1].split()[2:9] == [s.value.upper() for s in Status]
     assert invite_line[:9] == ["invite", "13", "1", "0", "10", "0", "1", "1", "0"]
-    assert invite_line[9] == "83.3%" and lines[-1].split()[0] == "all"
+    assert lines[1].split()[9:11] == ["SUPPRESSED", "RATE_LIMITED"]  # skipped, by code
+    assert invite_line[9:11] == ["0", "0"]
+    assert invite_line[11] == "83.3%" and lines[-1].split()[0] == "all"
 
 
 def test_stats_of_an_empty_window(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:

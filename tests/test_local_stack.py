@@ -27,7 +27,10 @@ import pytest
 from tests.harness.function import ROOT
 
 SCRIPT = ROOT / "scripts" / "local-stack.sh"
-SUMMARY = "local stack OK: 3 sent, 1 failed, 1 invalid dead-lettered, 1 duplicate skipped"
+SUMMARY = (
+    "local stack OK: 3 sent, 1 failed, 1 invalid dead-lettered, 1 duplicate skipped;"
+    " 1 suppressed, 3 of 6 burst codes sent (3 rate limited)"
+)
 # delivery_id -> (recipient, subject), as scripts/local_stack.py publishes them.
 SENT = {
     "verify-demo-1": ("ada@example.com", "Your verification code"),
@@ -99,7 +102,10 @@ def test_exits_zero_with_the_summary_line(stack_run: Run) -> None:
 
 
 def test_one_eml_file_per_sent_delivery(stack_run: Run) -> None:
-    emails = sorted((stack_run.run_dir / "emails").glob("*.eml"))
+    # The burst of codes (skipped on purpose, below) has emails of its own.
+    emails = sorted(
+        p for p in (stack_run.run_dir / "emails").glob("*.eml") if "burst" not in p.name
+    )
     assert len(emails) == 3, emails
     by_id: dict[str, list[EmailMessage]] = {}
     for path in emails:
@@ -148,8 +154,27 @@ def test_prints_the_ledger_with_sent_and_failed_rows(stack_run: Run) -> None:
     ]
 
 
+def test_a_hard_bounce_and_a_burst_of_codes_are_skipped_on_purpose(stack_run: Run) -> None:
+    lines = stack_run.section("Skipped on purpose: the ledger")
+    rows = {line.split()[0]: line.split()[1:] for line in lines if "-demo-" in line.split()[0]}
+    assert rows["invite-demo-2"] == ["G***@Example.com", "skipped", "SUPPRESSED", "hard_bounce"]
+    burst = [rows[f"burst-demo-{n}"][1:] for n in range(1, 7)]
+    assert (
+        sorted(burst) == [["sent", "-", "-"]] * 3 + [["skipped", "RATE_LIMITED", "rate_limit"]] * 3
+    )
+    emails = sorted((stack_run.run_dir / "emails").glob("*burst*.eml"))
+    assert [_parse(path)["To"] for path in emails] == ["eve@example.com"] * 3
+
+
 def test_output_masks_recipients_and_hides_template_data(stack_run: Run) -> None:
-    for secret in ("ada@example.com", "grace@example.com", "kim@example.com", "482913"):
+    for secret in (
+        "ada@example.com",
+        "grace@example.com",
+        "kim@example.com",
+        "eve@example.com",
+        "482913",
+        "901417",
+    ):
         assert secret not in stack_run.stdout
     assert "a***@example.com" in stack_run.stdout
 

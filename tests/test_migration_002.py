@@ -18,7 +18,6 @@ from psycopg_pool import ConnectionPool
 
 from tests.harness.smtp import SmtpTestServer
 from worker.migrations import (
-    Migration,
     MigrationError,
     _statements,
     discover,
@@ -45,9 +44,8 @@ def quiet(_line: str) -> None:
     pass
 
 
-def up_to(url: str, version: int) -> list[Migration]:
-    """Apply the migrations up to `version` (later ones have their own tests)."""
-    return migrate_up(url, [m for m in discover() if m.version <= version], report=quiet)
+def up_to(url: str, version: int) -> None:
+    migrate_up(url, [m for m in discover() if m.version <= version], report=quiet)
 
 
 def columns(url: str) -> set[str]:
@@ -122,7 +120,7 @@ def test_down_and_up_again_keep_the_ledger(empty_database_url: str) -> None:
                     (target, delivery_id),
                 )
 
-    migrate_up(url, report=quiet)
+    up_to(url, 3)
     assert columns(url) == before | NEW_COLUMNS
     with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
         assert Tracking(pool).apply(bounce("kept")) is Applied.APPLIED
@@ -320,7 +318,8 @@ def test_a_no_transaction_file_splits_into_its_statements() -> None:
 def test_the_matching_indexes_are_built_concurrently_and_valid(empty_database_url: str) -> None:
     up_to(empty_database_url, 2)
     # Inside a transaction PostgreSQL refuses CONCURRENTLY: applying 003 proves it ran outside.
-    assert [m.label for m in up_to(empty_database_url, 3)] == ["003_provider_indexes"]
+    applied = migrate_up(empty_database_url, report=quiet)
+    assert applied[0].label == "003_provider_indexes"
     with psycopg.connect(empty_database_url) as conn:
         rows = conn.execute(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c"
@@ -373,4 +372,4 @@ def test_an_interrupted_concurrent_build_stops_the_migration_with_what_to_do(
     )
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("DROP INDEX CONCURRENTLY email.deliveries_provider_message_id_idx")
-    assert [m.version for m in up_to(empty_database_url, 3)] == [3]
+    assert migrate_up(empty_database_url, report=quiet)[0].version == 3

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.ledger import DEAD_LETTER_REASONS, Reason, Status
+from worker.ledger import DEAD_LETTER_REASONS, SUPPRESSION_REASONS, Code, Reason, Skipped, Status
 from worker.outcomes import RULES, Ending, Facts, decide, send_tries
 from worker.settings import RetrySettings
 from worker.smtp import SendResult, SmtpError
@@ -132,6 +132,31 @@ TABLE: dict[str, Row] = {
         attempts=2,
         reason=Reason.PERMANENT_FAILURE,
         code="TEMPLATE_ERROR",
+    ),
+    # Contract section 2's two skipped rows (section 7): the claim itself ended the row
+    # `skipped`; nothing is sent, nothing dead-lettered, the handler acks.
+    **{
+        f"recipient on the suppression list ({reason})": Row(
+            Facts(skipped=Skipped("d", Code.SUPPRESSED, reason, f"recipient suppressed: {reason}")),
+            Ending.SKIPPED,
+            Status.SKIPPED,
+            dead_letter=False,
+            acks=True,
+            reason=reason,
+            code="SUPPRESSED",
+        )
+        for reason in SUPPRESSION_REASONS
+    },
+    "the recipient's rate limit for this workflow is reached": Row(
+        Facts(
+            skipped=Skipped("d", Code.RATE_LIMITED, Reason.RATE_LIMIT, "rate limit: 5 per 3600 s")
+        ),
+        Ending.SKIPPED,
+        Status.SKIPPED,
+        dead_letter=False,
+        acks=True,
+        reason=Reason.RATE_LIMIT,
+        code="RATE_LIMITED",
     ),
     "invalid event": Row(
         Facts(invalid="recipient: must be one address"),

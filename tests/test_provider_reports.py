@@ -42,7 +42,8 @@ def sent(ledger: Ledger, workflow: str = "invite") -> str:
     claim = ledger.claim(
         delivery_id=delivery_id,
         workflow=workflow,
-        recipient="Ada@example.com",
+        # Its own address: a bounce reported below suppresses it (migration 005).
+        recipient=f"Ada+{delivery_id}@example.com",
         locale="en",
         metadata=None,
         source_message_id=None,

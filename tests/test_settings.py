@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import SettingsError, load_settings, log_level
+from worker.settings import SettingsError, load_settings, log_level, parse_rate_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,3 +133,84 @@ def test_log_level_is_honoured(value: str | None, shown: list[str]) -> None:
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["severity"] for line in lines] == shown
     assert [line["message"] for line in lines] == [f"at {level.lower()}" for level in shown]
+
+
+# --- RATE_LIMITS (contract section 7) ---------------------------------------------------------
+
+
+def test_rate_limits_by_workflow_default_none() -> None:
+    assert load_settings(BASE).rate_limits == {}
+    limits = load_settings(
+        {**BASE, "RATE_LIMITS": "verification-code=5/1h, password-reset=3/90m,invite=20/1d"}
+    ).rate_limits
+    assert {name: (r.count, r.window_seconds) for name, r in limits.items()} == {
+        "verification-code": (5, 3600),
+        "password-reset": (3, 5400),
+        "invite": (20, 86400),
+    }
+    assert limits["invite"].text == "20/1d"
+    assert parse_rate_limits("verification-code=1/30s")["verification-code"].window_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "invite",
+            "RATE_LIMITS entry 'invite': must be workflow=N/window, e.g. verification-code=5/1h",
+        ),
+        (
+            "invite=5/1h,verfication-code=5/1h",
+            "RATE_LIMITS entry 'verfication-code=5/1h': unknown workflow; the workflows are "
+            "invite, password-reset, verification-code",
+        ),
+        (
+            "invite=5/1w",
+            "RATE_LIMITS entry 'invite=5/1w': the limit must be N/window: N from 1, a window "
+            "like 30s, 10m, 1h or 1d",
+        ),
+        (
+            "invite=0/1h",
+            "RATE_LIMITS entry 'invite=0/1h': the limit must be N/window: N from 1, a window "
+            "like 30s, 10m, 1h or 1d",
+        ),
+        (
+            "invite=five/1h",
+            "RATE_LIMITS entry 'invite=five/1h': the limit must be N/window: N from 1, a window "
+            "like 30s, 10m, 1h or 1d",
+        ),
+        ("invite=5/1h,invite=9/1d", "RATE_LIMITS entry 'invite=9/1d': invite has a limit already"),
+        (
+            "invite=5/91d",
+            "RATE_LIMITS entry 'invite=5/91d': the window must be at most 90d (the ledger keeps "
+            "90 days by default)",
+        ),
+        ("invite=5/1h,", "RATE_LIMITS has an empty entry in 'invite=5/1h,'"),
+    ],
+)
+def test_a_malformed_rate_limit_names_the_entry(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({**BASE, "RATE_LIMITS": value})
+    assert str(error.value) == message
+
+
+def test_a_malformed_rate_limit_stops_the_function_with_one_line() -> None:
+    env = {
+        **os.environ,
+        **BASE,
+        "SMTP_SECURITY": "none",
+        "RATE_LIMITS": "verification-code=5/1h,invite=20 per day",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", "import main"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "email-worker: configuration error: RATE_LIMITS entry 'invite=20 per day': the limit "
+        "must be N/window: N from 1, a window like 30s, 10m, 1h or 1d\n"
+    )

@@ -49,9 +49,12 @@ def tracking(pool: ConnectionPool) -> Tracking:
     return Tracking(pool)
 
 
-def sent(ledger: Ledger, recipient: str = "ada@example.com", relay_id: str | None = None) -> str:
-    """A delivery the relay accepted: Message-ID `<id@example.com>`."""
+def sent(ledger: Ledger, recipient: str | None = None, relay_id: str | None = None) -> str:
+    """A delivery the relay accepted: Message-ID `<id@example.com>`. Each to its own address
+    unless one is given: a bounce suppresses its recipient, and the claim skips a suppressed
+    one (migration 005)."""
     delivery_id = next(_ids)
+    recipient = recipient or f"ada+{delivery_id}@example.com"
     claim = ledger.claim(
         delivery_id=delivery_id,
         workflow="password-reset",
@@ -424,14 +427,15 @@ def test_a_bounce_and_a_complaint_suppress_the_recipient_once(
 def test_an_expired_entry_is_renewed_a_live_one_kept(
     admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
 ) -> None:
+    # Sent first: a live entry would have skipped its delivery (migration 005).
+    old, live = (
+        sent(ledger, recipient="old@example.com"),
+        sent(ledger, recipient="live@example.com"),
+    )
     admin.execute(
         "INSERT INTO email.suppressions (address, reason, expires_at) VALUES"
         " ('old@example.com', 'manual', now() - interval '1 day'),"
         " ('live@example.com', 'manual', now() + interval '1 day')"
-    )
-    old, live = (
-        sent(ledger, recipient="old@example.com"),
-        sent(ledger, recipient="live@example.com"),
     )
     tracking.apply(event("bounced", 1, delivery_id=old))
     tracking.apply(event("complained", 1, delivery_id=live))

@@ -21,7 +21,15 @@ import psycopg
 
 from worker import enqueue, events, migrations, replay, reports
 from worker.db import connection_kwargs, open_pool
-from worker.ledger import Delivery, Ledger, Status, StatusChange
+from worker.ledger import (
+    SKIP_CODES,
+    SUPPRESSION_REASONS,
+    Delivery,
+    Ledger,
+    Reason,
+    Status,
+    StatusChange,
+)
 from worker.pubsub import PublishError
 from worker.settings import (
     PubSubSettings,
@@ -29,6 +37,7 @@ from worker.settings import (
     database_settings,
     pubsub_settings,
 )
+from worker.suppressions import InvalidAddress, Suppression, Suppressions, normalise
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -143,12 +152,25 @@ def _status_change_row(e: StatusChange) -> list[Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    """A recipient's deliveries, most recently changed first (needs DATABASE_URL)."""
+    """A recipient's deliveries, most recently changed first, and whether the address is
+    suppressed (needs DATABASE_URL)."""
+    try:
+        normalise(args.recipient)
+    except InvalidAddress as error:
+        raise CommandError(str(error)) from None
     with _ledger() as ledger:
         rows = reports.history(ledger, args.recipient, limit=args.limit)
+        suppression = Suppressions(ledger.pool).get(args.recipient)
     if args.json:
-        _print_json(_plain(rows))
+        _print_json(
+            {
+                "recipient": args.recipient,
+                "suppression": None if suppression is None else _plain(suppression),
+                "deliveries": _plain(rows),
+            }
+        )
         return 0
+    print(f"suppression: {_suppression_state(suppression)}")
     if not rows:
         print(f"no deliveries for {args.recipient}")
         return 0
@@ -210,6 +232,80 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{verb} {result.unmatched_events} unmatched provider events "
             f"(received more than {older_than.text} ago)"
         )
+    return 0
+
+
+def cmd_suppressions_list(args: argparse.Namespace) -> int:
+    """Suppressed addresses, newest first: live and expired entries (an expired one no
+    longer stops an email). Needs DATABASE_URL (an email_reader login is enough)."""
+    with _ledger() as ledger:
+        listing = Suppressions(ledger.pool).listing(reason=args.reason, limit=args.limit)
+    if args.json:
+        _print_json({"total": listing.total, "suppressions": _plain(listing.entries)})
+        return 0
+    if not listing.entries:
+        print("no suppressed addresses" + (f" with reason {args.reason}" if args.reason else ""))
+        return 0
+    print(
+        _table(
+            ["ADDRESS", "REASON", "STATE", "SINCE", "EXPIRES", "DELIVERY_ID"],
+            [
+                [
+                    e.address,
+                    e.reason,
+                    "live" if e.live else "expired",
+                    _when(e.created_at),
+                    _when(e.expires_at) or "never",
+                    e.delivery_id,
+                ]
+                for e in listing.entries
+            ],
+        )
+    )
+    if listing.total > len(listing.entries):
+        print(f"({len(listing.entries)} of {listing.total}; --limit shows more)")
+    return 0
+
+
+def cmd_suppressions_add(args: argparse.Namespace) -> int:
+    """Suppress an address: the worker skips every delivery to it (any letter case) while the
+    entry is live. Idempotent: an address already suppressed keeps its entry (remove it first
+    to change it). Needs DATABASE_URL (email_worker may add)."""
+    expires: _Duration | None = args.expires
+    with _ledger() as ledger:
+        entry, created = Suppressions(ledger.pool).add(
+            args.address, reason=args.reason, expires=None if expires is None else expires.delta
+        )
+    if args.json:
+        _print_json({"suppression": _plain(entry), "created": created})
+    elif created:
+        print(f"suppressed {entry.address}: {_suppression_state(entry)}")
+    else:
+        print(
+            f"{entry.address} was already suppressed: {_suppression_state(entry)} (unchanged;"
+            " remove it first to change it)"
+        )
+    return 0
+
+
+def cmd_suppressions_remove(args: argparse.Namespace) -> int:
+    """Lift a suppression: the next delivery to the address is sent. Needs DATABASE_URL as
+    an operator login that may delete (the owner of email.suppressions: the worker and reader
+    roles cannot)."""
+    with _ledger() as ledger:
+        try:
+            entry = Suppressions(ledger.pool).remove(args.address)
+        except psycopg.errors.InsufficientPrivilege:
+            raise CommandError(
+                "permission denied: only the owner of email.suppressions may remove entries;"
+                " run this as an operator login"
+            ) from None
+    if entry is None:
+        raise CommandError(f"{args.address} is not suppressed")
+    if args.json:
+        _print_json({"removed": _plain(entry)})
+    else:
+        print(f"removed {entry.address} ({_suppression_state(entry)}); it will be sent to again")
     return 0
 
 
@@ -361,6 +457,63 @@ def _add_prune(commands: Any) -> None:
     )
 
 
+def _address(text: str) -> str:
+    try:
+        return normalise(text)
+    except InvalidAddress as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _suppression_reason(text: str) -> Reason:
+    reasons = {reason.value: reason for reason in SUPPRESSION_REASONS}
+    if text not in reasons:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a suppression reason: {', '.join(reasons)}"
+        )
+    return reasons[text]
+
+
+def _add_suppressions(commands: Any) -> None:
+    group: argparse.ArgumentParser = commands.add_parser(
+        "suppressions",
+        help="the suppression list: list, add, remove",
+        description="Addresses the worker never sends to while their entry is live (hard "
+        "bounces and complaints add themselves). Exit codes as for every command.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    reasons = ", ".join(reason.value for reason in SUPPRESSION_REASONS)
+
+    listing = _add(actions, "list", cmd_suppressions_list, "suppressed addresses")
+    listing.add_argument(
+        "--reason", type=_suppression_reason, metavar="R", help=f"only this reason: {reasons}"
+    )
+    listing.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    add = _add(actions, "add", cmd_suppressions_add, "suppress an address (idempotent)")
+    add.add_argument("address", type=_address, metavar="ADDRESS")
+    add.add_argument(
+        "--reason",
+        type=_suppression_reason,
+        default=Reason.MANUAL,
+        metavar="R",
+        help=f"{reasons} (default manual)",
+    )
+    add.add_argument(
+        "--expires",
+        type=_duration,
+        metavar="DURATION",
+        help="lift it automatically after 30m, 24h, 30d ... (default: never)",
+    )
+    add.add_argument("--json", action="store_true", help="machine-readable output")
+
+    remove = _add(actions, "remove", cmd_suppressions_remove, "lift a suppression")
+    remove.add_argument("address", type=_address, metavar="ADDRESS")
+    remove.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _add_publish(commands: Any) -> None:
     p = _add(commands, "publish", cmd_publish, "enqueue one delivery on DELIVERY_TOPIC")
     p.add_argument("--workflow", required=True, metavar="W")
@@ -379,7 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
         "GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC, ...).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_migrate, _add_replay, _add_reads, _add_prune, _add_publish):
+    for add in (
+        _add_migrate,
+        _add_replay,
+        _add_reads,
+        _add_prune,
+        _add_suppressions,
+        _add_publish,
+    ):
         add(commands)
     return parser
 
@@ -546,6 +706,7 @@ _STATS_HEADERS = [
     "WORKFLOW",
     "TOTAL",
     *(status.value.upper() for status in Status),  # the order of WorkflowStats.counts
+    *(code.value for code in SKIP_CODES),  # the skipped ones by code
     "SUCCESS",
     "DELIVERED",
     "BOUNCED",
@@ -562,6 +723,7 @@ def _stats_row(row: reports.WorkflowStats) -> list[Any]:
         row.workflow,
         row.total,
         *row.counts.values(),
+        *(row.skipped_by_code.get(code, 0) for code in SKIP_CODES),
         rate,
         _rate(row.delivered_rate),
         _rate(row.bounce_rate),
@@ -578,6 +740,7 @@ def _stats_json(row: reports.WorkflowStats) -> dict[str, Any]:
         "is_total": row.is_total,
         "total": row.total,
         "counts": {status.value: count for status, count in row.counts.items()},
+        "skipped_by_code": {code.value: n for code, n in row.skipped_by_code.items()},
         "finished": row.finished,
         "success_rate": row.success_rate,
         "provider": {
@@ -623,6 +786,18 @@ def _error(code: str | None, message: str | None) -> str | None:
     if code is None:
         return message
     return f"{code}: {message}" if message else code
+
+
+def _suppression_state(entry: Suppression | None) -> str:
+    if entry is None:
+        return "none"
+    origin = f", from delivery {entry.delivery_id}" if entry.delivery_id else ""
+    since = f"{entry.reason} since {_when(entry.created_at)}{origin}"
+    if entry.expires_at is None:
+        return f"{since}, never expires"
+    if entry.live:
+        return f"{since}, expires {_when(entry.expires_at)}"
+    return f"expired at {_when(entry.expires_at)} ({since}): no longer suppressed"
 
 
 def _plain(value: Any) -> Any:

@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from worker.db import query
+from worker.settings import RateLimit
 
 
 class Status(StrEnum):
@@ -117,7 +118,9 @@ class Reason(StrEnum):
     the audit payload's `reason`, a dead letter's `reason` attribute and the logs.
 
     The worker's outcomes (worker/outcomes.py) set the first five; the SQL statements that
-    set the others get them as parameters from here, so no reason is spelled twice.
+    set the others get them as parameters from here, so no reason is spelled twice, except the
+    skipped ones, which email.claim_delivery() writes itself (tests/test_claim.py checks that
+    SQL and this enum agree).
     """
 
     TRANSIENT_FAILURE = "transient_failure"  # retrying: Pub/Sub redelivers the event
@@ -130,12 +133,71 @@ class Reason(StrEnum):
     REPLAY = "replay"  # queued: an operator's replay gave it a fresh attempt budget
     # dead_letter: replay closed a row whose message Pub/Sub's dead-letter policy forwarded
     PUBSUB_DEAD_LETTER_POLICY = "pubsub_dead_letter_policy"
+    # skipped (contract section 7), set by the claim (email.claim_delivery(), migration 005):
+    # the suppression entry's reason (also the values of `email.suppressions.reason`)...
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    MANUAL = "manual"
+    # ...or the recipient's rate limit for the workflow.
+    RATE_LIMIT = "rate_limit"
 
 
 # The reasons a dead-letter message may carry (contract section 2).
 DEAD_LETTER_REASONS = frozenset(
     {Reason.RETRIES_EXHAUSTED, Reason.PERMANENT_FAILURE, Reason.INVALID_EVENT}
 )
+
+
+# What puts an address on the suppression list (email.suppressions.reason).
+SUPPRESSION_REASONS = (Reason.HARD_BOUNCE, Reason.COMPLAINT, Reason.MANUAL)
+
+
+class Code(StrEnum):
+    """The `last_error_code`s the worker gives itself; SMTP failures bring their own
+    (`SMTP_550`, `TIMEOUT`, ... from worker/smtp.py). Here beside `Reason` because the claim
+    (SQL) writes the skipped ones; worker/outcomes.py re-exports it."""
+
+    INVALID_EVENT = "INVALID_EVENT"
+    TEMPLATE_ERROR = "TEMPLATE_ERROR"
+    ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
+    # skipped (contract section 2), written by email.claim_delivery():
+    SUPPRESSED = "SUPPRESSED"  # the recipient has a live suppression entry
+    RATE_LIMITED = "RATE_LIMITED"  # the recipient's limit for the workflow is reached
+
+
+# The codes of a `skipped` row.
+SKIP_CODES = (Code.SUPPRESSED, Code.RATE_LIMITED)
+
+
+class ClaimOutcome(StrEnum):
+    """What `email.claim_delivery()` did (its `outcome` column)."""
+
+    CLAIMED = "claimed"  # the row is in_progress under our claim token
+    SKIPPED = "skipped"  # the row is now `skipped`: suppressed or rate limited
+    UNCLAIMED = "unclaimed"  # finished, or held by a live lease: nothing changed
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The claim ended the delivery `skipped`: no email. `code` is its last_error_code
+    (SUPPRESSED, RATE_LIMITED), `reason` its status_reason, `message` its last_error_message."""
+
+    delivery_id: str
+    code: Code
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class Unclaimed:
+    """Nothing to do: `found` is the row's status (finished, or in_progress under a live
+    lease; None if the row vanished, e.g. pruned)."""
+
+    delivery_id: str
+    found: Status | None
+
+
+ClaimResult = Claim | Skipped | Unclaimed
 
 
 @dataclass(frozen=True)
@@ -153,7 +215,7 @@ class Ledger:
 
     # --- the worker's transitions -------------------------------------------------
 
-    def claim(
+    def claim_or_skip(
         self,
         *,
         delivery_id: str,
@@ -163,8 +225,11 @@ class Ledger:
         metadata: Mapping[str, Any] | None,
         source_message_id: str | None,
         lease_seconds: int,
-    ) -> Claim | None:
-        """Claim for sending, or None: already finished, or leased by a live worker.
+        rate_limit: RateLimit | None = None,
+    ) -> ClaimResult:
+        """Claim for sending, end the row `skipped` (the recipient is suppressed, or over
+        `rate_limit` for this workflow), or nothing: one statement, one round trip
+        (`email.claim_delivery()`, migration 005).
 
         Not retried: nothing has been sent yet, so a failure raises and Pub/Sub redelivers
         (a claim committed just before its connection dropped is taken over after its lease).
@@ -178,9 +243,45 @@ class Ledger:
             metadata=None if metadata is None else Jsonb(dict(metadata)),
             source_message_id=source_message_id,
             lease_seconds=lease_seconds,
+            rate_limit=None if rate_limit is None else rate_limit.count,
+            rate_window_seconds=None if rate_limit is None else rate_limit.window_seconds,
             takeover_reason=Reason.LEASE_EXPIRED.value,
         )
-        return None if row is None else Claim.from_row(row)
+        assert row is not None, "email.claim_delivery() returns one row"
+        match ClaimOutcome(row["outcome"]):
+            case ClaimOutcome.CLAIMED:
+                return Claim(delivery_id, row["token"], row["attempt"], row["lease_until"])
+            case ClaimOutcome.SKIPPED:
+                return Skipped(
+                    delivery_id, Code(row["code"]), Reason(row["reason"]), row["message"]
+                )
+            case ClaimOutcome.UNCLAIMED:
+                found = row["current_status"]
+                return Unclaimed(delivery_id, None if found is None else Status(found))
+
+    def claim(
+        self,
+        *,
+        delivery_id: str,
+        workflow: str,
+        recipient: str,
+        locale: str,
+        metadata: Mapping[str, Any] | None,
+        source_message_id: str | None,
+        lease_seconds: int,
+    ) -> Claim | None:
+        """`claim_or_skip` without a rate limit, for callers that only want a claim (tests,
+        tools): None when it was skipped, already finished, or leased by a live worker."""
+        result = self.claim_or_skip(
+            delivery_id=delivery_id,
+            workflow=workflow,
+            recipient=recipient,
+            locale=locale,
+            metadata=metadata,
+            source_message_id=source_message_id,
+            lease_seconds=lease_seconds,
+        )
+        return result if isinstance(result, Claim) else None
 
     def set_sent_if_claimed(self, claim: Claim, *, attempts: int, provider_message_id: str) -> bool:
         return self._transition(

@@ -9,9 +9,11 @@ then the ledger write, the log line, and the answer to Pub/Sub (return, or `Retr
 
 Each `Ending` has one rule (`RULES`): the ledger status it writes, whether it publishes a dead
 letter, whether the handler acks. A new ending is a rule, a constructor, and a ledger call in
-`finish`: `skipped` (issue 11, decided at claim time) is `Ending.SKIPPED` with rule
-`(Status.SKIPPED, dead letter: no, acks: yes)`, `Outcome.skipped(code, reason)` with the code
-(`SUPPRESSED`, `RATE_LIMITED`) as `last_error_code`, and `Ledger.set_skipped_if_claimed`.
+`finish`. `skipped` (issue 11) is decided in the database, at claim time: the claim itself
+(`email.claim_delivery()`, one statement) ends the row `skipped` with the code (`SUPPRESSED`,
+`RATE_LIMITED`) as `last_error_code` and the reason (the suppression entry's, or
+`rate_limit`) as `status_reason`, so `Ending.SKIPPED`'s ledger write is that claim and
+`finish` adds none; the rule is `(Status.SKIPPED, dead letter: no, acks: yes)`.
 """
 
 from __future__ import annotations
@@ -20,20 +22,11 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from worker.ledger import Failure, Reason, Status
+from worker.ledger import Code, Failure, Reason, Skipped, Status
 
 if TYPE_CHECKING:
     from worker.settings import RetrySettings
     from worker.smtp import SendResult
-
-
-class Code(StrEnum):
-    """The `last_error_code`s the worker gives itself; SMTP failures bring their own
-    (`SMTP_550`, `TIMEOUT`, ... from worker/smtp.py)."""
-
-    INVALID_EVENT = "INVALID_EVENT"
-    TEMPLATE_ERROR = "TEMPLATE_ERROR"
-    ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
 
 
 class Ending(StrEnum):
@@ -44,6 +37,7 @@ class Ending(StrEnum):
     FAILED = "failed"  # permanent failure
     DEAD_LETTER = "dead_letter"  # transient failures used the attempt budget up
     REJECTED = "rejected"  # the event is invalid
+    SKIPPED = "skipped"  # deliberately not sent: suppressed recipient, rate limit reached
 
 
 @dataclass(frozen=True)
@@ -64,6 +58,8 @@ RULES: dict[Ending, Rule] = {
     Ending.DEAD_LETTER: Rule(Status.DEAD_LETTER, dead_letter=True, acks=True),
     # `failed` only when a delivery_id could be read, and only a new or `queued` row.
     Ending.REJECTED: Rule(Status.FAILED, dead_letter=True, acks=True),
+    # Final: no email, no dead letter (nothing to replay: the skip was the decision).
+    Ending.SKIPPED: Rule(Status.SKIPPED, dead_letter=False, acks=True),
 }
 
 
@@ -106,6 +102,10 @@ class Outcome:
     def rejected(cls, message: str) -> Outcome:
         return cls(Ending.REJECTED, 0, Failure(Code.INVALID_EVENT, message, Reason.INVALID_EVENT))
 
+    @classmethod
+    def skipped(cls, skip: Skipped) -> Outcome:
+        return cls(Ending.SKIPPED, 0, Failure(skip.code, skip.message, skip.reason))
+
     def unpublished(self) -> Outcome:
         """The dead letter was not confirmed: nothing may say `failed`/`dead_letter` yet.
         The claim is handed back (`retrying`) so the redelivery can finish it at once."""
@@ -141,6 +141,7 @@ class Facts:
     invalid: str | None = None  # decoding failed: why (sanitised)
     claimed: int | None = None  # the claim's attempt number; None: the claim returned nothing
     found: Status | None = None  # not claimed: the status of the row (None: no row)
+    skipped: Skipped | None = None  # the claim ended the row `skipped` (no claim, no email)
     template_error: str | None = None  # rendering failed: why (sanitised)
     send: SendResult | None = None  # what send_with_retry reported
     message_id: str = ""  # the email's Message-ID, when one was built
@@ -160,6 +161,8 @@ def decide(facts: Facts, max_attempts: int) -> Outcome:
     """The ending, from what happened. Pure: no I/O, no clock."""
     if facts.invalid is not None:
         return Outcome.rejected(facts.invalid)
+    if facts.skipped is not None:
+        return Outcome.skipped(facts.skipped)
     if facts.claimed is None:
         if facts.found is not None and facts.found.finished:
             return Outcome.already_finished(facts.found)

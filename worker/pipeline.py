@@ -21,7 +21,7 @@ from typing import Any
 from worker import events, smtp
 from worker.db import shared_pool
 from worker.deadletter import DeadLetterPublisher, dead_letter_attributes
-from worker.ledger import Claim, Failure, Ledger, Reason
+from worker.ledger import Claim, Code, Failure, Ledger, Reason, Skipped, Unclaimed
 from worker.logging import bind, bind_event, clear_event, get_logger
 from worker.outcomes import Ending, Facts, Outcome, decide, send_tries
 from worker.pubsub import PublishError
@@ -126,9 +126,9 @@ def handle(cloud_event: Any, worker: Worker | None = None) -> None:
 
 
 def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
-    """Claim, attempt, decide, finish."""
+    """Claim (or skip), attempt, decide, finish."""
     started = time.monotonic()
-    claim = worker.ledger.claim(
+    result = worker.ledger.claim_or_skip(
         delivery_id=event.delivery_id,
         workflow=event.workflow,
         recipient=event.recipient,
@@ -136,13 +136,17 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         metadata=event.metadata,
         source_message_id=event.message.message_id,
         lease_seconds=worker.settings.retry.lease_seconds,
+        rate_limit=worker.settings.rate_limits.get(event.workflow),
     )
-    if claim is None:
-        row = worker.ledger.get(event.delivery_id)
-        facts = Facts(found=None if row is None else row.status)
-    else:
-        bind(attempt=claim.attempts)
-        facts = attempt(worker, event, claim, started)
+    claim = result if isinstance(result, Claim) else None
+    match result:
+        case Claim():
+            bind(attempt=result.attempts)
+            facts = attempt(worker, event, result, started)
+        case Skipped():
+            facts = Facts(skipped=result)
+        case Unclaimed():
+            facts = Facts(found=result.found)
     outcome = decide(facts, worker.settings.retry.max_attempts)
     finish(worker, Subject.of(event), claim, outcome, started=started)
 
@@ -217,6 +221,8 @@ def record(ledger: Ledger, subject: Subject, claim: Claim | None, outcome: Outco
     match outcome.ending:
         case Ending.ALREADY_FINISHED | Ending.HELD_ELSEWHERE:
             return False  # another claim's row, or a finished one: not ours to touch
+        case Ending.SKIPPED:
+            return True  # the claim wrote it: one statement decided and recorded the skip
         case Ending.REJECTED:
             return subject.delivery_id is not None and ledger.set_failed_if_new_or_queued(
                 delivery_id=subject.delivery_id,
@@ -283,6 +289,10 @@ def _log(outcome: Outcome, recorded: bool, started: float | None) -> None:
                 # Our lease expired while we were sending and someone else claimed the row:
                 # the email went out, but the ledger belongs to the newer claim now.
                 log.error("delivery sent but the claim was lost", **fields)
+        case Ending.SKIPPED:
+            # Why, never to whom: the recipient is bound masked for every line of the event.
+            level = log.warning if failure and failure.code == Code.RATE_LIMITED else log.info
+            level("delivery skipped", reason=outcome.reason, **error)
         case Ending.ALREADY_FINISHED:
             log.info("duplicate event skipped", status=found)
         case Ending.HELD_ELSEWHERE:

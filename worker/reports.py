@@ -9,7 +9,7 @@ its own short transaction (the pool is in autocommit).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 
 from worker import tracking
 from worker.db import query
-from worker.ledger import Delivery, Ledger, Status, StatusChange
+from worker.ledger import Code, Delivery, Ledger, Status, StatusChange
 from worker.tracking import StoredEvent, Tracking
 
 __all__ = [
@@ -87,6 +87,8 @@ class WorkflowStats:
     delivered: int = 0  # delivered, opened, clicked or complained about
     bounced: int = 0
     complained: int = 0
+    # Skipped rows by their code (contract section 7).
+    skipped_by_code: dict[Code, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -130,12 +132,22 @@ class WorkflowStats:
             delivered=int(row["provider_delivered"]),
             bounced=int(row["provider_bounced"]),
             complained=int(row["provider_complained"]),
+            skipped_by_code={
+                Code.SUPPRESSED: int(row["skipped_suppressed"]),
+                Code.RATE_LIMITED: int(row["skipped_rate_limited"]),
+            },
         )
 
 
 def stats(ledger: Ledger, *, since: timedelta) -> list[WorkflowStats]:
     """Per workflow, then the total; empty when nothing was queued in the window."""
-    rows = _fetch_all(ledger, "stats_by_workflow", since_seconds=since.total_seconds())
+    rows = _fetch_all(
+        ledger,
+        "stats_by_workflow",
+        since_seconds=since.total_seconds(),
+        suppressed=Code.SUPPRESSED.value,
+        rate_limited=Code.RATE_LIMITED.value,
+    )
     return [WorkflowStats.from_row(row) for row in rows]
 
 

@@ -9,10 +9,13 @@ through `worker.secrets` (imported only when one is set, so local runs never loa
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Literal, TypeVar
+
+from worker.workflows import WORKFLOWS
 
 T = TypeVar("T")
 SmtpSecurity = Literal["starttls", "ssl", "none"]
@@ -81,11 +84,22 @@ class PubSubSettings:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """At most `count` emails of one workflow to one recipient in any `window_seconds`."""
+
+    count: int
+    window_seconds: int
+    text: str  # as configured, e.g. "5/1h"
+
+
+@dataclass(frozen=True)
 class Settings:
     database: DatabaseSettings
     smtp: SmtpSettings
     pubsub: PubSubSettings
     retry: RetrySettings
+    # RATE_LIMITS, by workflow (contract section 7); a workflow without an entry has none.
+    rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
 
 
 # --- parsing helpers -----------------------------------------------------------------
@@ -249,6 +263,45 @@ def retry_settings(env: Mapping[str, str] = os.environ) -> RetrySettings:
     )
 
 
+_RATE_LIMIT = re.compile(r"([1-9][0-9]{0,5})/([1-9][0-9]{0,5})([smhd])", re.ASCII)
+_WINDOW_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The count reads the ledger, and prune keeps 90 days by default: a longer window would count
+# only what is left.
+MAX_RATE_WINDOW_SECONDS = 90 * 86400
+
+
+def parse_rate_limits(text: str | None) -> dict[str, RateLimit]:
+    """`verification-code=5/1h,password-reset=3/1h,invite=20/1d`: at most N emails of the
+    workflow to one recipient in any rolling window (`s`, `m`, `h`, `d`). Raises
+    `SettingsError` naming the first malformed entry."""
+    limits: dict[str, RateLimit] = {}
+    if text is None:
+        return limits
+    for entry in text.split(","):
+        entry = entry.strip()
+
+        def bad(rule: str, entry: str = entry) -> SettingsError:
+            return SettingsError(f"RATE_LIMITS entry {entry!r}: {rule}")
+
+        if not entry:
+            raise SettingsError(f"RATE_LIMITS has an empty entry in {text!r}")
+        workflow, equals, limit = (part.strip() for part in entry.partition("="))
+        if not equals or not workflow:
+            raise bad("must be workflow=N/window, e.g. verification-code=5/1h")
+        if workflow not in WORKFLOWS:
+            raise bad(f"unknown workflow; the workflows are {', '.join(sorted(WORKFLOWS))}")
+        if workflow in limits:
+            raise bad(f"{workflow} has a limit already")
+        match = _RATE_LIMIT.fullmatch(limit)
+        if match is None:
+            raise bad("the limit must be N/window: N from 1, a window like 30s, 10m, 1h or 1d")
+        window = int(match[2]) * _WINDOW_SECONDS[match[3]]
+        if window > MAX_RATE_WINDOW_SECONDS:
+            raise bad("the window must be at most 90d (the ledger keeps 90 days by default)")
+        limits[workflow] = RateLimit(int(match[1]), window, limit)
+    return limits
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -287,4 +340,10 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
             f"LEASE_SECONDS ({retry.lease_seconds}) must be more than twice "
             f"SMTP_TIMEOUT_SECONDS ({smtp.timeout_seconds:g}) plus one"
         )
-    return Settings(database=database_settings(env), smtp=smtp, pubsub=pubsub, retry=retry)
+    return Settings(
+        database=database_settings(env),
+        smtp=smtp,
+        pubsub=pubsub,
+        retry=retry,
+        rate_limits=parse_rate_limits(_raw(env, "RATE_LIMITS")),
+    )
