@@ -1,9 +1,13 @@
 """The Cloud Functions: `handle_delivery`, triggered by the delivery topic (Eventarc), and
+`handle_provider_event`, the providers' webhooks (HTTP, contract section 6), and
 `delivery_console`, the read-only support console (HTTP, worker/console/).
 
-Thin on purpose: the work is in worker/pipeline.py. Importing this module parses the
-settings (a missing one stops the instance with one line) but opens no connection and does
-not import the Pub/Sub client; the database pool and SMTP connection are made on first use.
+All three deploy from this source, each with only its own settings: importing this module parses
+the settings of the target being served (`FUNCTION_TARGET`, which Cloud Functions and
+functions-framework set before loading the source; a missing or bad one stops the instance
+with one line) but opens no connection and does not import the Pub/Sub client. The delivery
+target never imports the provider adapters (or their crypto); the database pool and SMTP
+connection are made on first use.
 """
 
 from __future__ import annotations
@@ -20,17 +24,26 @@ from worker import events, pipeline
 from worker.logging import request_scope
 from worker.settings import SettingsError
 
-# Each target checks only its own settings: the console needs no SMTP or Pub/Sub ones.
-# functions-framework sets FUNCTION_TARGET before it imports this module.
-_TARGET = os.environ.get("FUNCTION_TARGET", "handle_delivery")
+WEBHOOK_TARGET = "handle_provider_event"
+CONSOLE_TARGET = "delivery_console"
+TARGET = os.environ.get("FUNCTION_TARGET", "handle_delivery")
 
-try:
-    if _TARGET == "delivery_console":
+
+def _configure() -> None:
+    if TARGET == WEBHOOK_TARGET:
+        from worker.providers import webhook
+
+        webhook.configure()
+    elif TARGET == CONSOLE_TARGET:
         from worker.console import app as console_app
 
         console_app.configure()
     else:
         pipeline.configure()
+
+
+try:
+    _configure()
 except SettingsError as error:
     print(f"email-worker: configuration error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
@@ -55,6 +68,26 @@ def handle_delivery(cloud_event: Any) -> None:
             # framework's crash traceback; the worker already logged why. Other exceptions are
             # bugs or outages (database down) and keep their traceback.
             raise ServiceUnavailable(str(retry_later)) from None
+
+
+@functions_framework.http
+def handle_provider_event(request: Any) -> tuple[dict[str, Any], int]:
+    """`POST …/<provider>`: verify, apply each event, answer (see worker/providers/webhook.py)."""
+    from worker.providers import webhook  # the webhook path only
+
+    provider = request.path.rstrip("/").rpartition("/")[2]
+    # Its lines carry the request's trace and execution id too (no Pub/Sub project here: the
+    # trace is named only when GOOGLE_CLOUD_PROJECT is set).
+    with request_scope(
+        project=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+        trace=events.trace_from_headers(request.headers),
+        execution_id=request.headers.get("Function-Execution-Id"),
+    ):
+        answer = webhook.instance().handle(
+            request.method,
+            webhook.request_from(provider, request.url, request.headers, request.get_data()),
+        )
+    return dict(answer.body), answer.status
 
 
 @functions_framework.http

@@ -5,6 +5,7 @@ Benchmarks (in the order they run):
   inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
   claimcost  the claim with suppression and rate limits on vs off (migrations 004, 005)
+  ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
   memory     peak RSS of a functions-framework worker after N events
@@ -36,6 +37,7 @@ from bench import (
     dbcost,
     httpbench,
     inprocess,
+    ledgercost,
     machine,
     memory,
     replay,
@@ -51,6 +53,7 @@ class Sizes:
     inprocess_count: int
     inprocess_rounds: int
     dbcost_count: int
+    ledgercost_rounds: int
     http_count: int
     http_concurrency: tuple[int, ...]
     concurrency_levels: tuple[int, ...]
@@ -69,6 +72,7 @@ FULL = Sizes(
     inprocess_count=2000,
     inprocess_rounds=3,
     dbcost_count=500,
+    ledgercost_rounds=25,
     http_count=1000,
     http_concurrency=(1, 4),
     concurrency_levels=(1, 4, 8, 16),
@@ -86,6 +90,7 @@ QUICK = Sizes(
     inprocess_count=200,
     inprocess_rounds=2,
     dbcost_count=100,
+    ledgercost_rounds=3,
     http_count=150,
     http_concurrency=(1, 4),
     concurrency_levels=(1, 8),
@@ -109,6 +114,9 @@ BENCHMARKS: dict[str, Runner] = {
     "dbcost": lambda stack, s, logs: dbcost.run(stack, count=s.dbcost_count, log_dir=logs),
     "claimcost": lambda stack, s, logs: claimcost.run(
         stack, count=s.dbcost_count * 2, ledger_rows=100_000, log_dir=logs
+    ),
+    "ledgercost": lambda stack, s, logs: ledgercost.run(
+        stack, chunk=40, rounds=s.ledgercost_rounds, log_dir=logs
     ),
     "http": lambda stack, s, logs: httpbench.run(
         stack, count=s.http_count, concurrency=s.http_concurrency, log_dir=logs

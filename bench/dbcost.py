@@ -5,7 +5,8 @@ One pooled connection, traced with `PQtrace` after a warm-up: every `ReadyForQue
 server sends ends one client wait, so their count is the round trips. pg_stat_statements
 (preloaded by tests/harness/postgres.py, `track = all`) is reset just before the run and
 read after it: top-level statements are what the worker sent, nested ones ran inside the
-triggers (the audit rows). A second pass redelivers already-sent events (at-least-once).
+ledger functions and triggers (the UPDATE of migration 006's set_sent_if_claimed, the audit
+rows). A second pass redelivers already-sent events (at-least-once).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _client_timings(
         select_one_pool = (time.perf_counter() - started) / probes * 1e6
         event_objects = [cloud_event(b, f"t{i}") for i, b in enumerate(bodies(count, prefix))]
         timer = PhaseTimer()
-        timer.wrap(Ledger, "claim", "claim")
+        timer.wrap(Ledger, "claim_or_skip", "claim")
         timer.wrap(Ledger, "set_sent_if_claimed", "set_sent")
         try:
             with captured_stdout(log_path):
@@ -201,10 +202,10 @@ def run(stack: Stack, *, count: int, log_dir: Path) -> Section:
             "pg_stat_statements, toplevel",
         )
         section.add(
-            "nested (trigger) statements / delivery",
+            "nested statements / delivery",
             sum(s["calls"] for s in nested) / count,
             "",
-            "run inside the triggers",
+            "run inside the ledger functions and triggers",
         )
         section.add("audit rows / delivery", int(audit) / count, "", "email.delivery_events")
         section.add(
@@ -255,7 +256,7 @@ def run(stack: Stack, *, count: int, log_dir: Path) -> Section:
             "duplicate event: round trips",
             dup_wire["B ReadyForQuery"] / count,
             "",
-            "claim (no row) + get_delivery",
+            "the claim says what stopped it (email.claim_delivery)",
         )
         section.data.update(
             count=count,

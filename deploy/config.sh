@@ -46,6 +46,9 @@ SCRIPT_NAME=$(basename "$0")
 : "${SMTP_SECURITY:=}"
 : "${SMTP_USERNAME:=}"  # when set, SMTP_PASSWORD_SECRET is passed too
 : "${SMTP_TIMEOUT_SECONDS:=}"
+# The email service behind SMTP_HOST (ses, sendgrid, mailgun, postmark, resend, none): which
+# header carries the delivery id back in its webhooks (README, "Provider webhooks").
+: "${SMTP_PROVIDER:=}"
 : "${EMAIL_FROM:=}"
 : "${EMAIL_REPLY_TO:=}"
 # Send attempts, across invocations, before the worker dead-letters a delivery itself.
@@ -245,6 +248,7 @@ load_function_config() {
   require SMTP_HOST EMAIL_FROM
   [[ -z $SMTP_PORT ]] || int_in SMTP_PORT 1 65535
   [[ -z $SMTP_SECURITY ]] || matches SMTP_SECURITY '^(starttls|ssl|none)$' "starttls, ssl or none"
+  [[ -z $SMTP_PROVIDER ]] || matches SMTP_PROVIDER '^(ses|sendgrid|mailgun|postmark|resend|none)$' "ses, sendgrid, mailgun, postmark, resend or none"
   local name
   for name in EMAIL_FROM EMAIL_REPLY_TO; do
     [[ -z ${!name} ]] || matches "$name" '^[^[:cntrl:]]*@[^[:cntrl:]]*$' "an email address"

@@ -49,7 +49,7 @@ env_vars=(
   # functions-framework adds the execution id (labels) and span id to every JSON line.
   "LOG_EXECUTION_ID=true"
 )
-for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS EMAIL_FROM EMAIL_REPLY_TO; do
+for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS SMTP_PROVIDER EMAIL_FROM EMAIL_REPLY_TO; do
   if [[ -n ${!name} ]]; then
     env_vars+=("$name=${!name}")
   fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import secrets
 import socket
 import threading
 from collections.abc import Mapping
@@ -54,7 +55,9 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = bytes(envelope.original_content or b"")
         self._sink.save(raw)
-        return "250 OK: saved"
+        # Like Postfix (and SendGrid, Postmark): the reply names the relay's own id, which
+        # the worker records as relay_message_id and provider events may refer to.
+        return f"250 2.0.0 Ok: queued as {secrets.token_hex(6).upper()}"
 
 
 class EmlSink:

@@ -40,6 +40,7 @@ from typing import Any
 
 import psycopg
 from eml_sink import EmlSink
+from local_webhooks import demonstrate, report
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -807,7 +808,13 @@ def prepare_run_dir(run_dir: Path) -> tuple[Path, Path]:
     stale = [*emails.glob("*.eml"), *emails.glob("*.eml.partial")]
     stale += [
         logs / name
-        for name in ("function.log", "console.log", "postgres.log", "pubsub-emulator.log")
+        for name in (
+            "function.log",
+            "webhook.log",
+            "console.log",
+            "postgres.log",
+            "pubsub-emulator.log",
+        )
     ]
     stale += [run_dir / "summary.json", run_dir / "local-stack.env"]
     for path in stale:
@@ -851,7 +858,14 @@ def run(args: argparse.Namespace) -> int:
         print_dead_letters(observed)
         print_emails(stack, observed)
         print_logs(stack, observed)
-        found = problems(observed) + check_console(stack)
+        found = problems(observed)
+        section("Provider webhooks: signed events for the sent deliveries")
+        webhooks = demonstrate(
+            stack.database_url, observed.rows, stack.logs_dir / "webhook.log", say, stop.callback
+        )
+        report(webhooks, say, table)
+        found += webhooks.problems
+        found += check_console(stack)
         if not observed.finished():
             found.insert(0, f"not every delivery finished within {args.timeout:g} s")
         skip_problems, skip_summary = demonstrate_skipping(stack, args.timeout)
@@ -859,6 +873,8 @@ def run(args: argparse.Namespace) -> int:
         result = {
             "ok": not found,
             "summary": f"{summary_line(observed)}; {skip_summary}",
+            "provider_events": webhooks.summary(),
+            "provider_requests": webhooks.requests(),
             "problems": found,
             "wait_seconds": round(waited, 2),
         }

@@ -23,32 +23,31 @@ FROM email.claim_delivery(
 );
 
 -- name: set_sent_if_claimed
-UPDATE email.deliveries SET
-    status = 'sent',
-    status_reason = NULL,
-    sent_at = now(),
-    attempts = greatest(attempts, %(attempts)s),
-    provider_message_id = %(provider_message_id)s,
-    last_error_code = NULL,
-    last_error_message = NULL,
-    claim_token = NULL,
-    lease_expires_at = NULL
-WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
-RETURNING delivery_id;
+-- The guarded UPDATE is inside email.set_sent_if_claimed() (migration 006), so the server
+-- plans it once per connection; no row back: the claim no longer holds the row.
+SELECT sent AS delivery_id
+FROM email.set_sent_if_claimed(
+    delivery_id => %(delivery_id)s,
+    claim_token => %(claim_token)s,
+    attempts => %(attempts)s,
+    provider_message_id => %(provider_message_id)s,
+    relay_message_id => %(relay_message_id)s
+) AS sent;
 
 -- name: set_unsent_if_claimed
 -- The claim ends without an email: `retrying` (Pub/Sub will redeliver), `failed` (permanent)
--- or `dead_letter` (attempts exhausted). Like set_sent_if_claimed, fenced by the claim token.
-UPDATE email.deliveries SET
-    status = %(status)s::email.delivery_status,
-    status_reason = %(reason)s,
-    attempts = greatest(attempts, %(attempts)s),
-    last_error_code = %(error_code)s,
-    last_error_message = %(error_message)s,
-    claim_token = NULL,
-    lease_expires_at = NULL
-WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
-RETURNING delivery_id;
+-- or `dead_letter` (attempts exhausted). Like set_sent_if_claimed, fenced by the claim token,
+-- and a function of migration 006.
+SELECT unsent AS delivery_id
+FROM email.set_unsent_if_claimed(
+    delivery_id => %(delivery_id)s,
+    claim_token => %(claim_token)s,
+    status => %(status)s::email.delivery_status,
+    reason => %(reason)s,
+    attempts => %(attempts)s,
+    error_code => %(error_code)s,
+    error_message => %(error_message)s
+) AS unsent;
 
 -- name: set_failed_if_new_or_queued
 -- An invalid event: a new row says why nothing was sent. An existing row is only touched

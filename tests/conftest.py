@@ -9,5 +9,6 @@ pytest_plugins = [
     "tests.harness.console",
     "tests.harness.browser",
     "tests.harness.pgbouncer",
+    "tests.harness.webhook",
     "tests.harness.https",
 ]

@@ -21,6 +21,7 @@ DEPLOY = REPO / "deploy"
 SCRIPTS = [
     "setup-project.sh",
     "deploy-function.sh",
+    "deploy-webhook.sh",
     "set-secret.sh",
     "all.sh",
     "deploy-console.sh",
@@ -330,6 +331,7 @@ def test_deploy_function_passes_optional_smtp_settings_and_password_secret(
     settings = {
         "SMTP_PORT": "465",
         "SMTP_SECURITY": "ssl",
+        "SMTP_PROVIDER": "postmark",
         "SMTP_USERNAME": "apikey",
         "EMAIL_REPLY_TO": "support@acme.example",
         "MAX_ATTEMPTS": "7",
@@ -705,3 +707,132 @@ def test_console_bad_settings_are_one_line_and_exit_2(
 def test_console_needs_no_smtp_settings(deploy: Deploy) -> None:
     result = deploy.dry("deploy-console.sh", env={"SMTP_HOST": None, "EMAIL_FROM": None})
     assert result.one("gcloud", "functions", "deploy")
+
+
+# --- deploy-webhook.sh -------------------------------------------------------------------------
+
+WEBHOOK_SA = f"email-webhook-runtime@{PROJECT}.iam.gserviceaccount.com"
+
+
+def secret_version(secret_id: str) -> str:
+    return f"projects/{PROJECT}/secrets/{secret_id}/versions/latest"
+
+
+def test_deploy_webhook_is_an_open_http_function_of_the_webhook_target(deploy: Deploy) -> None:
+    result = deploy.dry("deploy-webhook.sh", env={"WEBHOOK_PROVIDERS": "sendgrid"})
+    argv = result.one("gcloud", "functions", "deploy")
+    assert argv[3] == "email-webhooks"
+    assert "--gen2" in argv and "--trigger-http" in argv
+    # Providers cannot present Google credentials: the signature is the authentication.
+    assert "--allow-unauthenticated" in argv
+    assert not any(arg.startswith("--trigger-topic") for arg in argv) and "--retry" not in argv
+    assert flag(argv, "entry-point") == "handle_provider_event"
+    assert flag(argv, "runtime") == "python312"
+    assert flag(argv, "ingress-settings") == "all"
+    assert flag(argv, "service-account") == WEBHOOK_SA
+    assert flag(argv, "source") == str(deploy.source)
+    assert result.one("gcloud", "functions", "describe")[3] == "email-webhooks"
+    assert "#   sendgrid: <function-url>/sendgrid" in result.stdout
+
+
+def test_deploy_webhook_mounts_each_providers_secret(deploy: Deploy) -> None:
+    arns = "arn:aws:sns:us-east-1:123456789012:ses-a,arn:aws:sns:eu-west-1:123456789012:ses-b"
+    result = deploy.dry(
+        "deploy-webhook.sh",
+        env={"WEBHOOK_PROVIDERS": "sendgrid, mailgun,postmark,resend,ses", "SNS_TOPIC_ARNS": arns},
+    )
+    argv = result.one("gcloud", "functions", "deploy")
+    assert env_vars(argv) == {
+        "CONCURRENCY": "8",
+        "THREADS": "8",
+        "LOG_EXECUTION_ID": "true",
+        "POSTMARK_WEBHOOK_USERNAME": "postmark",
+        "SNS_TOPIC_ARNS": arns,  # commas survive: gcloud's ^DELIM^ syntax
+    }
+    assert flag(argv, "set-secrets").split(",") == [
+        "DATABASE_URL=email-database-url:latest",
+        "SENDGRID_WEBHOOK_PUBLIC_KEY=email-webhook-sendgrid-public-key:latest",
+        "MAILGUN_WEBHOOK_SIGNING_KEY=email-webhook-mailgun-signing-key:latest",
+        "POSTMARK_WEBHOOK_PASSWORD=email-webhook-postmark-password:latest",
+        "RESEND_WEBHOOK_SECRET=email-webhook-resend-secret:latest",
+    ]
+    assert (flag(argv, "concurrency"), flag(argv, "cpu")) == ("8", "1")
+    created = [argv[3] for argv in result.find("gcloud", "secrets", "create")]
+    assert created == [
+        "email-webhook-sendgrid-public-key",
+        "email-webhook-mailgun-signing-key",
+        "email-webhook-postmark-password",
+        "email-webhook-resend-secret",
+    ]
+    assert "#   postmark: https://postmark:<password>@<function-url>/postmark" in result.stdout
+
+
+def test_deploy_webhook_can_pass_secret_names_for_the_function_to_read(deploy: Deploy) -> None:
+    result = deploy.dry(
+        "deploy-webhook.sh", env={"WEBHOOK_PROVIDERS": "sendgrid,resend", "SECRETS_VIA": "worker"}
+    )
+    argv = result.one("gcloud", "functions", "deploy")
+    env = env_vars(argv)
+    assert env["DATABASE_URL_SECRET"] == secret_version("email-database-url")
+    assert env["SENDGRID_WEBHOOK_PUBLIC_KEY_SECRET"] == secret_version(
+        "email-webhook-sendgrid-public-key"
+    )
+    assert env["RESEND_WEBHOOK_SECRET_SECRET"] == secret_version("email-webhook-resend-secret")
+    assert "--clear-secrets" in argv
+    assert not any(arg.startswith("--set-secrets") for arg in argv)
+
+
+def test_deploy_webhook_grants_its_own_account_its_secrets_only(deploy: Deploy) -> None:
+    result = deploy.dry("deploy-webhook.sh", env={"WEBHOOK_PROVIDERS": "resend"})
+    assert not project_level_bindings(result)
+    account = result.one("gcloud", "iam", "service-accounts", "create")
+    assert account[4] == "email-webhook-runtime"
+    bindings = result.find("gcloud", "secrets", "add-iam-policy-binding")
+    assert sorted(argv[3] for argv in bindings) == [
+        "email-database-url",
+        "email-webhook-resend-secret",
+    ]
+    for argv in bindings:
+        assert flag(argv, "member") == f"serviceAccount:{WEBHOOK_SA}"
+        assert flag(argv, "role") == "roles/secretmanager.secretAccessor"
+    checked = [flag(a, "secret") for a in result.find("gcloud", "secrets", "versions", "describe")]
+    assert checked == ["email-database-url", "email-webhook-resend-secret"]
+    commands = result.commands
+    assert max(commands.index(argv) for argv in bindings) < commands.index(
+        result.one("gcloud", "functions", "deploy")
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "WEBHOOK_PROVIDERS is required but not set"),
+        ({"WEBHOOK_PROVIDERS": "sparkpost"}, "WEBHOOK_PROVIDERS: unknown provider 'sparkpost'"),
+        ({"WEBHOOK_PROVIDERS": "ses"}, "SNS_TOPIC_ARNS is required but not set"),
+        (
+            {"WEBHOOK_PROVIDERS": "postmark", "POSTMARK_WEBHOOK_USERNAME": "a:b"},
+            "POSTMARK_WEBHOOK_USERNAME must be",
+        ),
+    ],
+)
+def test_deploy_webhook_refuses_bad_settings_before_any_command(
+    deploy: Deploy, env: dict[str, str], message: str
+) -> None:
+    result = deploy.run("deploy-webhook.sh", "--dry-run", env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.commands == []
+
+
+def test_all_deploys_the_webhook_only_when_providers_are_named(deploy: Deploy) -> None:
+    assert not deploy.dry("all.sh").find("gcloud", "functions", "deploy", "email-webhooks")
+    result = deploy.dry("all.sh", env={"WEBHOOK_PROVIDERS": "mailgun"})
+    deployed = [argv[3] for argv in result.find("gcloud", "functions", "deploy")]
+    assert deployed == ["email-worker", "email-webhooks"]
+
+
+def test_deploy_function_refuses_an_unknown_smtp_provider(deploy: Deploy) -> None:
+    result = deploy.run("deploy-function.sh", "--dry-run", env={"SMTP_PROVIDER": "gmail"})
+    assert result.returncode == 2
+    assert "SMTP_PROVIDER must be ses, sendgrid, mailgun, postmark, resend or none" in result.stderr
+    assert result.commands == []

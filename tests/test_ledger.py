@@ -437,3 +437,49 @@ def test_roles_are_nologin_and_row_level_security_is_on(admin: psycopg.Connectio
         {"relname": "provider_events", "relrowsecurity": True},
         {"relname": "suppressions", "relrowsecurity": True},
     ]
+
+
+UNSENT = """
+SELECT * FROM email.set_unsent_if_claimed(
+    delivery_id => %(id)s, claim_token => %(token)s, status => %(to)s::email.delivery_status,
+    reason => 'transient_failure', attempts => 1, error_code => 'X', error_message => 'x')
+"""
+
+
+def test_the_transition_functions_are_guarded_like_any_writer(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
+    """Migration 006's functions run the worker's guarded UPDATEs; they are no way around
+    the state machine, the claim token or the audit trail."""
+    claimed = claim(ledger, "fn")
+    assert claimed is not None
+    params = {"id": "fn", "token": claimed.claim_token}
+    with pytest.raises(
+        psycopg.errors.CheckViolation, match="in_progress -> queued for delivery fn"
+    ):
+        admin.execute(UNSENT, {**params, "to": "queued"})
+    # Another claim's token: no row back, nothing written.
+    assert admin.execute(UNSENT, {**params, "token": uuid.uuid4(), "to": "failed"}).fetchall() == []
+    assert admin.execute(UNSENT, {**params, "to": "retrying"}).fetchall() == [
+        {"set_unsent_if_claimed": "fn"}
+    ]
+    assert [(e.status, e.error_code) for e in ledger.events("fn")] == [
+        (Status.IN_PROGRESS, None),
+        (Status.RETRYING, "X"),
+    ]
+
+    as_role(admin, "email_reader")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        admin.execute(UNSENT, {**params, "to": "failed"})
+
+
+def test_the_transition_table_is_inlined_into_the_guard(admin: psycopg.Connection[Any]) -> None:
+    """transition_allowed() stays a plain SQL function the planner inlines (no SET clause):
+    a called SQL function's body is parsed and planned again in every transaction, that is
+    on every ledger write of the autocommit worker (bench ledgercost, migration 006)."""
+    plan = admin.execute(
+        # A column, not a constant: an immutable call on constants is folded either way.
+        "EXPLAIN (VERBOSE, COSTS OFF)"
+        " SELECT email.transition_allowed(status, 'sent') FROM email.deliveries"
+    ).fetchall()
+    assert plan and "transition_allowed" not in str(plan)

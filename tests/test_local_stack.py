@@ -230,6 +230,40 @@ def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
     }
 
 
+def test_signed_provider_events_move_each_sent_delivery(stack_run: Run) -> None:
+    """The webhook half (contract section 6): every provider, through functions-framework."""
+    requests = stack_run.summary["provider_requests"]
+    assert {r["provider"] for r in requests} == {
+        "sendgrid",
+        "mailgun",
+        "postmark",
+        "resend",
+        "ses",
+    }
+    refused = [(r["provider"], r["request"]) for r in requests if r["status"] != 200]
+    assert refused == [("sendgrid", "forged (signed by someone else)")]
+    assert all(r["status"] in (200, 403) for r in requests)
+    assert stack_run.summary["provider_events"] == (
+        "8 provider events applied, 2 duplicate, 1 refused"
+    )
+    body = stack_run.stdout.split("Provider status (email.deliveries)")[1].splitlines()
+    statuses = {line.split()[0]: line.split()[1] for line in body[2:5]}
+    assert statuses == {
+        "invite-demo-1": "clicked",
+        "reset-demo-1": "complained",
+        "verify-demo-1": "opened",
+    }
+    assert "k***@example.com  complaint  (from reset-demo-1)" in stack_run.stdout
+
+
+def test_clicked_links_reach_neither_the_webhook_log_nor_the_output(stack_run: Run) -> None:
+    log = (stack_run.run_dir / "logs" / "webhook.log").read_text()
+    assert '"provider event"' in log  # the log is the real one
+    for link in ("app.example.com/invite/7Hq2xLm9", "app.example.com/reset/Qw8rT2zP"):
+        assert link not in log
+        assert link not in stack_run.stdout
+
+
 # --- one set of resource names: deploy/, the README and the local stack ---------------------
 
 

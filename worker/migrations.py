@@ -106,6 +106,14 @@ def _locked(conn: psycopg.Connection) -> Iterator[set[int]]:
         delay = min(delay * 2, 0.5)
 
 
+def _connect(url: str) -> psycopg.Connection:
+    """Autocommit, and no server-side prepared statements: psycopg prepares a query it has
+    run 5 times (the lock try above, once per migration and per wait), and a
+    transaction-mode pooler hands the next transaction another server connection, where
+    the name is unknown or already taken by another client's."""
+    return psycopg.connect(url, autocommit=True, prepare_threshold=None)
+
+
 def _sql(path: Path) -> str:
     return path.read_text()
 
@@ -143,7 +151,7 @@ def _run(url: str, conn: psycopg.Connection, migration: Migration, path: Path, u
         if _outside_transaction(path):
             # The lock stays held by this transaction while another connection runs the
             # statements, each in its own transaction, as CONCURRENTLY requires.
-            with psycopg.connect(url, autocommit=True) as worker:
+            with _connect(url) as worker:
                 for statement in _statements(_sql(path)):
                     worker.execute(statement)
                 _check_indexes(worker)
@@ -162,7 +170,7 @@ def _run(url: str, conn: psycopg.Connection, migration: Migration, path: Path, u
 
 
 def applied_versions(url: str) -> set[int]:
-    with psycopg.connect(url, autocommit=True) as conn, _locked(conn) as applied:
+    with _connect(url) as conn, _locked(conn) as applied:
         return applied
 
 
@@ -174,7 +182,7 @@ def migrate_up(
     """Apply every pending migration in order; returns what this call applied."""
     migrations = discover() if migrations is None else migrations
     done: list[Migration] = []
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect(url) as conn:
         for migration in migrations:
             if not _run(url, conn, migration, migration.up, up=True):
                 continue
@@ -195,7 +203,7 @@ def migrate_down(
     """Roll back the newest `steps` applied migrations, newest first."""
     by_version = {m.version: m for m in (discover() if migrations is None else migrations)}
     undone: list[Migration] = []
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect(url) as conn:
         for _ in range(steps):
             with _locked(conn) as applied:
                 pass

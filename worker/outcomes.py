@@ -71,11 +71,19 @@ class Outcome:
     attempts: int = 0  # send attempts so far, across invocations
     failure: Failure | None = None
     provider_message_id: str | None = None  # SENT: the email's Message-ID
+    relay_message_id: str | None = None  # SENT: the relay's own id, when its 250 named one
     found: Status | None = None  # ALREADY_FINISHED, HELD_ELSEWHERE: the row's status
 
     @classmethod
-    def sent(cls, attempts: int, provider_message_id: str) -> Outcome:
-        return cls(Ending.SENT, attempts, provider_message_id=provider_message_id)
+    def sent(
+        cls, attempts: int, provider_message_id: str, relay_message_id: str | None = None
+    ) -> Outcome:
+        return cls(
+            Ending.SENT,
+            attempts,
+            provider_message_id=provider_message_id,
+            relay_message_id=relay_message_id,
+        )
 
     @classmethod
     def already_finished(cls, found: Status) -> Outcome:
@@ -178,7 +186,7 @@ def decide(facts: Facts, max_attempts: int) -> Outcome:
     attempts = claimed + facts.send.attempts - 1
     error = facts.send.error
     if error is None:
-        return Outcome.sent(attempts, facts.message_id)
+        return Outcome.sent(attempts, facts.message_id, facts.send.relay_message_id)
     if not error.transient:
         return Outcome.failed(attempts, error.code, error.message)
     if attempts >= max_attempts:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from worker import events, smtp
+from worker import events, relay, smtp
 from worker.db import shared_pool
 from worker.deadletter import DeadLetterPublisher, dead_letter_attributes
 from worker.ledger import Claim, Code, Failure, Ledger, Reason, Skipped, Unclaimed
@@ -168,7 +168,7 @@ def attempt(worker: Worker, event: events.DeliveryEvent, claim: Claim, started: 
         subject=rendered.subject,
         text=rendered.text,
         html=rendered.html,
-    )
+    ).with_headers(relay.tracking_headers(worker.settings.smtp.provider, event.delivery_id))
     retry = worker.settings.retry
     result = smtp.send_with_retry(
         worker.sender,
@@ -239,6 +239,7 @@ def record(ledger: Ledger, subject: Subject, claim: Claim | None, outcome: Outco
                 claim,
                 attempts=outcome.attempts,
                 provider_message_id=outcome.provider_message_id or "",
+                relay_message_id=outcome.relay_message_id,
             )
         case Ending.RETRYING:
             setter = ledger.set_retrying_if_claimed
@@ -281,6 +282,7 @@ def _log(outcome: Outcome, recorded: bool, started: float | None) -> None:
             fields = {
                 "attempts": outcome.attempts,
                 "provider_message_id": outcome.provider_message_id,
+                "relay_message_id": outcome.relay_message_id,
                 "duration_ms": elapsed_ms,
             }
             if recorded:

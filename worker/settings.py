@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Literal, TypeVar
 
+from worker.relay import SmtpProvider
 from worker.workflows import WORKFLOWS
 
 T = TypeVar("T")
@@ -47,6 +48,9 @@ class SmtpSettings:
     # Open connections kept between sends: one per request the instance serves at once, so
     # a busy instance never closes and re-handshakes a connection it needs again at once.
     max_idle_connections: int = DEFAULT_CONCURRENCY
+    # The email service behind SMTP_HOST: which header carries the delivery id back in its
+    # webhooks (worker/relay.py, contract section 6).
+    provider: SmtpProvider = SmtpProvider.NONE
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,10 @@ def _secret_or_env(env: Mapping[str, str], name: str) -> str | None:
         raise SettingsError(f"{name}_SECRET: {error}") from None
 
 
+# Public name for other settings readers (the provider webhooks, contract section 6).
+secret_or_env = _secret_or_env
+
+
 def _address(env: Mapping[str, str], name: str) -> str | None:
     value = _raw(env, name)
     if value is None:
@@ -233,6 +241,13 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         message_id_domain=_raw(env, "MESSAGE_ID_DOMAIN") or domain,
         ca_file=_raw(env, "SMTP_CA_FILE"),
         max_idle_connections=concurrency(env),
+        provider=_parsed(
+            env,
+            "SMTP_PROVIDER",
+            SmtpProvider.NONE,
+            SmtpProvider,
+            f"one of {', '.join(p.value for p in SmtpProvider)}",
+        ),
     )
 
 

@@ -19,10 +19,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import TYPE_CHECKING
 
 import tenacity
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 from worker.redact import sanitise
+from worker.relay import relay_message_id
 from worker.settings import SmtpSettings
 
 __all__ = [
@@ -66,6 +71,14 @@ class OutgoingEmail:
     recipients: tuple[str, ...]
     message_id: str
     data: bytes = field(repr=False)  # the body holds codes and links
+
+    def with_headers(self, headers: Sequence[tuple[str, str]]) -> OutgoingEmail:
+        """The same email with `headers` (ASCII, one line each) added to its header block:
+        what a provider echoes back in its webhooks (worker/relay.py)."""
+        if not headers:
+            return self
+        lines = b"".join(f"{name}: {value}\r\n".encode("ascii") for name, value in headers)
+        return OutgoingEmail(self.sender, self.recipients, self.message_id, lines + self.data)
 
 
 @functools.lru_cache(maxsize=8)
@@ -260,11 +273,18 @@ class _Connection(smtplib.SMTP):
     has, nothing of this message was delivered and resending it cannot duplicate it."""
 
     mail_accepted = False
+    # The text of the last DATA reply: the relay may name its own id for the message there.
+    data_reply = b""
 
     def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
         reply = super().mail(sender, options)
         self.mail_accepted = self.mail_accepted or reply[0] == 250
         return reply
+
+    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
+        code, text = super().data(msg)
+        self.data_reply = text
+        return code, text
 
 
 class _SslConnection(_Connection, smtplib.SMTP_SSL):
@@ -326,16 +346,16 @@ class SmtpSender:
         self._idle: list[_Idle] = []
         self._lock = threading.Lock()
 
-    def send(self, message: OutgoingEmail) -> None:
-        """Deliver one message or raise `SmtpError`."""
+    def send(self, message: OutgoingEmail) -> str | None:
+        """Deliver one message or raise `SmtpError`; returns the relay's own id for it when
+        its `250` reply names one (`relay_message_id`, contract section 2)."""
         connection = self._take_idle()
         if connection is not None:
             try:
-                self._deliver(connection, message, reused=True)
-                return
+                return self._deliver(connection, message, reused=True)
             except _StaleConnection:
                 pass  # reopen below and resend at once: not a failed attempt
-        self._deliver(self._open(), message, reused=False)
+        return self._deliver(self._open(), message, reused=False)
 
     def close(self) -> None:
         """Close every idle connection (connections in use are closed on return)."""
@@ -347,8 +367,11 @@ class SmtpSender:
             except (smtplib.SMTPException, OSError):
                 _close_quietly(entry.connection)
 
-    def _deliver(self, connection: _Connection, message: OutgoingEmail, *, reused: bool) -> None:
+    def _deliver(
+        self, connection: _Connection, message: OutgoingEmail, *, reused: bool
+    ) -> str | None:
         connection.mail_accepted = False
+        connection.data_reply = b""
         try:
             connection.sendmail(message.sender, list(message.recipients), message.data)
         except (smtplib.SMTPException, OSError) as exc:
@@ -356,7 +379,9 @@ class SmtpSender:
             if reused and _is_stale(connection, exc):
                 raise _StaleConnection from exc
             raise classify(exc) from exc
+        relay_id = relay_message_id(connection.data_reply)
         self._put_back(connection)
+        return relay_id
 
     def _open(self) -> _Connection:
         settings = self.settings
@@ -413,6 +438,7 @@ class SmtpSender:
 class SendResult:
     attempts: int
     error: SmtpError | None
+    relay_message_id: str | None = None  # what the relay's 250 reply named, if anything
 
     @property
     def ok(self) -> bool:
@@ -469,11 +495,12 @@ def send_with_retry(
         sleep=sleep,
         reraise=True,
     )
+    relay_id: str | None = None
     try:
         for attempt in retrying:
             with attempt:
                 attempts += 1
-                sender.send(message)
+                relay_id = sender.send(message)
     except SmtpError as error:
         return SendResult(attempts, error)
-    return SendResult(attempts, None)
+    return SendResult(attempts, None, relay_id)

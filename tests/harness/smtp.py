@@ -178,7 +178,7 @@ class _Handler:
         if reply is not None:
             return reply
         self._owner._record(envelope)
-        return "250 OK"
+        return self._owner.accept_reply
 
 
 class _Controller(Controller):
@@ -239,6 +239,9 @@ class SmtpTestServer:
         self._transactions = 0
         self._cues = _Cues()
         self._controller: _Controller | None = None
+        # The reply to an accepted DATA; a relay may name its own id for the message here
+        # (`250 Ok: queued as <id>`).
+        self.accept_reply = "250 OK"
 
     # lifecycle
 

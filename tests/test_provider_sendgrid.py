@@ -1,0 +1,191 @@
+"""SendGrid's Event Webhook through functions-framework against PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.harness.function import FunctionServer
+from tests.harness.webhook import (
+    ProviderKeys,
+    count_provider_events,
+    delivery,
+    fixture,
+    new_id,
+    now_unix,
+    post,
+    provider_events,
+    seed_delivery,
+)
+from tests.provider_signing import SendGridKeys
+
+
+def events_for(delivery_id: str, *kinds: tuple[str, str | None]) -> list[dict[str, Any]]:
+    """Fixture events of the given (event, bounce type) kinds, fresh ids, for `delivery_id`."""
+    chosen: list[dict[str, Any]] = []
+    for event in fixture("sendgrid", "events.json"):
+        if (event["event"], event.get("type")) in kinds:
+            chosen.append(
+                {
+                    **event,
+                    "delivery_id": delivery_id,
+                    "sg_event_id": new_id("sg"),
+                    "timestamp": now_unix() - 60 + len(chosen),
+                }
+            )
+    assert len(chosen) == len(kinds), kinds
+    return chosen
+
+
+def send(
+    server: FunctionServer, keys: SendGridKeys, events: Any, timestamp: int | None = None
+) -> Any:
+    body = json.dumps(events).encode()
+    return post(server, "sendgrid", body, keys.headers(body, timestamp))
+
+
+@pytest.mark.parametrize(
+    ("kind", "event_type", "status", "bounce_type"),
+    [
+        (("delivered", None), "delivered", "delivered", None),
+        (("open", None), "opened", "opened", None),
+        (("click", None), "clicked", "clicked", None),
+        (("bounce", "bounce"), "bounced", "bounced", "hard"),
+        (("bounce", "blocked"), "bounced", "bounced", "blocked"),
+        (("dropped", None), "bounced", "bounced", "dropped"),
+        (("deferred", None), "deferred", None, None),
+        (("spamreport", None), "complained", "complained", None),
+    ],
+)
+def test_each_signed_event_type_is_stored_and_moves_the_status(
+    webhook: FunctionServer,
+    webhook_db: str,
+    provider_keys: ProviderKeys,
+    kind: tuple[str, str | None],
+    event_type: str,
+    status: str | None,
+    bounce_type: str | None,
+) -> None:
+    delivery_id = new_id("sg")
+    seed_delivery(webhook_db, delivery_id)
+    [event] = events_for(delivery_id, kind)
+
+    response = send(webhook, provider_keys.sendgrid, [event])
+
+    assert response.status == 200, response.body
+    assert response.body["applied"] == 1
+    [row] = provider_events(webhook_db, "sendgrid", provider_event_id=event["sg_event_id"])
+    assert row["delivery_id"] == delivery_id
+    assert row["event_type"] == event_type
+    assert row["detail"]["provider_message_id"] == event["sg_message_id"]
+    assert delivery(webhook_db, delivery_id)["provider_status"] == status
+    if bounce_type is not None:
+        assert delivery(webhook_db, delivery_id)["bounce_type"] == bounce_type
+
+
+def test_a_batch_is_applied_event_by_event_and_a_repeat_is_stored_once(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
+) -> None:
+    delivery_id = new_id("sg")
+    seed_delivery(webhook_db, delivery_id)
+    events = events_for(delivery_id, ("processed", None), ("delivered", None), ("open", None))
+
+    first = send(webhook, provider_keys.sendgrid, events)
+    again = send(webhook, provider_keys.sendgrid, events)
+
+    assert first.status == again.status == 200
+    assert first.body["applied"] == 2  # `processed` is not an outcome: not stored
+    assert again.body["duplicate"] == 2 and again.body["applied"] == 0
+    assert len(provider_events(webhook_db, "sendgrid", delivery_id=delivery_id)) == 2
+    assert delivery(webhook_db, delivery_id)["provider_status"] == "opened"
+
+
+def test_matched_by_message_id_without_the_unique_argument(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
+) -> None:
+    delivery_id = new_id("sg")
+    seed_delivery(webhook_db, delivery_id, message_id=f"<{delivery_id}@mail.example.com>")
+    [event] = events_for(delivery_id, ("delivered", None))
+    del event["delivery_id"]
+    event["smtp-id"] = f"<{delivery_id}@mail.example.com>"
+
+    assert send(webhook, provider_keys.sendgrid, [event]).status == 200
+
+    assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
+
+
+def test_one_malformed_event_in_a_batch_loses_none_of_the_others(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
+) -> None:
+    delivery_id = new_id("sg")
+    seed_delivery(webhook_db, delivery_id)
+    good = events_for(delivery_id, ("delivered", None), ("click", None))
+    broken = {**good[0], "sg_event_id": new_id("sg"), "timestamp": "yesterday"}
+
+    response = send(webhook, provider_keys.sendgrid, [good[0], broken, good[1]])
+
+    assert response.status == 200, response.body
+    assert response.body["applied"] == 2 and response.body["rejected"] == 1
+    stored = provider_events(webhook_db, "sendgrid", delivery_id=delivery_id)
+    assert {row["provider_event_id"] for row in stored} == {e["sg_event_id"] for e in good}
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b'{"event": "delivered"}', b"[1, 2]"], ids=["text", "object", "numbers"]
+)
+def test_an_authentic_malformed_body_is_400_and_stores_nothing(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, body: bytes
+) -> None:
+    before = count_provider_events(webhook_db)
+
+    response = post(webhook, "sendgrid", body, provider_keys.sendgrid.headers(body))
+
+    assert response.status == 400
+    assert count_provider_events(webhook_db) == before
+
+
+def refusals(keys: ProviderKeys, body: bytes) -> dict[str, tuple[dict[str, str], int]]:
+    good = keys.sendgrid.headers(body)
+    signature = "X-Twilio-Email-Event-Webhook-Signature"
+    return {
+        "missing signature": ({k: v for k, v in good.items() if k != signature}, 401),
+        "no headers": ({}, 401),
+        "another body's signature": (
+            {**good, signature: keys.sendgrid.headers(body + b" ")[signature]},
+            403,
+        ),
+        "another key": (SendGridKeys().headers(body), 403),
+        "stale timestamp": (keys.sendgrid.headers(body, now_unix() - 301), 403),
+        "future timestamp": (keys.sendgrid.headers(body, now_unix() + 301), 403),
+        "signature not base64": ({**good, signature: "!!!"}, 403),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing signature",
+        "no headers",
+        "another body's signature",
+        "another key",
+        "stale timestamp",
+        "future timestamp",
+        "signature not base64",
+    ],
+)
+def test_an_unproven_request_is_refused_and_stores_nothing(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, case: str
+) -> None:
+    delivery_id = new_id("sg")
+    seed_delivery(webhook_db, delivery_id)
+    body = json.dumps(events_for(delivery_id, ("delivered", None))).encode()
+    headers, status = refusals(provider_keys, body)[case]
+    before = count_provider_events(webhook_db)
+
+    response = post(webhook, "sendgrid", body, headers)
+
+    assert response.status == status
+    assert count_provider_events(webhook_db) == before
+    assert delivery(webhook_db, delivery_id)["provider_status"] is None

@@ -1,0 +1,140 @@
+"""What the provider adapters share: freshness, ids, timestamps, and what `detail` may keep.
+
+No crypto here (each adapter imports its own), so this module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.providers.model import Malformed, Refused
+from worker.redact import sanitise
+
+# Signed timestamps further than this from now (either way) are refused: a captured request
+# cannot be replayed later (contract section 6).
+TOLERANCE_SECONDS = 300
+# What `detail` keeps of a provider's diagnostic text: enough for support, never a body.
+MAX_DIAGNOSTIC = 200
+
+Setting = Callable[[str], str | None]
+Clock = Callable[[], float]
+
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
+_MESSAGE_ID = re.compile(r"<?([^<>\s]{1,500})>?")
+
+
+def check_fresh(timestamp: str, clock: Clock = time.time) -> None:
+    """Refuse a signed timestamp (Unix seconds) that is stale, far in the future or not one."""
+    try:
+        seconds = float(timestamp)
+    except ValueError:
+        raise Refused(403, "signature timestamp is not a number") from None
+    if not abs(clock() - seconds) <= TOLERANCE_SECONDS:  # also refuses NaN
+        raise Refused(403, "signature timestamp is outside the 5 minute window")
+
+
+def json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Malformed("body", "is not JSON") from None
+
+
+def require_mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise Malformed(field, "must be an object")
+    return value
+
+
+def require_str(mapping: Mapping[str, Any], key: str, field: str | None = None) -> str:
+    value = mapping.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise Malformed(field or key, "must be a non-empty string")
+    return value.strip()
+
+
+def optional_str(mapping: Mapping[str, Any], key: str) -> str | None:
+    value = mapping.get(key)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def unix_time(value: Any, field: str) -> datetime:
+    """Seconds since the epoch (int, float or their text) as an aware UTC datetime."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise Malformed(field, "must be Unix seconds")
+    try:
+        return datetime.fromtimestamp(float(value), tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise Malformed(field, "must be Unix seconds") from None
+
+
+def iso_time(value: Any, field: str) -> datetime:
+    """ISO 8601 with an offset or `Z` (Postmark sends 7 fractional digits; 3.11 reads them)."""
+    if not isinstance(value, str):
+        raise Malformed(field, "must be an ISO 8601 time")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise Malformed(field, "must be an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)  # providers document UTC when no offset is given
+    return parsed
+
+
+def delivery_id(value: Any) -> str | None:
+    """A delivery id the worker attached, if it still looks like one (contract section 1)."""
+    if isinstance(value, str) and _DELIVERY_ID.fullmatch(value):
+        return value
+    return None
+
+
+def message_id(value: Any) -> str | None:
+    """A Message-ID as the worker wrote it, `<local@domain>`, with or without the brackets."""
+    if not isinstance(value, str):
+        return None
+    match = _MESSAGE_ID.fullmatch(value.strip())
+    return f"<{match.group(1)}>" if match else None
+
+
+def digest_id(*parts: Any) -> str:
+    """A stable event id for providers that give none (Postmark's deliveries, opens, clicks):
+    the same report sent twice gets the same id, so it is stored once."""
+    text = json.dumps([str(part) for part in parts], separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def diagnostic(value: Any) -> str | None:
+    """A provider's diagnostic text, one short line, links and addresses masked."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        value = "; ".join(str(item) for item in value)
+    text = sanitise(str(value), MAX_DIAGNOSTIC)
+    return text or None
+
+
+def user_agent_class(user_agent: Any) -> str | None:
+    """What kind of client opened or clicked: a class, never the user-agent string itself."""
+    if not isinstance(user_agent, str) or not user_agent:
+        return None
+    lowered = user_agent.lower()
+    if "googleimageproxy" in lowered or "yahoomailproxy" in lowered or "proxy" in lowered:
+        return "proxy"
+    if any(word in lowered for word in ("iphone", "ipad", "android", "mobile")):
+        return "mobile"
+    if any(word in lowered for word in ("bot", "crawler", "spider", "scanner")):
+        return "bot"
+    return "desktop"
+
+
+def compact(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """`detail` without empty values."""
+    return {key: value for key, value in detail.items() if value not in (None, "", [], {})}

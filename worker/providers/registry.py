@@ -1,0 +1,48 @@
+"""Which providers this instance serves: one adapter per provider whose settings are present.
+
+Each adapter module has `from_env(setting) -> Adapter | None`: None when its settings are
+absent (the route answers 404), `SettingsError` when one is malformed (the instance stops
+with one line). `setting(NAME)` is `NAME` itself or the Secret Manager version named by
+`NAME_SECRET` (contract sections 4 and 6). Modules are imported here, on the webhook path
+only, so the delivery function never loads their crypto.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from worker.providers.common import Setting
+from worker.providers.model import Adapter
+from worker.settings import secret_or_env
+
+# The last path segment -> the module that serves it.
+MODULES: Mapping[str, str] = {
+    "sendgrid": "worker.providers.sendgrid",
+    "mailgun": "worker.providers.mailgun",
+    "postmark": "worker.providers.postmark",
+    "resend": "worker.providers.resend",
+    "ses": "worker.providers.ses",
+}
+
+
+def setting_reader(env: Mapping[str, str] = os.environ) -> Setting:
+    """`setting(NAME)`: `NAME`, or the secret `NAME_SECRET` names (read once, cached);
+    raises `SettingsError` when both are set or the secret cannot be read."""
+
+    def setting(name: str) -> str | None:
+        return secret_or_env(env, name)
+
+    return setting
+
+
+def build_adapters(setting: Setting, modules: Mapping[str, str] = MODULES) -> dict[str, Adapter]:
+    adapters: dict[str, Adapter] = {}
+    for provider, module_name in modules.items():
+        module: Any = importlib.import_module(module_name)
+        adapter = module.from_env(setting)
+        if adapter is not None:
+            adapters[provider] = adapter
+    return adapters
