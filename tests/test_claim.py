@@ -397,23 +397,25 @@ def test_migrations_004_and_005_go_down_and_up_again(empty_database_url: str) ->
     def quiet(_line: str) -> None:
         pass
 
-    migrate_up(url, [m for m in discover() if m.version <= 3], report=quiet)
+    # Up to 005 only: the test is about these two, whatever later migrations add.
+    through_005 = [m for m in discover() if m.version <= 5]
+    migrate_up(url, [m for m in through_005 if m.version <= 3], report=quiet)
     assert objects() == (0, 0)
-    migrate_up(url, report=quiet)
+    migrate_up(url, through_005, report=quiet)
     assert objects() == (1, 1)
     with psycopg.connect(url, autocommit=True) as conn:
         suppress(conn, "ada@example.com")
         with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
             skipped = claim(Ledger(pool))
         assert isinstance(skipped, Skipped)
-    assert [m.version for m in migrate_down(url, report=quiet)] == [5]
+    assert [m.version for m in migrate_down(url, migrations=through_005, report=quiet)] == [5]
     assert objects() == (0, 1)
-    assert [m.version for m in migrate_down(url, report=quiet)] == [4]
+    assert [m.version for m in migrate_down(url, migrations=through_005, report=quiet)] == [4]
     assert objects() == (0, 0)
     with psycopg.connect(url) as conn:
         row = conn.execute(
             "SELECT status FROM email.deliveries WHERE delivery_id = %s", (skipped.delivery_id,)
         ).fetchone()
     assert row == ("skipped",)  # kept, and still final
-    assert [m.version for m in migrate_up(url, report=quiet)] == [4, 5]
+    assert [m.version for m in migrate_up(url, through_005, report=quiet)] == [4, 5]
     assert objects() == (1, 1)
