@@ -10,7 +10,10 @@ Each level is compared with
     waits 50 ms (bench/noop_function.py `wait`): what this machine can do at all, with the
     client, the servers and PostgreSQL sharing its cores. Function and no-op run in
     alternating chunks, so a noisy neighbour slows both alike.
-Every delivery must end `sent` with exactly one email at the relay.
+Every delivery must end `sent` with exactly one email at the relay. Next to the CPU each
+process used, the time its threads spent runnable without a core (and the function's
+PostgreSQL backends'): on a shared machine that queueing, paid at every wake-up, is most of
+the gap between the function and the no-op.
 """
 
 from __future__ import annotations
@@ -46,7 +49,13 @@ def production_env(concurrency: int) -> dict[str, str]:
 
 
 def _level(
-    stack: Stack, url: str, relay_port: int, level: int, count: int, log_dir: Path
+    stack: Stack,
+    database: str,
+    url: str,
+    relay_port: int,
+    level: int,
+    count: int,
+    log_dir: Path,
 ) -> dict[str, Any]:
     env = {**worker_env(database_url=url, smtp_port=relay_port), **production_env(level)}
     function = FunctionServer(env, log_path=log_dir / f"concurrency-c{level}.log")
@@ -66,15 +75,24 @@ def _level(
         drive(noop.port, [push_request(b, f"w{k}") for k, b in enumerate(warm)], level)
         worker, floor = LoadResult(requests=0, seconds=0.0), LoadResult(requests=0, seconds=0.0)
         worker_cpu = noop_cpu = 0.0
+        # Time spent runnable but without a core: on a shared 2-core machine, every wake-up
+        # (a reply from PostgreSQL or the relay, the next request) can queue behind others.
+        worker_wait = noop_wait = postgres_wait = 0.0
         assert function.process is not None and noop.process is not None
         chunk = max(4 * level, 40)
         for start in range(0, count, chunk):
             before = cpu.group_seconds(function.process.pid)
+            waited = cpu.group_run_delay(function.process.pid)
+            postgres_waited = cpu.backends_run_delay(database)
             worker.merge(drive(function.port, requests[start : start + chunk], level))
             worker_cpu += cpu.group_seconds(function.process.pid) - before
+            worker_wait += cpu.group_run_delay(function.process.pid) - waited
+            postgres_wait += cpu.backends_run_delay(database) - postgres_waited
             before = cpu.group_seconds(noop.process.pid)
+            waited = cpu.group_run_delay(noop.process.pid)
             floor.merge(drive(noop.port, floor_requests[start : start + chunk], level))
             noop_cpu += cpu.group_seconds(noop.process.pid) - before
+            noop_wait += cpu.group_run_delay(noop.process.pid) - waited
     finally:
         function.stop()
         noop.stop()
@@ -90,6 +108,10 @@ def _level(
         # CPU the instance itself used per request: what a dedicated vCPU would have to give.
         "cpu_ms_per_delivery": worker_cpu * 1000 / count,
         "noop_cpu_ms_per_request": noop_cpu * 1000 / count,
+        # Summed over the process's threads (and PostgreSQL's backends for the function).
+        "run_queue_ms_per_delivery": worker_wait * 1000 / count,
+        "postgres_run_queue_ms_per_delivery": postgres_wait * 1000 / count,
+        "noop_run_queue_ms_per_request": noop_wait * 1000 / count,
         "statuses": dict(worker.statuses),
         "ledger": count_status(url, prefix + "-0"),
         "payload_ids": [body["delivery_id"] for body in payloads],
@@ -109,7 +131,7 @@ def run(stack: Stack, *, levels: Sequence[int], seconds: float, log_dir: Path) -
             # About `seconds` of load at the ideal rate, at least 40 events.
             count = max(40, round(seconds * level / (RELAY_MS / 1000)))
             relay.reset()
-            result = _level(stack, url, relay.port, level, count, log_dir)
+            result = _level(stack, name, url, relay.port, level, count, log_dir)
             ids = relay.wait_for_messages(count + 2 * level)
             expected = {message_id_for(d, MESSAGE_ID_DOMAIN) for d in result.pop("payload_ids")}
             result["emails"] = sum(ids[m] for m in expected)
@@ -125,6 +147,9 @@ def run(stack: Stack, *, levels: Sequence[int], seconds: float, log_dir: Path) -
                 + f"); p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms;"
                 f" CPU {result['cpu_ms_per_delivery']:.1f} ms/delivery"
                 f" (no-op {result['noop_cpu_ms_per_request']:.1f});"
+                f" waiting for a core {result['run_queue_ms_per_delivery']:.1f} ms/delivery"
+                f" + PostgreSQL {result['postgres_run_queue_ms_per_delivery']:.1f}"
+                f" (no-op {result['noop_run_queue_ms_per_request']:.1f});"
                 f" {result['emails']}/{count} emails, {result['duplicates']} duplicates"
             )
             section.add(f"concurrency {level}", result["per_s"], "deliveries/s", note)

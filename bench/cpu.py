@@ -63,3 +63,47 @@ def group_seconds(pgid: int) -> float:
         if int(fields[2]) == pgid:
             used += (int(fields[11]) + int(fields[12])) / TICK
     return used
+
+
+def _run_delay_ns(pid: str) -> int:
+    """Nanoseconds the threads of one process spent runnable but waiting for a core
+    (/proc/PID/task/TID/schedstat, second field): the scheduler's queueing, not I/O."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(task.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def group_run_delay(pgid: int) -> float:
+    """Seconds the live processes of one process group have waited for a core so far."""
+    waited = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            waited += _run_delay_ns(entry.name)
+    return waited / 1e9
+
+
+def backends_run_delay(database: str) -> float:
+    """Seconds the live PostgreSQL backends connected to `database` have waited for a core
+    so far (their titles read `postgres: USER DATABASE HOST ...`); other servers on the
+    machine, and this server's other databases, are left out."""
+    waited = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("postgres:") and f" {database} " in cmdline:
+            waited += _run_delay_ns(entry.name)
+    return waited / 1e9
