@@ -50,6 +50,16 @@ def make_message(settings: SmtpSettings, delivery_id: str = "inv_2f6c9d1e") -> O
     )
 
 
+@pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])
+def smtp_server(
+    request: pytest.FixtureRequest, make_smtp_server: Callable[..., SmtpTestServer]
+) -> SmtpTestServer:
+    """A plain SMTP server without AUTH, once without and once with PIPELINING (RFC 2920):
+    every test that uses it checks both ways of sending a transaction."""
+    server: SmtpTestServer = make_smtp_server(pipelining=request.param)
+    return server
+
+
 @pytest.fixture
 def sender(smtp_server: SmtpTestServer) -> Iterator[SmtpSender]:
     sender = SmtpSender(smtp_server.settings(timeout_seconds=2.0))
@@ -256,7 +266,7 @@ def test_untrusted_certificate_is_tls_error(make_smtp_server: MakeServer) -> Non
 # --- classification against the server -------------------------------------------------
 
 
-@pytest.mark.parametrize("at", ["rcpt", "data"])
+@pytest.mark.parametrize("at", ["mail", "rcpt", "data"])
 @pytest.mark.parametrize(
     ("code", "transient"), [(421, True), (451, True), (550, False), (554, False)]
 )

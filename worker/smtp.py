@@ -10,6 +10,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import re
 import smtplib
 import ssl
 import threading
@@ -268,6 +269,9 @@ def classify(exc: BaseException) -> SmtpError:
 # --- connections -----------------------------------------------------------------------
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
 class _Connection(smtplib.SMTP):
     """Notes whether the server accepted MAIL FROM in the current transaction: until it
     has, nothing of this message was delivered and resending it cannot duplicate it."""
@@ -285,6 +289,45 @@ class _Connection(smtplib.SMTP):
         code, text = super().data(msg)
         self.data_reply = text
         return code, text
+
+    def send_bytes(self, sender: str, recipients: Sequence[str], data: bytes) -> None:
+        """One transaction, raising smtplib's exceptions like `sendmail`. Where the relay
+        offers PIPELINING (RFC 2920; Postfix, SES, SendGrid, Gmail do) MAIL, RCPT and DATA go
+        in one write and their replies are read in order: one round trip instead of three,
+        and on a busy instance every round trip is a wake-up that queues for a core."""
+        self.ehlo_or_helo_if_needed()
+        if not (self.does_esmtp and self.has_extn("pipelining")):
+            self.sendmail(sender, list(recipients), data)
+            return
+        options = f" SIZE={len(data)}" if self.has_extn("size") else ""
+        commands = [f"MAIL FROM:{smtplib.quoteaddr(sender)}{options}"]
+        commands += [f"RCPT TO:{smtplib.quoteaddr(address)}" for address in recipients]
+        commands.append("DATA")
+        self.send("".join(command + "\r\n" for command in commands))
+        # Any error below leaves replies unread: the caller closes the connection, and the
+        # relay drops a transaction whose DATA never ended.
+        code, text = self.getreply()
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, text, sender)
+        self.mail_accepted = True
+        refused = {}
+        for address in recipients:
+            code, text = self.getreply()
+            if code not in (250, 251):
+                refused[address] = (code, text)
+        code, text = self.getreply()
+        if len(refused) == len(recipients):
+            raise smtplib.SMTPRecipientsRefused(refused)
+        if code != 354:
+            raise smtplib.SMTPDataError(code, text)
+        body = _LEADING_DOT.sub(b"..", data)  # dot-stuffing, as smtplib.SMTP.data does
+        if body[-2:] != b"\r\n":
+            body += b"\r\n"
+        self.send(body + b".\r\n")
+        code, text = self.getreply()
+        self.data_reply = text
+        if code != 250:
+            raise smtplib.SMTPDataError(code, text)
 
 
 class _SslConnection(_Connection, smtplib.SMTP_SSL):
@@ -373,7 +416,7 @@ class SmtpSender:
         connection.mail_accepted = False
         connection.data_reply = b""
         try:
-            connection.sendmail(message.sender, list(message.recipients), message.data)
+            connection.send_bytes(message.sender, message.recipients, message.data)
         except (smtplib.SMTPException, OSError) as exc:
             _close_quietly(connection)  # its state is unknown after an error
             if reused and _is_stale(connection, exc):

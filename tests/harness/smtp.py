@@ -39,7 +39,7 @@ from worker.settings import SmtpSettings
 
 HOST = "127.0.0.1"
 Tls = Literal["none", "starttls", "ssl"]
-Stage = Literal["rcpt", "data"]
+Stage = Literal["mail", "rcpt", "data"]
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,26 @@ class _Handler:
     def __init__(self, owner: SmtpTestServer) -> None:
         self._owner = owner
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does when no hook is given
+        if self._owner.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         self._owner._count_transaction()
+        reply = self._owner._mail_reply()
+        if reply is not None:
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -225,8 +241,12 @@ class SmtpTestServer:
         username: str | None = None,
         password: str | None = None,
         port: int | None = None,
+        pipelining: bool = False,
     ) -> None:
         self.host = HOST
+        # Advertise PIPELINING (RFC 2920), as production relays do; aiosmtpd serves
+        # pipelined commands either way but does not offer the extension itself.
+        self.pipelining = pipelining
         self.port = port or _free_port()
         self.tls: Tls = tls
         self.username = username
@@ -386,6 +406,13 @@ class SmtpTestServer:
     def _count_transaction(self) -> None:
         with self._lock:
             self._transactions += 1
+
+    def _mail_reply(self) -> str | None:
+        with self._lock:
+            cues = self._cues
+            if cues.failures and cues.failures[0][0] == "mail":
+                return cues.failures.popleft()[1]
+            return None
 
     def _rcpt_reply(self, address: str) -> str | None:
         with self._lock:
