@@ -66,7 +66,7 @@ def delivery_report(ledger: Ledger, delivery_id: str) -> DeliveryReport | None:
 
 
 def history(ledger: Ledger, recipient: str, *, limit: int) -> list[Delivery]:
-    """The recipient's deliveries, most recently changed first."""
+    """The recipient's deliveries (any letter case), most recently changed first."""
     return ledger.for_recipient(recipient, limit=limit)
 
 
