@@ -120,6 +120,29 @@ class WorkflowStats:
     def complaint_rate(self) -> float | None:
         return self._of_sent(self.complained)
 
+    def as_json(self) -> dict[str, Any]:
+        """The stable JSON shape of one row: `stats --json` and the console's `/api/stats`."""
+        return {
+            "workflow": self.workflow,
+            "is_total": self.is_total,
+            "total": self.total,
+            "counts": {status.value: count for status, count in self.counts.items()},
+            "skipped_by_code": {code.value: n for code, n in self.skipped_by_code.items()},
+            "finished": self.finished,
+            "success_rate": self.success_rate,
+            "provider": {
+                "delivered": self.delivered,
+                "bounced": self.bounced,
+                "complained": self.complained,
+            },
+            "delivered_rate": self.delivered_rate,
+            "bounce_rate": self.bounce_rate,
+            "complaint_rate": self.complaint_rate,
+            "mean_attempts": self.mean_attempts,
+            "p50_seconds": self.p50_seconds,
+            "p95_seconds": self.p95_seconds,
+        }
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> WorkflowStats:
         return cls(
