@@ -382,3 +382,41 @@ load_console_config() {
   CONSOLE_SA_EMAIL="$CONSOLE_SA@$PROJECT_ID.iam.gserviceaccount.com"
   CONSOLE_DATABASE_URL_SECRET="projects/$PROJECT_ID/secrets/$CONSOLE_DATABASE_URL_SECRET_ID/versions/latest"
 }
+
+# The secrets a function reads, in the deployed shape (SECRETS_VIA). Takes the arrays
+# `secret_vars` (environment names) and `secret_ids` (Secret Manager ids), same order, and
+# fills `secret_flags`, adding to `env_vars` on the worker path:
+#   env     one --set-secrets NAME=ID:latest,... (it replaces every secret the function had, so
+#           a dropped one goes away too);
+#   worker  NAME_SECRET=projects/P/secrets/ID/versions/latest in the environment, and
+#           --clear-secrets (a secret left mounted by an earlier deploy would set NAME beside
+#           NAME_SECRET, which the functions refuse).
+mount_secrets() {
+  secret_flags=()
+  local i mounted=()
+  if [[ $SECRETS_VIA == env ]]; then
+    for i in "${!secret_ids[@]}"; do
+      mounted+=("${secret_vars[$i]}=${secret_ids[$i]}:latest")
+    done
+    secret_flags+=("--set-secrets=$(IFS=,; printf '%s' "${mounted[*]}")")
+  else
+    for i in "${!secret_ids[@]}"; do
+      env_vars+=("${secret_vars[$i]}_SECRET=projects/$PROJECT_ID/secrets/${secret_ids[$i]}/versions/latest")
+    done
+    secret_flags+=(--clear-secrets)
+  fi
+}
+
+# Every instance reads `latest` when it starts: without an enabled version it would stop
+# there (--set-secrets) or at its first read (SECRETS_VIA=worker), so stop the deploy instead.
+preflight_secrets() {
+  local secret state
+  note "preflight: the secrets the function reads have an enabled latest version"
+  for secret in "$@"; do
+    state=$(capture ENABLED gcloud secrets versions describe latest --secret="$secret" \
+      "${project[@]}" --format='value(state)') || state=MISSING
+    if [[ $state != ENABLED ]]; then
+      die_config "secret $secret has no enabled latest version ($state): add one with deploy/set-secret.sh $secret"
+    fi
+  done
+}

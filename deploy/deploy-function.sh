@@ -62,22 +62,7 @@ if [[ -n $SMTP_USERNAME ]]; then
   secret_ids+=("$SMTP_PASSWORD_SECRET_ID")
   secret_vars+=(SMTP_PASSWORD)
 fi
-secret_flags=()
-if [[ $SECRETS_VIA == env ]]; then
-  mounted=()
-  for i in "${!secret_ids[@]}"; do
-    mounted+=("${secret_vars[$i]}=${secret_ids[$i]}:latest")
-  done
-  # --set-secrets replaces every secret the function had, so a dropped one goes away too.
-  secret_flags+=("--set-secrets=$(IFS=,; printf '%s' "${mounted[*]}")")
-else
-  for i in "${!secret_ids[@]}"; do
-    env_vars+=("${secret_vars[$i]}_SECRET=projects/$PROJECT_ID/secrets/${secret_ids[$i]}/versions/latest")
-  done
-  # A secret left mounted by an earlier deploy would set DATABASE_URL beside
-  # DATABASE_URL_SECRET, which the worker refuses.
-  secret_flags+=(--clear-secrets)
-fi
+mount_secrets
 
 optional_flags=()
 if [[ -n $VPC_CONNECTOR ]]; then
@@ -106,16 +91,7 @@ if [[ ${env_vars[*]} == *,* ]]; then
   joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
 fi
 
-# Each instance reads versions/latest of each secret when it starts: without one the deploy
-# (--set-secrets) or every instance (SECRETS_VIA=worker) would fail, so stop here instead.
-note "preflight: the secrets the function reads have an enabled latest version"
-for secret in "${secret_ids[@]}"; do
-  state=$(capture ENABLED gcloud secrets versions describe latest --secret="$secret" \
-    "${project[@]}" --format='value(state)') || state=MISSING
-  if [[ $state != ENABLED ]]; then
-    die_config "secret $secret has no enabled latest version ($state): add one with deploy/set-secret.sh $secret"
-  fi
-done
+preflight_secrets "${secret_ids[@]}"
 
 note "function $FUNCTION_NAME from $SOURCE_DIR"
 run gcloud functions deploy "$FUNCTION_NAME" \

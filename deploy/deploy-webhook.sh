@@ -51,7 +51,6 @@ SOURCE_DIR=$(cd "$SOURCE_DIR" && pwd)
 
 project=(--project="$PROJECT_ID")
 webhook_sa_email="$WEBHOOK_SA@$PROJECT_ID.iam.gserviceaccount.com"
-secret_name() { printf 'projects/%s/secrets/%s/versions/latest' "$PROJECT_ID" "$1"; }
 
 # Each provider: the setting the function reads, and the secret that holds it.
 env_vars=(
@@ -95,19 +94,7 @@ for provider in "${requested[@]}"; do
 done
 ((${#providers[@]})) || die_config "WEBHOOK_PROVIDERS names no provider"
 
-secret_flags=()
-if [[ $SECRETS_VIA == env ]]; then
-  mounted=()
-  for i in "${!secret_ids[@]}"; do
-    mounted+=("${secret_vars[$i]}=${secret_ids[$i]}:latest")
-  done
-  secret_flags+=("--set-secrets=$(IFS=,; printf '%s' "${mounted[*]}")")
-else
-  for i in "${!secret_ids[@]}"; do
-    env_vars+=("${secret_vars[$i]}_SECRET=$(secret_name "${secret_ids[$i]}")")
-  done
-  secret_flags+=(--clear-secrets)  # NAME beside NAME_SECRET would stop the instance
-fi
+mount_secrets
 
 # gcloud splits --set-env-vars on commas; SNS_TOPIC_ARNS holds them, so switch delimiter
 # with gcloud's ^DELIM^ syntax when needed.
@@ -143,15 +130,7 @@ for secret in "$DATABASE_URL_SECRET_ID" ${secrets[@]+"${secrets[@]}"}; do
     "${project[@]}"
 done
 
-# Without a value the function would stop at start ("..._SECRET: not found"): stop here.
-note "preflight: each secret the function reads has an enabled latest version"
-for secret in "$DATABASE_URL_SECRET_ID" ${secrets[@]+"${secrets[@]}"}; do
-  state=$(capture ENABLED gcloud secrets versions describe latest --secret="$secret" \
-    "${project[@]}" --format='value(state)') || state=MISSING
-  if [[ $state != ENABLED ]]; then
-    die_config "secret $secret has no enabled latest version ($state): add one with deploy/set-secret.sh $secret"
-  fi
-done
+preflight_secrets "${secret_ids[@]}"
 
 note "function $WEBHOOK_FUNCTION_NAME from $SOURCE_DIR (providers: ${providers[*]})"
 run gcloud functions deploy "$WEBHOOK_FUNCTION_NAME" \

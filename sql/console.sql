@@ -31,8 +31,10 @@ ORDER BY occurred_at, id;
 -- Newest first, keyset-paginated on (created_at, delivery_id): a page never repeats or skips
 -- a row, however many rows change status meanwhile. Each filter is off when its value is
 -- NULL (the pool does not prepare statements, so each search is planned with its values).
--- Recipients compare case-insensitively, as support types them: that reads past the
--- (recipient, updated_at) index, so a large ledger wants an index on lower(recipient).
+-- Recipients compare case-insensitively, as support types them. Migration 007's indexes serve
+-- both orders: (lower(recipient), created_at, delivery_id) for a recipient, (created_at,
+-- delivery_id) without one, each scanned backwards with the cursor as its bound; the ORDER BY
+-- and the cursor's row comparison must keep naming exactly those columns.
 SELECT delivery_id, workflow, recipient, locale, status::text AS status, status_reason,
        attempts, replays, last_error_code, last_error_message, last_attempted_at, queued_at,
        sent_at, lease_expires_at, provider_message_id, relay_message_id, source_message_id,

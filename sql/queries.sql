@@ -100,8 +100,10 @@ SELECT * FROM email.deliveries WHERE delivery_id = %(delivery_id)s;
 SELECT * FROM email.delivery_events WHERE delivery_id = %(delivery_id)s ORDER BY id;
 
 -- name: deliveries_for_recipient
+-- Addresses compare case-insensitively (contract section 7), through migration 007's
+-- (lower(recipient), created_at, delivery_id) index; one recipient's rows are then sorted.
 SELECT * FROM email.deliveries
-WHERE recipient = %(recipient)s
+WHERE lower(recipient) = lower(%(recipient)s::text)
 ORDER BY updated_at DESC
 LIMIT %(limit)s;
 

@@ -201,6 +201,21 @@ def test_history_newest_first(ledger: Ledger, capsys: pytest.CaptureFixture[str]
     }
 
 
+def test_history_ignores_the_letter_case(
+    ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Addresses compare case-insensitively, as the suppression list does (contract section 7)."""
+    spelled = [
+        replayed_delivery(ledger, recipient=r) for r in ("Ada@Example.com", "ADA@example.com")
+    ]
+    replayed_delivery(ledger, recipient="ada@example.org")
+
+    for asked in ("ada@example.com", "aDa@EXAMPLE.com"):
+        doc = json.loads(ok(capsys, "history", "--recipient", asked, "--json"))
+        assert [d["delivery_id"] for d in doc["deliveries"]] == list(reversed(spelled))
+        assert [d["recipient"] for d in doc["deliveries"]] == ["ADA@example.com", "Ada@Example.com"]
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 

@@ -196,7 +196,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             {
                 "since": since.text,
                 "since_seconds": since.delta.total_seconds(),
-                "workflows": [_stats_json(row) for row in rows],
+                "workflows": [row.as_json() for row in rows],
             }
         )
         return 0
@@ -732,29 +732,6 @@ def _stats_row(row: reports.WorkflowStats) -> list[Any]:
         _number(row.p50_seconds, "{:.1f}s"),
         _number(row.p95_seconds, "{:.1f}s"),
     ]
-
-
-def _stats_json(row: reports.WorkflowStats) -> dict[str, Any]:
-    return {
-        "workflow": row.workflow,
-        "is_total": row.is_total,
-        "total": row.total,
-        "counts": {status.value: count for status, count in row.counts.items()},
-        "skipped_by_code": {code.value: n for code, n in row.skipped_by_code.items()},
-        "finished": row.finished,
-        "success_rate": row.success_rate,
-        "provider": {
-            "delivered": row.delivered,
-            "bounced": row.bounced,
-            "complained": row.complained,
-        },
-        "delivered_rate": row.delivered_rate,
-        "bounce_rate": row.bounce_rate,
-        "complaint_rate": row.complaint_rate,
-        "mean_attempts": row.mean_attempts,
-        "p50_seconds": row.p50_seconds,
-        "p95_seconds": row.p95_seconds,
-    }
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -73,11 +74,20 @@ class _Request:
 _request: ContextVar[_Request | None] = ContextVar("email_worker_request", default=None)
 
 
+# One line, one write: `print` writes the text and its newline separately, so with several
+# request threads two JSON lines could share a line and Cloud Logging would parse neither.
+_write_lock = threading.Lock()
+
+
 class _StdoutLogger:
     """Writes each line to whatever `sys.stdout` is now (tests swap it), flushed at once."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stdout, flush=True)
+        line = message + "\n"
+        with _write_lock:
+            stream = sys.stdout
+            stream.write(line)
+            stream.flush()
 
     debug = info = warning = warn = error = critical = exception = log = msg
 

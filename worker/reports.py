@@ -66,7 +66,7 @@ def delivery_report(ledger: Ledger, delivery_id: str) -> DeliveryReport | None:
 
 
 def history(ledger: Ledger, recipient: str, *, limit: int) -> list[Delivery]:
-    """The recipient's deliveries, most recently changed first."""
+    """The recipient's deliveries (any letter case), most recently changed first."""
     return ledger.for_recipient(recipient, limit=limit)
 
 
@@ -119,6 +119,29 @@ class WorkflowStats:
     @property
     def complaint_rate(self) -> float | None:
         return self._of_sent(self.complained)
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable JSON shape of one row: `stats --json` and the console's `/api/stats`."""
+        return {
+            "workflow": self.workflow,
+            "is_total": self.is_total,
+            "total": self.total,
+            "counts": {status.value: count for status, count in self.counts.items()},
+            "skipped_by_code": {code.value: n for code, n in self.skipped_by_code.items()},
+            "finished": self.finished,
+            "success_rate": self.success_rate,
+            "provider": {
+                "delivered": self.delivered,
+                "bounced": self.bounced,
+                "complained": self.complained,
+            },
+            "delivered_rate": self.delivered_rate,
+            "bounce_rate": self.bounce_rate,
+            "complaint_rate": self.complaint_rate,
+            "mean_attempts": self.mean_attempts,
+            "p50_seconds": self.p50_seconds,
+            "p95_seconds": self.p95_seconds,
+        }
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> WorkflowStats:

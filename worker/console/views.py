@@ -19,7 +19,7 @@ from typing import Any
 from worker.console.store import DeliverySearch, Page, StatsResult, SuppressionSearch
 from worker.ledger import Status
 from worker.redact import mask_addresses, mask_email
-from worker.reports import WorkflowStats, parse_duration
+from worker.reports import parse_duration
 
 DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 DELIVERY_ID_RULE = "must be 1..200 characters from A-Z a-z 0-9 . _ : @ -"
@@ -284,35 +284,11 @@ def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, 
     return {
         "since": label,
         "since_seconds": window.total_seconds(),
-        "workflows": [workflow_stats_json(row) for row in result.workflows],
+        "workflows": [row.as_json() for row in result.workflows],
         "timeline": [
             {"start": _plain(start + step * index), **counts}
             for index, counts in enumerate(result.timeline)
         ],
-    }
-
-
-def workflow_stats_json(row: WorkflowStats) -> dict[str, Any]:
-    """What `python -m worker stats --json` prints per workflow, field for field."""
-    return {
-        "workflow": row.workflow,
-        "is_total": row.is_total,
-        "total": row.total,
-        "counts": {status.value: count for status, count in row.counts.items()},
-        "skipped_by_code": {code.value: n for code, n in row.skipped_by_code.items()},
-        "finished": row.finished,
-        "success_rate": row.success_rate,
-        "provider": {
-            "delivered": row.delivered,
-            "bounced": row.bounced,
-            "complained": row.complained,
-        },
-        "delivered_rate": row.delivered_rate,
-        "bounce_rate": row.bounce_rate,
-        "complaint_rate": row.complaint_rate,
-        "mean_attempts": row.mean_attempts,
-        "p50_seconds": row.p50_seconds,
-        "p95_seconds": row.p95_seconds,
     }
 
 
