@@ -420,3 +420,19 @@ preflight_secrets() {
     fi
   done
 }
+
+# `env_vars` as one --set-env-vars value in `joined`: gcloud splits on commas, so when a value
+# holds one (SNS_TOPIC_ARNS, EMAIL_FROM's display name) switch to gcloud's ^DELIM^ syntax.
+join_env_vars() {
+  local candidate delimiter=
+  joined=$(IFS=,; printf '%s' "${env_vars[*]}")
+  [[ ${env_vars[*]} == *,* ]] || return 0
+  for candidate in '|' ';' '#' '~' '!'; do
+    if [[ ${env_vars[*]} != *"$candidate"* ]]; then
+      delimiter=$candidate
+      break
+    fi
+  done
+  [[ -n $delimiter ]] || die_config "the settings hold every delimiter gcloud could split on (, | ; # ~ !)"
+  joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
+}

@@ -75,21 +75,7 @@ if [[ -n $BUILD_SERVICE_ACCOUNT ]]; then
   optional_flags+=("--build-service-account=$build_sa")
 fi
 
-# gcloud splits --set-env-vars on commas; when a value holds one (a display name in
-# EMAIL_FROM, say), switch to another delimiter with gcloud's ^DELIM^ syntax.
-joined=$(IFS=,; printf '%s' "${env_vars[*]}")
-delimiter=,
-if [[ ${env_vars[*]} == *,* ]]; then
-  delimiter=
-  for candidate in '|' ';' '#' '~' '!'; do
-    if [[ ${env_vars[*]} != *"$candidate"* ]]; then
-      delimiter=$candidate
-      break
-    fi
-  done
-  [[ -n $delimiter ]] || die_config "the settings hold every delimiter gcloud could split on (, | ; # ~ !)"
-  joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
-fi
+join_env_vars
 
 preflight_secrets "${secret_ids[@]}"
 

@@ -96,20 +96,7 @@ done
 
 mount_secrets
 
-# gcloud splits --set-env-vars on commas; SNS_TOPIC_ARNS holds them, so switch delimiter
-# with gcloud's ^DELIM^ syntax when needed.
-joined=$(IFS=,; printf '%s' "${env_vars[*]}")
-if [[ ${env_vars[*]} == *,* ]]; then
-  delimiter=
-  for candidate in '|' ';' '#' '~' '!'; do
-    if [[ ${env_vars[*]} != *"$candidate"* ]]; then
-      delimiter=$candidate
-      break
-    fi
-  done
-  [[ -n $delimiter ]] || die_config "the settings hold every delimiter gcloud could split on (, | ; # ~ !)"
-  joined="^$delimiter^$(IFS=$delimiter; printf '%s' "${env_vars[*]}")"
-fi
+join_env_vars
 
 note "the webhook's own service account: reads its secrets and the database URL, nothing else"
 ensure "service account $WEBHOOK_SA" \
