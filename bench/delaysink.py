@@ -8,7 +8,7 @@ milliseconds, so the scale-out benchmark uses this instead:
 Every accepted message's Message-ID is appended to `--ids` (one per line, flushed at once), so
 the benchmark counts duplicate emails by Message-ID. Speaks just enough ESMTP for smtplib:
 EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT; no AUTH, no TLS. It offers PIPELINING, as
-production relays do (RFC 2920): commands sent together are answered in order. Each
+production relays do (RFC 2920): commands sent together are answered in order, in one write. Each
 connection waits its own delay, so many connections are served at once, like a relay.
 """
 
@@ -24,6 +24,14 @@ _EHLO = (
     b"250-bench-delaysink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
     b"250 SIZE 33554432\r\n"
 )
+_REPLIES = {
+    b"EHLO": _EHLO,
+    b"HELO": b"250 bench-delaysink\r\n",
+    b"MAIL": b"250 2.1.0 Ok\r\n",
+    b"RCPT": b"250 2.1.5 Ok\r\n",
+    b"RSET": b"250 2.0.0 Ok\r\n",
+    b"NOOP": b"250 2.0.0 Ok\r\n",
+}
 
 
 def message_id(data: bytes) -> str:
@@ -54,39 +62,63 @@ class Sink:
                 await writer.wait_closed()
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 bench-delaysink ESMTP\r\n")
-        await writer.drain()
+        lines = _Lines(reader)
+        replies = bytearray(b"220 bench-delaysink ESMTP\r\n")
         while True:
-            line = await reader.readline()
+            # Replies to pipelined commands go out together, once every command that arrived
+            # with them is answered, as Postfix's smtpd does (RFC 2920 section 3.2): one
+            # segment, one wake-up for the client, instead of one per command.
+            if not lines.has_command():
+                writer.write(replies)
+                replies.clear()
+                await writer.drain()
+            line = await lines.line()
             if not line:
                 return
             verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(_EHLO)
-            elif verb == b"HELO":
-                writer.write(b"250 bench-delaysink\r\n")
-            elif verb == b"MAIL":
-                writer.write(b"250 2.1.0 Ok\r\n")
-            elif verb == b"RCPT":
-                writer.write(b"250 2.1.5 Ok\r\n")
-            elif verb == b"DATA":
-                writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            if verb == b"DATA":
+                writer.write(replies + b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                replies.clear()
                 await writer.drain()
-                data = await reader.readuntil(b"\r\n.\r\n")
+                data = await lines.until(b"\r\n.\r\n")
                 await asyncio.sleep(self.delay)
                 self.ids.write(message_id(data) + "\n")
                 self.ids.flush()
                 self.accepted += 1
-                writer.write(b"250 2.0.0 Ok: queued\r\n")
-            elif verb in (b"RSET", b"NOOP"):
-                writer.write(b"250 2.0.0 Ok\r\n")
+                replies += b"250 2.0.0 Ok: queued\r\n"
             elif verb == b"QUIT":
-                writer.write(b"221 2.0.0 Bye\r\n")
+                writer.write(replies + b"221 2.0.0 Bye\r\n")
                 await writer.drain()
                 return
             else:
-                writer.write(b"502 5.5.2 Error: command not recognized\r\n")
-            await writer.drain()
+                replies += _REPLIES.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
+
+
+class _Lines:
+    """What the client sent, read as it arrives: whole lines, or up to a marker."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buffer = bytearray()
+
+    def has_command(self) -> bool:
+        """A whole command line has arrived and is waiting for its answer."""
+        return b"\n" in self.buffer
+
+    async def line(self) -> bytes:
+        """The next line with its ending, or b"" when the client has gone."""
+        return await self.until(b"\n")
+
+    async def until(self, marker: bytes) -> bytes:
+        while (end := self.buffer.find(marker)) < 0:
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                return b""
+            self.buffer += chunk
+        end += len(marker)
+        taken = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return taken
 
 
 async def serve(port: int, delay: float, ids_path: str) -> None:

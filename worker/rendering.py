@@ -59,6 +59,9 @@ class RenderedEmail:
         return f"RenderedEmail({sizes} chars)"
 
 
+_MAX_REMEMBERED = 256
+
+
 class TemplateError(Exception):
     """A permanent rendering problem: missing template or variable, or a broken template."""
 
@@ -70,6 +73,9 @@ class Renderer:
     def __init__(self, root: Path = TEMPLATES_DIR) -> None:
         self.root = root
         self._env: jinja2.Environment | None = None
+        # (workflow, locale asked for) -> (locale used, templates): the fallback search and
+        # three template lookups once per pair instead of on every email; only what was found.
+        self._found: dict[tuple[str, str], tuple[str, list[jinja2.Template]]] = {}
 
     @property
     def env(self) -> jinja2.Environment:
@@ -100,6 +106,14 @@ class Renderer:
         return RenderedEmail(subject=_one_line(subject, where), text=text, html=html)
 
     def _templates(self, workflow: str, locale: str) -> tuple[str, list[jinja2.Template]]:
+        found = self._found.get((workflow, locale))
+        if found is None:
+            found = self._find(workflow, locale)
+            if len(self._found) < _MAX_REMEMBERED:  # events choose the locale: keep it bounded
+                self._found[(workflow, locale)] = found
+        return found
+
+    def _find(self, workflow: str, locale: str) -> tuple[str, list[jinja2.Template]]:
         for candidate in locale_candidates(locale):
             folder = f"{workflow}/{candidate}"
             try:
