@@ -33,6 +33,8 @@ from worker.tracking import Tracking
         (b"OK QUEUED AS abc.def@relay", "abc.def@relay"),
         (b"ok <a1b2c3>", "a1b2c3"),
         (b"OK", None),
+        (b"2.0.0 Ok: queued", None),  # smtp-sink, and relays that name no id
+        (b"Ok queued", None),
         (b"Great success", None),  # Mailgun: no id
         (b"2.0.0 OK  1700000000 a640c23a62f3a-ab1 - gsmtp", None),  # Gmail: not one id
         (b"", None),

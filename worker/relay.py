@@ -46,8 +46,10 @@ _SES_TAG_VALUE = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)
 _ID = r"<?([A-Za-z0-9][A-Za-z0-9._@:+=/-]{0,250})>?"
 _QUEUED_AS = re.compile(rf"\bqueued\s+as\s+{_ID}", re.IGNORECASE)
 # `Ok <id>` with nothing after the id (a reply such as Gmail's "OK 1700000000 x - gsmtp" is
-# not one id and is left alone).
-_OK_ID = re.compile(rf"^(?:[245]\.\d{{1,3}}\.\d{{1,3}}\s+)?ok\s*:?\s+{_ID}\s*$", re.IGNORECASE)
+# not one id and is left alone, nor is a bare "Ok: queued", which names none).
+_OK_ID = re.compile(
+    rf"^(?:[245]\.\d{{1,3}}\.\d{{1,3}}\s+)?ok\s*:?\s+(?!<?queued\b){_ID}\s*$", re.IGNORECASE
+)
 
 
 def tracking_headers(provider: SmtpProvider, delivery_id: str) -> list[tuple[str, str]]:
