@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.harness.smtp import SmtpTestServer, Stage
@@ -30,6 +30,7 @@ from worker.smtp import (
     message_id_for,
     send_with_retry,
 )
+from worker.smtp import _quoted as quoted_envelope_address
 
 # aiosmtpd itself warns when a login succeeds; nothing to fix on our side.
 pytestmark = pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")
@@ -233,6 +234,32 @@ def test_message_id_is_a_valid_injective_dot_atom(delivery_id: str) -> None:
     id_left = message_id.removeprefix("<").removesuffix("@example.com>")
     assert ATEXT_DOT_ATOM.fullmatch(id_left)
     assert _unescape(id_left) == delivery_id  # decodable, hence injective
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.emails().map(str),
+        st.text(alphabet=st.sampled_from('ab@.<>"() ,;:\\[]\t+-_'), max_size=20),
+        st.text(max_size=20),
+    )
+)
+@example("ann@example.com")
+@example("Ann <ann@example.com>")
+@example("a:b@c")
+@example("a;b@c")
+@example("a,b@c")
+@example("a[b@c")
+@example("a(b)@c")
+@example("a@b c")
+@example("a\tb@c")
+@example('"a b"@c')
+@example("a@b@c")
+@example("")
+def test_envelope_addresses_are_quoted_as_smtplib_quotes_them(address: str) -> None:
+    # MAIL FROM and RCPT TO skip smtplib's RFC 5322 parser for plain addresses: the short
+    # cut must give what the parser gives, for plain addresses and for anything else.
+    assert quoted_envelope_address(address) == smtplib.quoteaddr(address)
 
 
 # --- security and login ----------------------------------------------------------------
