@@ -11,7 +11,7 @@ interleaved, several repetitions each, medians reported:
           google.cloud.secretmanager and reads both versions (from a local gRPC Secret
           Manager here, so the RPCs cost a loopback round trip, not Google's);
   eager   the env variant with google.cloud.pubsub_v1, google.cloud.secretmanager, grpc,
-          psycopg_pool, jinja2, tenacity and structlog imported first, as a less careful
+          psycopg_pool, jinja2 and tenacity imported first, as a less careful
           worker would.
 One more env run under `-X importtime` names the imports that cost the most.
 """

@@ -34,7 +34,6 @@ EAGER = (
     "psycopg_pool",
     "jinja2",
     "tenacity",
-    "structlog",
 )
 
 

@@ -67,7 +67,6 @@ def describe(postgres_version: str) -> dict[str, Any]:
                 "psycopg",
                 "psycopg-pool",
                 "Jinja2",
-                "structlog",
                 "tenacity",
                 "google-cloud-pubsub",
             )

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.logging import get_logger
+from worker.logging import bind, bind_event, clear_event, get_logger
 
 THREADS = 8
 LINES_PER_THREAD = 300
@@ -67,3 +67,24 @@ def test_concurrent_log_lines_never_share_a_line(
     assert {line["delivery_id"] for line in parsed} == {
         f"d-{t}-{n}" for t in range(THREADS) for n in range(LINES_PER_THREAD)
     }
+
+
+def test_a_line_carries_the_bound_fields_and_the_call_wins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log = get_logger()
+    bind_event(delivery_id="d-1", workflow="password-reset")
+    bind(attempt=1)
+    try:
+        # A retry names its own attempt number; the claim's bound one must not replace it.
+        log.warning("transient SMTP failure, retrying", attempt=3)
+    finally:
+        clear_event()
+    log.info("after the event")
+    during, after = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert during["attempt"] == 3
+    assert (during["delivery_id"], during["workflow"]) == ("d-1", "password-reset")
+    assert during["severity"] == "WARNING"
+    assert during["message"] == "transient SMTP failure, retrying"
+    assert during["time"].endswith("Z")
+    assert "delivery_id" not in after and "attempt" not in after

@@ -1,4 +1,4 @@
-"""structlog, one JSON object per line on stdout, in Cloud Logging's structured format.
+"""One JSON object per line on stdout, in Cloud Logging's structured format.
 
 Cloud Logging reads `severity`, `message`, `logging.googleapis.com/trace` and
 `logging.googleapis.com/labels` from each line. `request_scope()` (main.py) adds the HTTP
@@ -7,6 +7,10 @@ Per-event fields (`delivery_id`, `workflow`, `attempt`, `message_id`) are bound 
 `bind_event()` and cleared by `clear_event()`. Redaction runs last, on every line: values
 under sensitive keys are dropped and addresses and URLs in any string are masked, so a
 careless `log.info(..., url=...)` cannot leak a reset link.
+
+The worker logs with four methods (`debug`, `info`, `warning`, `error`) and keyword fields,
+so this is a few dozen lines rather than a logging library: structlog's processor chain
+cost about as much CPU per line as rendering an email.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
-
-import structlog
 
 from worker.redact import mask_links_and_addresses
 from worker.settings import SettingsError, log_level
@@ -43,24 +47,15 @@ SENSITIVE_KEYS = frozenset(
         "database_url",
     }
 )
-_SEVERITY = {
-    "debug": "DEBUG",
-    "info": "INFO",
-    "warning": "WARNING",
-    "warn": "WARNING",
-    "error": "ERROR",
-    "exception": "ERROR",
-    "critical": "CRITICAL",
-}
 TRACE_KEY = "logging.googleapis.com/trace"
 LABELS_KEY = "logging.googleapis.com/labels"
 # Ids that only look like addresses (`<inv_2f6c9d1e@example.com>`): kept as they are, so a
 # log line can be matched to the email and the ledger row.
 VERBATIM_KEYS = frozenset({TRACE_KEY, "provider_message_id", "message_id", "delivery_id"})
 
-_configured = False
 
-
+# Per request thread (gunicorn serves CONCURRENCY requests at once in one process): what the
+# HTTP request adds, and the fields bound for the event being handled.
 @dataclass(frozen=True)
 class _Request:
     """What the HTTP request that carried an event adds to every line logged while it runs."""
@@ -69,32 +64,51 @@ class _Request:
     execution_id: str | None
 
 
-# Per request thread (gunicorn serves CONCURRENCY requests at once in one process); apart from
-# structlog's context so that `bind_event`/`clear_event` leave it alone.
 _request: ContextVar[_Request | None] = ContextVar("email_worker_request", default=None)
-
+_NOTHING_BOUND: Mapping[str, Any] = MappingProxyType({})
+_bound: ContextVar[Mapping[str, Any]] = ContextVar("email_worker_bound", default=_NOTHING_BOUND)
 
 # One line, one write: `print` writes the text and its newline separately, so with several
 # request threads two JSON lines could share a line and Cloud Logging would parse neither.
 _write_lock = threading.Lock()
 
 
-class _StdoutLogger:
-    """Writes each line to whatever `sys.stdout` is now (tests swap it), flushed at once."""
-
-    def msg(self, message: str) -> None:
-        line = message + "\n"
-        with _write_lock:
-            stream = sys.stdout
-            stream.write(line)
-            stream.flush()
-
-    debug = info = warning = warn = error = critical = exception = log = msg
+def _write(line: str) -> None:
+    """To whatever `sys.stdout` is now (tests swap it), flushed at once."""
+    with _write_lock:
+        stream = sys.stdout
+        stream.write(line)
+        stream.flush()
 
 
-def _severity(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event["severity"] = _SEVERITY.get(method, "DEFAULT")
-    return event
+class Logger:
+    """`log.info("delivery sent", attempts=1)`: the message, the bound fields, the request's."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def debug(self, message: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, "DEBUG", message, fields)
+
+    def info(self, message: str, **fields: Any) -> None:
+        self._emit(logging.INFO, "INFO", message, fields)
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, "WARNING", message, fields)
+
+    def error(self, message: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, "ERROR", message, fields)
+
+    def _emit(self, level: int, severity: str, message: str, fields: dict[str, Any]) -> None:
+        if level < self.level:
+            return
+        # What the call names wins over what is bound; then the request's trace and labels.
+        line = {**_bound.get(), **fields}
+        _add_request_fields(line)
+        line["severity"] = severity
+        line["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line["message"] = message
+        _write(json.dumps(_redact(line), default=str) + "\n")
 
 
 def _redact_value(value: Any) -> Any:
@@ -107,7 +121,7 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
-def _request_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _add_request_fields(line: dict[str, Any]) -> None:
     """The request's trace, unless the event carried its own, and its execution id.
 
     functions-framework's LOG_EXECUTION_ID adds the execution id too (and the span id), by
@@ -117,79 +131,55 @@ def _request_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     """
     request = _request.get()
     if request is None:
-        return event
-    if request.trace is not None and TRACE_KEY not in event:
-        event[TRACE_KEY] = request.trace
+        return
+    if request.trace is not None and TRACE_KEY not in line:
+        line[TRACE_KEY] = request.trace
     if request.execution_id is not None:
-        labels = event.get(LABELS_KEY)
-        event[LABELS_KEY] = {
+        labels = line.get(LABELS_KEY)
+        line[LABELS_KEY] = {
             **(labels if isinstance(labels, Mapping) else {}),
             "execution_id": request.execution_id,
         }
-    return event
 
 
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event):
+def _redact(line: dict[str, Any]) -> dict[str, Any]:
+    for key, value in line.items():
         if key.lower() in SENSITIVE_KEYS:
-            event[key] = "[redacted]"
+            line[key] = "[redacted]"
         elif key not in VERBATIM_KEYS:
-            event[key] = _redact_value(event[key])
-    return event
+            line[key] = _redact_value(value)
+    return line
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Idempotent: the first call wins (a warm instance configures once). The level is
-    `LOG_LEVEL` unless given; a malformed `LOG_LEVEL` means `INFO` here, and `load_settings`
-    stops the instance with one line naming it."""
-    global _configured
-    if _configured:
-        return
-    if level is None:
+_logger: Logger | None = None
+
+
+def get_logger() -> Logger:
+    """The process's logger. Its level is `LOG_LEVEL`, read once; a malformed `LOG_LEVEL`
+    means `INFO` here, and `load_settings` stops the instance with one line naming it."""
+    global _logger
+    if _logger is None:
         try:
             level = log_level()
         except SettingsError:
             level = "INFO"
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            _request_fields,
-            structlog.processors.add_log_level,
-            _severity,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
-            structlog.processors.format_exc_info,
-            structlog.processors.EventRenamer("message"),
-            _redact,
-            structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
-        logger_factory=lambda *_: _StdoutLogger(),
-        cache_logger_on_first_use=True,
-    )
-    _configured = True
-
-
-def get_logger() -> Any:
-    configure_logging()
-    return structlog.get_logger()
+        _logger = Logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+    return _logger
 
 
 def bind_event(*, project: str | None = None, trace: str | None = None, **fields: Any) -> None:
     """Bind per-event fields (and the trace, if the event carried one) to every log line."""
-    structlog.contextvars.clear_contextvars()
     if trace and project:
         fields[TRACE_KEY] = f"projects/{project}/traces/{trace}"
-    structlog.contextvars.bind_contextvars(**fields)
+    _bound.set(fields)
 
 
 def bind(**fields: Any) -> None:
-    structlog.contextvars.bind_contextvars(**fields)
+    _bound.set({**_bound.get(), **fields})
 
 
 def clear_event() -> None:
-    structlog.contextvars.clear_contextvars()
+    _bound.set(_NOTHING_BOUND)
 
 
 @contextmanager
