@@ -34,6 +34,7 @@ from worker.smtp import message_id_for
 RELAY_MS = 50.0
 TARGET_LEVEL = 8
 TARGET_RATIO = 0.8
+TARGET_SPAN = 3  # the target level runs this many times longer than the others
 MESSAGE_ID_DOMAIN = "bench.example.com"  # EMAIL_FROM's domain (bench.workload)
 
 
@@ -128,8 +129,10 @@ def run(stack: Stack, *, levels: Sequence[int], seconds: float, log_dir: Path) -
     results: list[dict[str, Any]] = []
     try:
         for level in levels:
-            # About `seconds` of load at the ideal rate, at least 40 events.
-            count = max(40, round(seconds * level / (RELAY_MS / 1000)))
+            # About `seconds` of load at the ideal rate, at least 40 events; the level with the
+            # target three times as long, so that its ratio moves less with a neighbour's load.
+            span = seconds * (TARGET_SPAN if level == TARGET_LEVEL else 1)
+            count = max(40, round(span * level / (RELAY_MS / 1000)))
             relay.reset()
             result = _level(stack, name, url, relay.port, level, count, log_dir)
             ids = relay.wait_for_messages(count + 2 * level)

@@ -6,6 +6,10 @@ statements on the same server (a one-row INSERT before, a one-row UPDATE by prim
 after), on a connection configured as the worker's (autocommit, no prepared statements).
 Worker: `pipeline.handle` of a fresh event (decode, claim, render, build, send, record, log).
 The floor's bytes are the worker's own emails for the same kind of events, built beforehand.
+Statements alone: the worker's own two ledger statements (`email.claim_delivery()`,
+`email.set_sent_if_claimed()`, the same SQL and parameters) around the same `sendmail`, with
+nothing else: what the worker would cost if its Python were free, so the part of the ratio
+that the ledger's schema (the contract's triggers, audit rows and indexes) sets on its own.
 
 Two PostgreSQL servers: the test harness's (fsync off: it hides the commit's flush, which
 makes everything else look like the whole bill) and one as production runs it (fsync,
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from bench.common import InProcess, captured_stdout, count_status, in_process_worker
 from bench.report import Section, median
@@ -33,7 +38,7 @@ from bench.services import Stack
 from bench.workload import bodies, cloud_event
 from tests.harness.postgres import Databases, PostgresServer
 from worker import events, pipeline, smtp
-from worker.db import connection_kwargs
+from worker.db import connection_kwargs, query
 from worker.rendering import Renderer
 from worker.settings import Settings
 
@@ -81,15 +86,19 @@ class Side:
     prepared: InProcess
     prepared_pid: int
     floor: psycopg.Connection[Any]
+    # The worker's two ledger statements, issued by a bare loop (no worker Python).
+    statements: psycopg.Connection[Any]
     smtp: smtplib.SMTP
     worker_chunks: Chunks = field(default_factory=Chunks)
     prepared_chunks: Chunks = field(default_factory=Chunks)
     floor_chunks: Chunks = field(default_factory=Chunks)
+    statements_chunks: Chunks = field(default_factory=Chunks)
 
     def close(self) -> None:
         self.proc.close()
         self.prepared.close()
         self.floor.close()
+        self.statements.close()
         self.smtp.quit()
 
 
@@ -134,9 +143,10 @@ def open_side(label: str, url: str, smtp_port: int) -> Side:
     settings = proc.worker.settings
     floor = psycopg.connect(url, **connection_kwargs(settings.database))
     floor.execute(FLOOR_TABLE)
+    statements = psycopg.connect(url, **connection_kwargs(settings.database))
     relay = smtplib.SMTP("127.0.0.1", smtp_port, timeout=30)
     relay.ehlo()
-    return Side(label, url, proc, pid, prepared, prepared_pid, floor, relay)
+    return Side(label, url, proc, pid, prepared, prepared_pid, floor, statements, relay)
 
 
 def timed(pid: int, chunk: Chunks, count: int, run: Callable[[], None]) -> None:
@@ -178,10 +188,53 @@ def run_floor(side: Side, prefix: str, count: int) -> None:
     timed(side.floor.info.backend_pid, side.floor_chunks, count, deliver)
 
 
+def run_statements(side: Side, prefix: str, count: int) -> None:
+    """The worker's claim and `sent` statements, parameters built beforehand, around the
+    floor's `sendmail`: the ledger's share of the worker's cost, without the worker."""
+    settings = side.proc.worker.settings
+    payloads = bodies(count, prefix)
+    emails = prebuilt(settings, payloads)
+    claims = [
+        {
+            "delivery_id": body["delivery_id"],
+            "workflow": body["workflow"],
+            "recipient": body["recipient"],
+            "locale": "en",
+            "metadata": Jsonb(body["metadata"]),
+            "source_message_id": f"{prefix}-m{index}",
+            "lease_seconds": settings.retry.lease_seconds,
+            "rate_limit": None,
+            "rate_window_seconds": None,
+            "takeover_reason": "lease_expired",
+        }
+        for index, body in enumerate(payloads)
+    ]
+    claim_sql, sent_sql = query("claim"), query("set_sent_if_claimed")
+    conn = side.statements
+
+    def deliver() -> None:
+        for email, claim in zip(emails, claims, strict=True):
+            row = conn.execute(claim_sql, claim).fetchone()
+            assert row is not None and row[0] == "claimed", row
+            side.smtp.sendmail(email.sender, list(email.recipients), email.data)
+            sent = {
+                "delivery_id": claim["delivery_id"],
+                "claim_token": row[1],
+                "attempts": 1,
+                "provider_message_id": email.message_id,
+                "relay_message_id": None,
+            }
+            conn.execute(sent_sql, sent)
+
+    timed(conn.info.backend_pid, side.statements_chunks, count, deliver)
+
+
 def steps(side: Side, tag: str, count: int, log_path: Path) -> list[Callable[[], None]]:
     return [
         lambda: run_worker(side, f"lc-{tag}", count, log_path),
         lambda: run_floor(side, f"lc-floor-{tag}", count),
+        # Not "lc-": the rows counted as the worker's are those.
+        lambda: run_statements(side, f"st-{tag}", count),
         lambda: run_worker(side, f"lc-prep-{tag}", count, log_path, prepared=True),
     ]
 
@@ -206,11 +259,8 @@ def run(stack: Stack, *, chunk: int, rounds: int, log_dir: Path) -> Section:
         for side in sides:  # connections, plan caches, the SMTP session: warm
             for step in steps(side, "warm", 20, log_path):
                 step()
-            side.worker_chunks, side.prepared_chunks, side.floor_chunks = (
-                Chunks(),
-                Chunks(),
-                Chunks(),
-            )
+            side.worker_chunks, side.prepared_chunks = Chunks(), Chunks()
+            side.floor_chunks, side.statements_chunks = Chunks(), Chunks()
         for number in range(rounds):
             # Each round turns the order around: of the servers, and of what runs on each.
             for side in sides if number % 2 == 0 else sides[::-1]:
@@ -230,7 +280,9 @@ def run(stack: Stack, *, chunk: int, rounds: int, log_dir: Path) -> Section:
 
 def report(section: Section, side: Side, *, count: int) -> None:
     worker, prepared, floor = side.worker_chunks, side.prepared_chunks, side.floor_chunks
+    statements = side.statements_chunks
     ratios = [w / f for w, f in zip(worker.wall, floor.wall, strict=True)]
+    statement_ratios = [s / f for s, f in zip(statements.wall, floor.wall, strict=True)]
     prepared_ratios = [p / f for p, f in zip(prepared.wall, floor.wall, strict=True)]
     ratio = median(ratios)
     worker_ms, floor_ms = median(worker.wall) * 1e3, median(floor.wall) * 1e3
@@ -249,6 +301,13 @@ def report(section: Section, side: Side, *, count: int) -> None:
         "the backend's own run time (schedstat)",
     )
     section.add(
+        f"{side.label}: the worker's statements alone / floor",
+        median(statement_ratios),
+        "x",
+        f"{median(statements.wall) * 1e3:.2f} ms, server CPU {median(statements.cpu) / 1e3:.0f} us:"
+        " claim + sendmail + sent with no worker Python, the schema's own share",
+    )
+    section.add(
         f"{side.label}: what-if prepared statements / floor",
         median(prepared_ratios),
         "x",
@@ -263,6 +322,10 @@ def report(section: Section, side: Side, *, count: int) -> None:
         "worker_cpu_us": [round(c / 1e3, 1) for c in worker.cpu],
         "prepared_cpu_us": [round(c / 1e3, 1) for c in prepared.cpu],
         "floor_cpu_us": [round(c / 1e3, 1) for c in floor.cpu],
+        "statements_ms": [round(s * 1e3, 3) for s in statements.wall],
+        "statements_cpu_us": [round(c / 1e3, 1) for c in statements.cpu],
+        "statement_ratios": [round(r, 3) for r in statement_ratios],
+        "statements_ratio": round(median(statement_ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
         "prepared_ratios": [round(r, 3) for r in prepared_ratios],
         "ratio": round(ratio, 3),
