@@ -204,7 +204,7 @@ class _TimedLog:
 @contextmanager
 def phases(timer: PhaseTimer) -> Iterator[None]:
     timer.wrap(events, "decode", "decode event")
-    timer.wrap(Ledger, "claim", "DB claim")
+    timer.wrap(Ledger, "claim_or_skip", "DB claim")
     timer.wrap(Renderer, "render", "render (jinja2)")
     timer.wrap(worker_smtp, "build_message", "build message bytes")
     timer.wrap(worker_smtp, "send_with_retry", "send_with_retry")
