@@ -38,7 +38,7 @@ from bench.workload import cloud_event
 from worker import pipeline
 from worker.db import connection_kwargs
 from worker.ledger import Claim, Ledger
-from worker.migrations import migrate_down
+from worker.migrations import discover, migrate_down
 from worker.settings import DatabaseSettings, RateLimit
 
 # The claim statement before migration 005 (sql/queries.sql), kept here as the baseline.
@@ -67,6 +67,17 @@ WHERE d.status IN ('queued', 'retrying')
    OR (d.status = 'in_progress' AND d.lease_expires_at < now())
 RETURNING d.delivery_id, d.claim_token, d.attempts, d.lease_expires_at
 """
+# The `sent` write of the same era (migration 006 made it a function), so the baseline's rows
+# end `sent` as the others' do.
+SENT_BEFORE_006 = """
+UPDATE email.deliveries SET
+    status = 'sent', status_reason = NULL, sent_at = now(),
+    attempts = greatest(attempts, %(attempts)s), provider_message_id = %(provider_message_id)s,
+    last_error_code = NULL, last_error_message = NULL, claim_token = NULL, lease_expires_at = NULL
+WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND claim_token = %(claim_token)s
+RETURNING delivery_id
+"""
+BASELINE_VERSION = 3  # the schema the previous claim statement ran on: before 004 and 005
 RECIPIENTS = 5000
 NEVER_REACHED = RateLimit(1_000_000, 86400, "1000000/1d")
 ONE_PER_DAY = RateLimit(1, 86400, "1/1d")
@@ -98,11 +109,18 @@ def _pool(url: str) -> ConnectionPool:
 class Mode:
     """One way of claiming: `claim(ledger, delivery_id, recipient)`."""
 
-    def __init__(self, name: str, url: str, claim: Callable[[Ledger, str, str], Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        claim: Callable[[Ledger, str, str], Any],
+        sent: Callable[[Ledger, Claim], Any] | None = None,
+    ) -> None:
         self.name = name
         self.pool = _pool(url)
         self.ledger = Ledger(self.pool)
         self._claim = claim
+        self._sent = sent or _sent
         self.samples_us: list[float] = []
         self.sent_us: list[float] = []
         self.outcomes: dict[str, int] = {}
@@ -115,9 +133,7 @@ class Mode:
         self.outcomes[kind] = self.outcomes.get(kind, 0) + 1
         if isinstance(result, Claim):
             started = time.perf_counter_ns()
-            self.ledger.set_sent_if_claimed(
-                result, attempts=1, provider_message_id=f"<{delivery_id}@x>"
-            )
+            self._sent(self.ledger, result)
             self.sent_us.append((time.perf_counter_ns() - started) / 1000)
 
     def reset(self) -> None:
@@ -128,6 +144,23 @@ class Mode:
     def percentile(self, fraction: float, samples: list[float] | None = None) -> float:
         ordered = sorted(self.samples_us if samples is None else samples)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _sent(ledger: Ledger, claim: Claim) -> Any:
+    return ledger.set_sent_if_claimed(
+        claim, attempts=1, provider_message_id=f"<{claim.delivery_id}@x>"
+    )
+
+
+def _sent_before_006(ledger: Ledger, claim: Claim) -> Any:
+    with ledger.pool.connection() as conn:
+        params = {
+            "delivery_id": claim.delivery_id,
+            "claim_token": claim.claim_token,
+            "attempts": 1,
+            "provider_message_id": f"<{claim.delivery_id}@x>",
+        }
+        return conn.execute(SENT_BEFORE_006, params).fetchone()
 
 
 def _claim_002(ledger: Ledger, delivery_id: str, recipient: str) -> Claim | None:
@@ -264,7 +297,8 @@ def run(stack: Stack, *, count: int, ledger_rows: int, log_dir: Path) -> Section
     after_name, after_url = stack.database()
     modes: list[Mode] = []
     try:
-        migrate_down(before_url, steps=2, report=lambda _line: None)  # before 004 and 005
+        newer = [m for m in discover() if m.version > BASELINE_VERSION]
+        migrate_down(before_url, steps=len(newer), report=lambda _line: None)
         for url in (before_url, after_url):
             _fill(url, ledger_rows)
         with psycopg.connect(after_url, autocommit=True) as conn:
@@ -275,7 +309,7 @@ def run(stack: Stack, *, count: int, ledger_rows: int, log_dir: Path) -> Section
                 (RECIPIENTS,),
             )
         modes = [
-            Mode("before: previous claim statement", before_url, _claim_002),
+            Mode("before: previous claim statement", before_url, _claim_002, _sent_before_006),
             Mode("limits off", after_url, _claim_005(None)),
             Mode("limits on (not reached)", after_url, _claim_005(NEVER_REACHED)),
             Mode("skipped: rate limited", after_url, _claim_005(ONE_PER_DAY)),
