@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -48,10 +49,8 @@ def since(start: dict[str, float]) -> dict[str, float]:
     }
 
 
-def group_seconds(pgid: int) -> float:
-    """CPU seconds used so far by the live processes of one process group (a server started
-    with `start_new_session=True`: functions-framework's gunicorn master and its worker)."""
-    used = 0.0
+def _group_members(pgid: int) -> Iterator[tuple[str, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command) of each live process in a group."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -61,8 +60,14 @@ def group_seconds(pgid: int) -> float:
             continue
         # state ppid pgrp ...: the process group is index 2 here.
         if int(fields[2]) == pgid:
-            used += (int(fields[11]) + int(fields[12])) / TICK
-    return used
+            yield entry.name, fields
+
+
+def group_seconds(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of one process group (a server started
+    with `start_new_session=True`: functions-framework's gunicorn master and its worker)."""
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in _group_members(pgid))
+    return ticks / TICK
 
 
 def _run_delay_ns(pid: str) -> int:
@@ -79,17 +84,7 @@ def _run_delay_ns(pid: str) -> int:
 
 def group_run_delay(pgid: int) -> float:
     """Seconds the live processes of one process group have waited for a core so far."""
-    waited = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            waited += _run_delay_ns(entry.name)
-    return waited / 1e9
+    return sum(_run_delay_ns(pid) for pid, _ in _group_members(pgid)) / 1e9
 
 
 def backends_run_delay(database: str) -> float:

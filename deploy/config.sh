@@ -241,6 +241,16 @@ load_config() {
   export RUNTIME_SA_EMAIL TRIGGER_SA_EMAIL DATABASE_URL_SECRET SMTP_PASSWORD_SECRET
 }
 
+# SOURCE_DIR (made absolute) must hold what every function deploys from.
+check_source_dir() {
+  [[ -d $SOURCE_DIR ]] || die_config "SOURCE_DIR is not a directory: $SOURCE_DIR"
+  SOURCE_DIR=$(cd "$SOURCE_DIR" && pwd)
+  local file
+  for file in main.py requirements.txt .gcloudignore; do
+    [[ -f $SOURCE_DIR/$file ]] || die_config "$file is missing from $SOURCE_DIR (the function's source; .gcloudignore keeps tests/, bench/ and .venv/ out of the upload)"
+  done
+}
+
 # load_function_config: what deploy-function.sh needs on top of load_config; all.sh checks it
 # too, before it changes anything.
 load_function_config() {
@@ -253,12 +263,7 @@ load_function_config() {
   for name in EMAIL_FROM EMAIL_REPLY_TO; do
     [[ -z ${!name} ]] || matches "$name" '^[^[:cntrl:]]*@[^[:cntrl:]]*$' "an email address"
   done
-  [[ -d $SOURCE_DIR ]] || die_config "SOURCE_DIR is not a directory: $SOURCE_DIR"
-  SOURCE_DIR=$(cd "$SOURCE_DIR" && pwd)
-  local file
-  for file in main.py requirements.txt .gcloudignore; do
-    [[ -f $SOURCE_DIR/$file ]] || die_config "$file is missing from $SOURCE_DIR (the function's source; .gcloudignore keeps tests/, bench/ and .venv/ out of the upload)"
-  done
+  check_source_dir
 }
 
 # --- running gcloud ---------------------------------------------------------------------------
@@ -373,12 +378,7 @@ load_console_config() {
   timeout=$(seconds_of CONSOLE_TIMEOUT)
   ((timeout >= 1 && timeout <= 3600)) || die_config "CONSOLE_TIMEOUT must be 1s..3600s, got '$CONSOLE_TIMEOUT'"
   matches CONSOLE_INGRESS_SETTINGS '^(all|internal-only|internal-and-gclb)$' "all, internal-only or internal-and-gclb"
-  [[ -d $SOURCE_DIR ]] || die_config "SOURCE_DIR is not a directory: $SOURCE_DIR"
-  SOURCE_DIR=$(cd "$SOURCE_DIR" && pwd)
-  local file
-  for file in main.py requirements.txt .gcloudignore; do
-    [[ -f $SOURCE_DIR/$file ]] || die_config "$file is missing from $SOURCE_DIR (the function's source; .gcloudignore keeps tests/, bench/ and .venv/ out of the upload)"
-  done
+  check_source_dir
   CONSOLE_SA_EMAIL="$CONSOLE_SA@$PROJECT_ID.iam.gserviceaccount.com"
   CONSOLE_DATABASE_URL_SECRET="projects/$PROJECT_ID/secrets/$CONSOLE_DATABASE_URL_SECRET_ID/versions/latest"
 }

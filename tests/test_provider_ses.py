@@ -746,7 +746,7 @@ def test_malformed_records_name_the_field(adapter: SesAdapter, signer: SnsSigner
     bad_time = fixture("event-open")
     bad_time["open"]["timestamp"] = "yesterday"
     error = _malformed(adapter, signer, bad_time)
-    assert (error.field, error.rule) == ("open.timestamp", "ISO 8601 timestamp")
+    assert (error.field, error.rule) == ("open.timestamp", "must be an ISO 8601 time")
     assert "yesterday" not in str(error)
 
 

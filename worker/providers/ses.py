@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.providers.common import iso_time
 from worker.providers.model import Batch, EventType, Malformed, ProviderEvent, WebhookRequest
 from worker.providers.sns import MessageType, SnsMessage, SnsVerifier
 from worker.redact import sanitise
@@ -353,15 +354,7 @@ def _texts(section: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, st
 
 
 def _timestamp(value: object, field: str) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Malformed(field, "ISO 8601 timestamp")
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise Malformed(field, "ISO 8601 timestamp") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None if value is None else iso_time(value, field)
 
 
 def _event_id(sns_message_id: str, address: str | None) -> str:
