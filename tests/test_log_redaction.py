@@ -68,6 +68,25 @@ def test_free_text_urls_and_addresses_are_masked(capsys: pytest.CaptureFixture[s
     assert ADDRESS not in out and "secret-reset-token" not in out
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("see https://app.example.com/reset?t=secret-reset-token", "see [url]"),
+        ("see WWW.example.com/reset?t=secret-reset-token", "see [url]"),
+        ("write to ann@example.com", "write to a***@example.com"),
+        ("451 try again later", "451 try again later"),
+    ],
+)
+def test_each_kind_of_secret_is_masked_on_its_own(
+    capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    # One link or address alone in a value, so no other pattern in the same text can be what
+    # sends it through the masking (a short cut skips values with nothing to mask).
+    line, out = logged(capsys, error_message=text)
+    assert line["error_message"] == expected
+    assert "secret-reset-token" not in out
+
+
 def test_bound_fields_are_redacted_too_and_ids_stay_verbatim(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

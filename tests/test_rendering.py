@@ -146,6 +146,16 @@ def test_french_html_declares_its_language() -> None:
     assert "Cet e-mail a été envoyé à ada@example.com." in email.html
 
 
+def test_what_the_renderer_remembers_stays_bounded_whatever_locales_events_name() -> None:
+    # Events choose the locale: a renderer that remembered every one would grow without end.
+    renderer = Renderer()
+    data = {"code": CODE, "expires_in_minutes": 5}
+    for n in range(1000):
+        email = renderer.render(raw_event("verification-code", data, f"en-X{n}"))
+        assert email.subject == "Your verification code"  # each still falls back to en
+    assert len(renderer._found) <= 256
+
+
 def test_locale_candidates() -> None:
     assert locale_candidates("pt-BR") == ["pt-BR", "pt", "en"]
     assert locale_candidates("zh-Hant-TW") == ["zh-Hant-TW", "zh", "en"]
