@@ -289,7 +289,7 @@ def test_the_local_stack_uses_the_deployed_names() -> None:
     assert local == tuple(_deploy_default(name) for name in deployed)
 
 
-@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+@pytest.mark.parametrize("readme", ["docs/operating.md", "docs/deploying.md", "deploy/README.md"])
 def test_the_readmes_name_the_same_topics_and_subscription(readme: str) -> None:
     stack = _local_stack_module()
     text = (ROOT / readme).read_text()
