@@ -344,9 +344,12 @@ bind() {
 # A second function, HTTP, read-only, never public: only the IAM members in CONSOLE_INVOKERS
 # may invoke it (support opens it through `gcloud run services proxy`).
 : "${CONSOLE_FUNCTION_NAME:=email-console}"
-: "${CONSOLE_SA:=email-console-runtime}"  # its identity: reads its one secret, nothing else
+: "${CONSOLE_SA:=email-console-runtime}"  # its identity: reads its own secrets, nothing else
 # Holds the libpq URI of a LOGIN role granted email_reader and nothing more, never the worker's.
 : "${CONSOLE_DATABASE_URL_SECRET_ID:=email-console-database-url}"
+# Holds the key that signs the console's page cursors (CONSOLE_CURSOR_KEY): at least 32 random
+# bytes, e.g. `openssl rand -base64 48 | deploy/set-secret.sh email-console-cursor-key`.
+: "${CONSOLE_CURSOR_KEY_SECRET_ID:=email-console-cursor-key}"
 # Comma-separated IAM members given roles/run.invoker on the console, e.g.
 # group:support@acme.example. Required by deploy-console.sh; all.sh deploys the console only
 # when it is set.
@@ -367,6 +370,11 @@ load_console_config() {
   [[ $CONSOLE_SA != "$RUNTIME_SA" && $CONSOLE_SA != "$TRIGGER_SA" ]] || die_config "CONSOLE_SA must differ from RUNTIME_SA and TRIGGER_SA"
   matches CONSOLE_DATABASE_URL_SECRET_ID "$SECRET_RE" "a secret id (letters, digits, _ and -)"
   [[ $CONSOLE_DATABASE_URL_SECRET_ID != "$DATABASE_URL_SECRET_ID" ]] || die_config "CONSOLE_DATABASE_URL_SECRET_ID must differ from DATABASE_URL_SECRET_ID (the console logs in as an email_reader, never as the worker)"
+  matches CONSOLE_CURSOR_KEY_SECRET_ID "$SECRET_RE" "a secret id (letters, digits, _ and -)"
+  local other
+  for other in DATABASE_URL_SECRET_ID SMTP_PASSWORD_SECRET_ID CONSOLE_DATABASE_URL_SECRET_ID; do
+    [[ $CONSOLE_CURSOR_KEY_SECRET_ID != "${!other}" ]] || die_config "CONSOLE_CURSOR_KEY_SECRET_ID must differ from $other (the cursor key is a secret of its own)"
+  done
   local member
   IFS=, read -r -a CONSOLE_INVOKER_LIST <<<"$CONSOLE_INVOKERS"
   ((${#CONSOLE_INVOKER_LIST[@]} > 0)) || die_config "CONSOLE_INVOKERS must name at least one IAM member"
@@ -380,7 +388,6 @@ load_console_config() {
   matches CONSOLE_INGRESS_SETTINGS '^(all|internal-only|internal-and-gclb)$' "all, internal-only or internal-and-gclb"
   check_source_dir
   CONSOLE_SA_EMAIL="$CONSOLE_SA@$PROJECT_ID.iam.gserviceaccount.com"
-  CONSOLE_DATABASE_URL_SECRET="projects/$PROJECT_ID/secrets/$CONSOLE_DATABASE_URL_SECRET_ID/versions/latest"
 }
 
 # The secrets a function reads, in the deployed shape (SECRETS_VIA). Takes the arrays

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -437,7 +438,9 @@ def start_console(stack: Stack, stop: Stopper) -> None:
         conn.execute(f"CREATE ROLE {CONSOLE_ROLE} LOGIN IN ROLE email_reader")
     reader_url = stack.database_url.replace("postgres@", f"{CONSOLE_ROLE}@", 1)
     server = FunctionServer(
-        {"CONSOLE_DATABASE_URL": reader_url},
+        # A fresh cursor key each run: cursors of an earlier run are refused, as after a
+        # deployment's key is rotated.
+        {"CONSOLE_DATABASE_URL": reader_url, "CONSOLE_CURSOR_KEY": secrets.token_urlsafe(48)},
         log_path=stack.logs_dir / "console.log",
         target="delivery_console",
         signature_type="http",

@@ -10,13 +10,14 @@ run checks they reached neither the database nor the logs.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ EXPECTED_STATUS = {
 }
 LINKS = ("https://app.example.com/invite/7Hq2xLm9", "https://app.example.com/reset/Qw8rT2zP")
 SES_TOPIC = "arn:aws:sns:us-east-1:123456789012:email-events"
+# Each sample's events happen in this many steps between its send and now (see `Requests.at`).
+STEPS = 3
+TIMES = ("delivered_at", "opened_at", "clicked_at", "complained_at")
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,6 @@ class Posted:
     delivery_id: str
     response: Response
     expected_status: int
-
-
-def _now() -> int:
-    return int(datetime.now(UTC).timestamp())
 
 
 def _event_id() -> str:
@@ -65,12 +65,22 @@ class Requests:
         keys: ProviderKeys,
         message_ids: Mapping[str, str],
         relay_ids: Mapping[str, str],
+        sent_at: Mapping[str, datetime],
         sns: SnsSigner,
     ) -> None:
         self.keys = keys
         self.sns = sns
         self.message_ids = message_ids  # delivery_id -> Message-ID the worker wrote
         self.relay_ids = relay_ids  # delivery_id -> the id in the relay's 250 reply
+        self.sent_at = sent_at  # delivery_id -> when the worker sent it
+
+    def at(self, delivery_id: str, step: int) -> datetime:
+        """When a provider says the `step`-th thing (1..STEPS) happened to a delivery: after
+        the worker sent it and before now, in the order of the story, as a real provider's
+        times would be."""
+        sent = self.sent_at[delivery_id]
+        since = max(datetime.now(UTC) - sent, timedelta(0))
+        return sent + since * step / (STEPS + 1)
 
     def sendgrid(self, delivery_id: str, kinds: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
         # Matched by Message-ID (`smtp-id`), as when no unique argument was attached.
@@ -81,18 +91,19 @@ class Requests:
                 "smtp-id": self.message_ids[delivery_id],
                 "email": "ada@example.com",
                 "sg_event_id": _event_id(),
-                "timestamp": _now() - 5 + n,
+                # Whole seconds, rounded up: never before the send.
+                "timestamp": math.ceil(self.at(delivery_id, 1 + n).timestamp()),
             }
             for n, kind in enumerate(kinds)
         ]
         body = json.dumps(events).encode()
         return body, self.keys.sendgrid.headers(body)
 
-    def mailgun(self, delivery_id: str, kind: str, url: str | None = None) -> bytes:
+    def mailgun(self, delivery_id: str, kind: str, step: int, url: str | None = None) -> bytes:
         body = fixture("mailgun", f"{kind}.json")
         body["event-data"] |= {
             "id": _event_id(),
-            "timestamp": _now(),
+            "timestamp": self.at(delivery_id, step).timestamp(),
             "recipient": "grace@example.com",
             "user-variables": {"delivery_id": delivery_id},
         }
@@ -101,22 +112,27 @@ class Requests:
         body["signature"] = mailgun_signature(self.keys.mailgun_key)
         return json.dumps(body).encode()
 
-    def postmark(self, delivery_id: str, name: str) -> tuple[bytes, dict[str, str]]:
+    def postmark(self, delivery_id: str, name: str, step: int) -> tuple[bytes, dict[str, str]]:
         body = fixture("postmark", f"{name}.json")
         body |= {
             "Metadata": {"delivery_id": delivery_id},
             "MessageID": _event_id(),
-            "BouncedAt": datetime.now(UTC).isoformat(),
+            "BouncedAt": self.at(delivery_id, step).isoformat(),
             "Email": "kim@example.com",
         }
         auth = basic_auth(self.keys.postmark_user, self.keys.postmark_password)
         return json.dumps(body).encode(), auth
 
     def resend(
-        self, delivery_id: str, name: str, link: str | None = None, msg_id: str | None = None
+        self,
+        delivery_id: str,
+        name: str,
+        step: int,
+        link: str | None = None,
+        msg_id: str | None = None,
     ) -> tuple[bytes, dict[str, str]]:
         body = fixture("resend", f"{name}.json")
-        body["created_at"] = datetime.now(UTC).isoformat()
+        body["created_at"] = self.at(delivery_id, step).isoformat()
         # Resend has no SMTP tag header: its events name its own id, the one its 250 reply
         # gave the worker (relay_message_id).
         body["data"] |= {
@@ -129,15 +145,21 @@ class Requests:
         raw = json.dumps(body).encode()
         return raw, svix_headers(self.keys.resend_secret, raw, msg_id=msg_id)
 
-    def ses(self, delivery_id: str, name: str) -> tuple[bytes, dict[str, str]]:
+    def ses(
+        self, delivery_id: str, name: str, step: int, recipient: str
+    ) -> tuple[bytes, dict[str, str]]:
         """An SES event record in an SNS notification signed with the local certificate."""
         record = json.loads((FIXTURES / "ses" / f"{name}.json").read_text())
         record.pop("_source", None)
         record["mail"]["tags"] = {**record["mail"].get("tags", {}), "delivery_id": [delivery_id]}
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        record["mail"]["timestamp"] = now
+        # Events are matched on the recipient too: the sample's own, not the fixture's.
+        record["mail"]["destination"] = [recipient]
         if isinstance(record.get("delivery"), dict):
-            record["delivery"]["timestamp"] = now
+            record["delivery"]["recipients"] = [recipient]
+        # `mail.timestamp` is when the email was sent; the event's own, when it happened.
+        record["mail"]["timestamp"] = _ses_time(self.sent_at[delivery_id])
+        if isinstance(record.get("delivery"), dict):
+            record["delivery"]["timestamp"] = _ses_time(self.at(delivery_id, step))
         envelope = {
             "Type": "Notification",
             "MessageId": str(uuid.uuid4()),
@@ -148,6 +170,12 @@ class Requests:
         }
         body = json.dumps(self.sns.sign(envelope)).encode()
         return body, {"x-amz-sns-message-type": "Notification"}
+
+
+def _ses_time(when: datetime) -> str:
+    # Milliseconds, rounded up: never before the send.
+    rounded = when + timedelta(microseconds=-when.microsecond % 1000)
+    return rounded.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def post_events(server: FunctionServer, requests: Requests) -> list[Posted]:
@@ -171,18 +199,18 @@ def post_events(server: FunctionServer, requests: Requests) -> list[Posted]:
         ProviderKeys().sendgrid.headers(body),
         403,
     )
-    for kind, url in (("delivered", None), ("clicked", LINKS[0])):
-        body = requests.mailgun("invite-demo-1", kind, url)
+    for step, (kind, url) in enumerate((("delivered", None), ("clicked", LINKS[0])), start=1):
+        body = requests.mailgun("invite-demo-1", kind, step, url)
         send(kind, "mailgun", "invite-demo-1", body, {}, 200)
     # Out of order: the click arrives before the delivery report.
-    body, headers = requests.resend("reset-demo-1", "email.clicked", LINKS[1])
+    body, headers = requests.resend("reset-demo-1", "email.clicked", 2, LINKS[1])
     send("clicked (before delivered)", "resend", "reset-demo-1", body, headers, 200)
-    body, headers = requests.resend("reset-demo-1", "email.delivered")
+    body, headers = requests.resend("reset-demo-1", "email.delivered", 1)
     send("delivered (late)", "resend", "reset-demo-1", body, headers, 200)
-    body, headers = requests.postmark("reset-demo-1", "spam-complaint")
+    body, headers = requests.postmark("reset-demo-1", "spam-complaint", 3)
     send("spam complaint", "postmark", "reset-demo-1", body, headers, 200)
     # Through SNS, after the open: stored, its time kept, the status not moved back.
-    body, headers = requests.ses("verify-demo-1", "event-delivery")
+    body, headers = requests.ses("verify-demo-1", "event-delivery", 3, "ada@example.com")
     send("delivered (after the open)", "ses", "verify-demo-1", body, headers, 200)
     return posted
 
@@ -197,7 +225,7 @@ def start_sns(
     register_stop("the SNS certificate server", server.close)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     certificate = server.ca.issue("sns.amazonaws.com", key)
-    signer = SnsSigner(key, server.serve("/SimpleNotificationService-local.pem", pem(certificate)))
+    signer = SnsSigner(key, server.serve("/SimpleNotificationService-10ca1.pem", pem(certificate)))
     settings = {
         "SNS_TOPIC_ARNS": SES_TOPIC,
         "SNS_CERT_HOSTS": server.host_pattern,
@@ -209,7 +237,7 @@ def start_sns(
 def read_provider_statuses(database_url: str) -> list[dict[str, Any]]:
     with psycopg.connect(database_url, row_factory=dict_row) as conn:
         return conn.execute(
-            "SELECT d.delivery_id, d.provider_status::text AS provider_status,"
+            "SELECT d.delivery_id, d.provider_status::text AS provider_status, d.sent_at,"
             " d.delivered_at, d.opened_at, d.clicked_at, d.complained_at,"
             " (SELECT count(*) FROM email.provider_events e"
             "   WHERE e.delivery_id = d.delivery_id) AS events"
@@ -224,6 +252,14 @@ def read_relay_ids(database_url: str) -> dict[str, str]:
             " WHERE relay_message_id IS NOT NULL"
         ).fetchall()
     return {str(delivery_id): str(relay_id) for delivery_id, relay_id in rows}
+
+
+def read_sent_at(database_url: str) -> dict[str, datetime]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, sent_at FROM email.deliveries WHERE sent_at IS NOT NULL"
+        ).fetchall()
+    return {str(delivery_id): sent_at for delivery_id, sent_at in rows}
 
 
 def read_suppressions(database_url: str) -> list[dict[str, Any]]:
@@ -297,7 +333,9 @@ def demonstrate(
     say("  keys      made for this run: SendGrid ECDSA P-256, Mailgun and Svix HMAC,")
     say("            Postmark Basic, an SNS certificate served over HTTPS by a local CA")
     message_ids = {row["delivery_id"]: str(row["provider_message_id"]) for row in rows}
-    requests = Requests(keys, message_ids, read_relay_ids(database_url), sns)
+    requests = Requests(
+        keys, message_ids, read_relay_ids(database_url), read_sent_at(database_url), sns
+    )
     posted = post_events(server, requests)
     statuses = read_provider_statuses(database_url)
     outcome = Outcome(
@@ -324,6 +362,10 @@ def _problems(
             found.append(
                 f"{delivery_id} provider status should be {want}, is {by_id.get(delivery_id)}"
             )
+    for row in statuses:
+        for key in TIMES:
+            if row[key] is not None and row[key] < row["sent_at"]:
+                found.append(f"{row['delivery_id']} {key} is before it was sent")
     for link in LINKS:
         if link in dump or link in logs:
             found.append(f"a clicked link reached the {'database' if link in dump else 'logs'}")
@@ -349,12 +391,11 @@ def report(
         say(line)
     say("")
     say("  Provider status (email.deliveries)")
-    times = ("delivered_at", "opened_at", "clicked_at", "complained_at")
     status_rows = [
         (
             str(row["delivery_id"]),
             str(row["provider_status"] or "-"),
-            *(row[key].strftime("%H:%M:%S") if row[key] else "-" for key in times),
+            *(row[key].strftime("%H:%M:%S") if row[key] else "-" for key in TIMES),
             str(row["events"]),
         )
         for row in outcome.statuses

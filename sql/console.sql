@@ -78,8 +78,10 @@ FROM email.suppressions
 WHERE address = lower(%(address)s::text);
 
 -- name: search_suppressions
--- Newest first, keyset-paginated on (created_at, address), like search_deliveries.
-SELECT address, reason, delivery_id, created_at, expires_at,
+-- Newest first, keyset-paginated on (created_at, id) like search_deliveries, never on the
+-- address: the cursor must say nothing about anyone. Migration 009's unique index
+-- (created_at, id) serves the order, scanned backwards with the cursor as its bound.
+SELECT id, address, reason, delivery_id, created_at, expires_at,
        (expires_at IS NULL OR expires_at > now()) AS active
 FROM email.suppressions
 WHERE (%(address)s::text IS NULL OR address = lower(%(address)s::text))
@@ -87,6 +89,6 @@ WHERE (%(address)s::text IS NULL OR address = lower(%(address)s::text))
   AND (%(active)s::boolean IS NULL
        OR (expires_at IS NULL OR expires_at > now()) = %(active)s::boolean)
   AND (%(after_created_at)s::timestamptz IS NULL
-       OR (created_at, address) < (%(after_created_at)s::timestamptz, %(after_id)s::text))
-ORDER BY created_at DESC, address DESC
+       OR (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::bigint))
+ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;

@@ -62,31 +62,59 @@ CREATE TYPE email.provider_status AS ENUM (
 CREATE FUNCTION email.apply_provider_event(provider text, provider_event_id text, event_type text, occurred_at timestamp with time zone, recipient text DEFAULT NULL::text, delivery_id text DEFAULT NULL::text, message_id text DEFAULT NULL::text, relay_message_id text DEFAULT NULL::text, bounce_type text DEFAULT NULL::text, detail jsonb DEFAULT '{}'::jsonb) RETURNS text
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog'
-    AS $$
+    AS $_$
 DECLARE
     event_id bigint;
     matched text;
+    matched_status email.delivery_status;
+    matched_since timestamptz;  -- its send time, or its row's creation before one
+    -- The address the event names, as the ledger's is compared: NULL when it names none.
+    named text := nullif(lower(btrim(coalesce(
+        substring(apply_provider_event.recipient FROM '<([^<>]*)>\s*$'),
+        apply_provider_event.recipient))), '');
+    happened timestamptz := apply_provider_event.occurred_at;
+    kept jsonb := coalesce(apply_provider_event.detail, '{}');
     target email.provider_status;
     rcpt text;
 BEGIN
-    -- Matching keys, tried in order (section 6). A Message-ID may come with or without its
-    -- angle brackets; the worker stores it with them.
+    -- Matching keys, tried in order: the delivery id the worker tagged the email with, its
+    -- Message-ID, the relay's id. A Message-ID may come with or without its angle brackets;
+    -- the worker stores it with them. Each key finds only a delivery to the recipient the
+    -- event names, if it names one.
     IF apply_provider_event.delivery_id IS NOT NULL THEN
-        SELECT d.delivery_id INTO matched FROM email.deliveries d
-        WHERE d.delivery_id = apply_provider_event.delivery_id;
+        SELECT d.delivery_id, d.status, coalesce(d.sent_at, d.created_at)
+        INTO matched, matched_status, matched_since
+        FROM email.deliveries d
+        WHERE d.delivery_id = apply_provider_event.delivery_id
+          AND (named IS NULL OR lower(btrim(d.recipient)) = named);
     END IF;
     IF matched IS NULL AND nullif(btrim(message_id, '<> '), '') IS NOT NULL THEN
-        SELECT d.delivery_id INTO matched FROM email.deliveries d
+        SELECT d.delivery_id, d.status, coalesce(d.sent_at, d.created_at)
+        INTO matched, matched_status, matched_since
+        FROM email.deliveries d
         WHERE d.provider_message_id IN (btrim(message_id, '<> '),
                                         '<' || btrim(message_id, '<> ') || '>')
+          AND (named IS NULL OR lower(btrim(d.recipient)) = named)
         ORDER BY d.queued_at DESC LIMIT 1;
     END IF;
     IF matched IS NULL AND nullif(btrim(relay_message_id, '<> '), '') IS NOT NULL THEN
-        SELECT d.delivery_id INTO matched FROM email.deliveries d
+        SELECT d.delivery_id, d.status, coalesce(d.sent_at, d.created_at)
+        INTO matched, matched_status, matched_since
+        FROM email.deliveries d
         WHERE d.relay_message_id IN (btrim(apply_provider_event.relay_message_id, '<> '),
                                      '<' || btrim(apply_provider_event.relay_message_id, '<> ')
                                          || '>')
+          AND (named IS NULL OR lower(btrim(d.recipient)) = named)
         ORDER BY d.queued_at DESC LIMIT 1;
+    END IF;
+
+    -- A time this email cannot have had (a provider's bug, a forged or misread timestamp)
+    -- would become its delivered_at or bounced_at and win every "earliest" comparison.
+    IF happened > now() + interval '1 hour'
+       OR happened < matched_since - interval '5 minutes' THEN
+        kept := kept || jsonb_build_object('occurred_at_clamped',
+            to_char(happened AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+        happened := now();
     END IF;
 
     INSERT INTO email.provider_events AS e (
@@ -94,10 +122,10 @@ BEGIN
         recipient, tagged_delivery_id, message_id, relay_message_id, detail
     ) VALUES (
         apply_provider_event.provider, apply_provider_event.provider_event_id, matched,
-        apply_provider_event.event_type, apply_provider_event.occurred_at,
+        apply_provider_event.event_type, happened,
         apply_provider_event.bounce_type, apply_provider_event.recipient,
         apply_provider_event.delivery_id, apply_provider_event.message_id,
-        apply_provider_event.relay_message_id, coalesce(apply_provider_event.detail, '{}')
+        apply_provider_event.relay_message_id, kept
     )
     ON CONFLICT ON CONSTRAINT provider_events_once DO NOTHING
     RETURNING e.id INTO event_id;
@@ -107,8 +135,10 @@ BEGIN
     IF matched IS NULL THEN
         RETURN 'unmatched';
     END IF;
-    IF apply_provider_event.event_type = 'deferred' THEN
-        RETURN 'applied';  -- recorded, no status change
+    -- Recorded, no status change: a soft bounce, or an email that was never sent (skipped,
+    -- failed, still queued...), which nothing a provider says can have happened to.
+    IF apply_provider_event.event_type = 'deferred' OR matched_status <> 'sent' THEN
+        RETURN 'applied';
     END IF;
 
     target := apply_provider_event.event_type::email.provider_status;
@@ -121,20 +151,20 @@ BEGIN
         provider_status = CASE WHEN email.provider_status_allowed(d.provider_status, target)
                                THEN target ELSE d.provider_status END,
         delivered_at = CASE WHEN target = 'delivered'
-                            THEN least(d.delivered_at, occurred_at) ELSE d.delivered_at END,
+                            THEN least(d.delivered_at, happened) ELSE d.delivered_at END,
         opened_at = CASE WHEN target = 'opened'
-                         THEN least(d.opened_at, occurred_at) ELSE d.opened_at END,
+                         THEN least(d.opened_at, happened) ELSE d.opened_at END,
         clicked_at = CASE WHEN target = 'clicked'
-                          THEN least(d.clicked_at, occurred_at) ELSE d.clicked_at END,
+                          THEN least(d.clicked_at, happened) ELSE d.clicked_at END,
         bounced_at = CASE WHEN target = 'bounced'
-                          THEN least(d.bounced_at, occurred_at) ELSE d.bounced_at END,
+                          THEN least(d.bounced_at, happened) ELSE d.bounced_at END,
         complained_at = CASE WHEN target = 'complained'
-                             THEN least(d.complained_at, occurred_at) ELSE d.complained_at END,
+                             THEN least(d.complained_at, happened) ELSE d.complained_at END,
         -- The bounce type of the earliest bounce.
         bounce_type = CASE WHEN target = 'bounced' AND apply_provider_event.bounce_type IS NOT NULL
-                            AND (d.bounced_at IS NULL OR occurred_at < d.bounced_at)
+                            AND (d.bounced_at IS NULL OR happened < d.bounced_at)
                            THEN apply_provider_event.bounce_type ELSE d.bounce_type END
-    WHERE d.delivery_id = matched
+    WHERE d.delivery_id = matched AND d.status = 'sent'
     RETURNING d.recipient INTO rcpt;
 
     IF target IN ('bounced', 'complained') AND rcpt IS NOT NULL THEN
@@ -151,7 +181,7 @@ BEGIN
     END IF;
     RETURN 'applied';
 END
-$$;
+$_$;
 
 --
 -- Name: audit_delivery_transition(); Type: FUNCTION; Schema: email; Owner: -
@@ -610,6 +640,18 @@ ALTER TABLE email.suppressions ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY 
 );
 
 --
+-- Name: webhook_tokens; Type: TABLE; Schema: email; Owner: -
+--
+
+CREATE TABLE email.webhook_tokens (
+    provider text NOT NULL,
+    token_sha256 bytea NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT webhook_tokens_provider_check CHECK ((provider ~ '^[a-z0-9_-]{1,40}$'::text)),
+    CONSTRAINT webhook_tokens_token_sha256_check CHECK ((length(token_sha256) = 32))
+);
+
+--
 -- Name: delivery_events id; Type: DEFAULT; Schema: email; Owner: -
 --
 
@@ -662,6 +704,13 @@ ALTER TABLE ONLY email.schema_migrations
 
 ALTER TABLE ONLY email.suppressions
     ADD CONSTRAINT suppressions_pkey PRIMARY KEY (address);
+
+--
+-- Name: webhook_tokens webhook_tokens_pkey; Type: CONSTRAINT; Schema: email; Owner: -
+--
+
+ALTER TABLE ONLY email.webhook_tokens
+    ADD CONSTRAINT webhook_tokens_pkey PRIMARY KEY (provider, token_sha256);
 
 --
 -- Name: deliveries_created_at_idx; Type: INDEX; Schema: email; Owner: -
@@ -740,6 +789,12 @@ CREATE INDEX provider_events_unmatched_idx ON email.provider_events USING btree 
 --
 
 CREATE UNIQUE INDEX suppressions_created_at_id_idx ON email.suppressions USING btree (created_at, id);
+
+--
+-- Name: webhook_tokens_expires_at_idx; Type: INDEX; Schema: email; Owner: -
+--
+
+CREATE INDEX webhook_tokens_expires_at_idx ON email.webhook_tokens USING btree (expires_at);
 
 --
 -- Name: deliveries deliveries_audit_provider_status; Type: TRIGGER; Schema: email; Owner: -
@@ -835,6 +890,18 @@ CREATE POLICY reader_select ON email.suppressions FOR SELECT TO email_reader USI
 ALTER TABLE email.suppressions ENABLE ROW LEVEL SECURITY;
 
 --
+-- Name: webhook_tokens; Type: ROW SECURITY; Schema: email; Owner: -
+--
+
+ALTER TABLE email.webhook_tokens ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: webhook_tokens worker_delete_expired; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY worker_delete_expired ON email.webhook_tokens FOR DELETE TO email_worker USING ((expires_at < now()));
+
+--
 -- Name: deliveries worker_insert; Type: POLICY; Schema: email; Owner: -
 --
 
@@ -859,6 +926,12 @@ CREATE POLICY worker_insert ON email.provider_events FOR INSERT TO email_worker 
 CREATE POLICY worker_insert ON email.suppressions FOR INSERT TO email_worker WITH CHECK (true);
 
 --
+-- Name: webhook_tokens worker_insert; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY worker_insert ON email.webhook_tokens FOR INSERT TO email_worker WITH CHECK (true);
+
+--
 -- Name: deliveries worker_select; Type: POLICY; Schema: email; Owner: -
 --
 
@@ -875,6 +948,12 @@ CREATE POLICY worker_select ON email.provider_events FOR SELECT TO email_worker 
 --
 
 CREATE POLICY worker_select ON email.suppressions FOR SELECT TO email_worker USING (true);
+
+--
+-- Name: webhook_tokens worker_select; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY worker_select ON email.webhook_tokens FOR SELECT TO email_worker USING (true);
 
 --
 -- Name: deliveries worker_update; Type: POLICY; Schema: email; Owner: -
@@ -1004,6 +1083,12 @@ GRANT SELECT,INSERT,UPDATE ON TABLE email.suppressions TO email_worker;
 GRANT SELECT ON TABLE email.suppressions TO email_reader;
 
 --
+-- Name: TABLE webhook_tokens; Type: ACL; Schema: email; Owner: -
+--
+
+GRANT SELECT,INSERT,DELETE ON TABLE email.webhook_tokens TO email_worker;
+
+--
 --
 
 -- The migrations this file stands for, recorded as applied.
@@ -1015,4 +1100,5 @@ INSERT INTO email.schema_migrations (version, name) VALUES
     (5, 'claim_delivery'),
     (6, 'transition_functions'),
     (7, 'recipient_search_indexes'),
+    (8, 'webhook_hardening'),
     (9, 'suppression_ids');

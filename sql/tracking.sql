@@ -1,6 +1,6 @@
 -- Provider events (contract section 6), loaded by worker/tracking.py. Each block starts with
--- `-- name: NAME`. The work is in email.apply_provider_event() (migration 002): one short
--- statement, one transaction per event.
+-- `-- name: NAME`. The work is in email.apply_provider_event() (migration 002, matching and
+-- times revised in 008): one short statement, one transaction per event.
 
 -- name: apply_provider_event
 SELECT email.apply_provider_event(
@@ -50,3 +50,23 @@ WITH doomed AS (
     DELETE FROM email.provider_events WHERE id IN (SELECT id FROM doomed) RETURNING id
 )
 SELECT count(*) AS n FROM gone;
+
+-- name: claim_webhook_token
+-- A signature token's first use (migration 008): one row back, or none when the token was
+-- claimed before (a replay; a concurrent claim waits on the key and then finds it taken). The
+-- same statement forgets a few expired tokens, so the table holds about one freshness window
+-- of them. The token itself is never sent here, only its SHA-256.
+WITH forgotten AS (
+    DELETE FROM email.webhook_tokens AS t
+    USING (
+        SELECT provider, token_sha256 FROM email.webhook_tokens
+        WHERE expires_at < now()
+        ORDER BY expires_at
+        LIMIT 100
+    ) AS expired
+    WHERE t.provider = expired.provider AND t.token_sha256 = expired.token_sha256
+)
+INSERT INTO email.webhook_tokens (provider, token_sha256, expires_at)
+VALUES (%(provider)s, %(token_sha256)s, now() + %(remember_seconds)s * interval '1 second')
+ON CONFLICT (provider, token_sha256) DO NOTHING
+RETURNING true AS first_use;

@@ -4,23 +4,37 @@ hostile stored text, the response headers, and a role that cannot write."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import psycopg
 import pytest
 
-from tests.harness.console import Console, ConsoleDb, Reply, provider_event, seed, suppress
+from tests.harness.console import (
+    CURSOR_KEY,
+    Console,
+    ConsoleDb,
+    Reply,
+    provider_event,
+    seed,
+    suppress,
+)
 from tests.harness.function import ROOT, FunctionServer
 from tests.harness.postgres import free_port
+from worker.console.app import SECURITY_HEADERS
+from worker.console.cursors import Cursors, Listing
 
 XSS_WORKFLOW = '<img src=x onerror="window.__xss=1">'
 XSS_ERROR = "<script>window.__xss=2</script> 550 rejected"
 XSS_RECIPIENT = '"<svg/onload=window.__xss=3>"@example.com'
+# A cursor that decodes to 2,000 nested lists: JSON's parser recurses once per `[`.
+DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 2000).decode()
 
 
 def api(console: Console, path: str, **params: Any) -> Reply:
@@ -34,9 +48,16 @@ def ok(console: Console, path: str, **params: Any) -> Any:
     return reply.json()
 
 
+def secured(reply: Reply) -> None:
+    """The defence-in-depth headers, exactly as on every other response."""
+    for name, value in SECURITY_HEADERS.items():
+        assert reply.headers.get(name.lower()) == value, (name, reply.status, reply.headers)
+
+
 def bad(console: Console, path: str, parameter: str, **params: Any) -> str:
     reply = api(console, path, **params)
     assert reply.status == 400, reply.text
+    secured(reply)
     doc = reply.json()
     assert (doc["error"], doc["parameter"]) == ("bad_parameter", parameter)
     assert doc["message"].startswith(f"{parameter}: ")
@@ -293,6 +314,26 @@ def test_filters(console: Console, admin_conn: psycopg.Connection[Any]) -> None:
         ({"recipient": "a b@example.com"}, "recipient"),
         ({"cursor": "garbage!"}, "cursor"),
         ({"cursor": "WyJub3QtYS1kYXRlIiwieCJd"}, "cursor"),  # ["not-a-date","x"]
+        ({"cursor": DEEP_CURSOR}, "cursor"),
+        ({"cursor": "[" * 2000}, "cursor"),
+        (
+            {"cursor": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00+00:00",1e999]').decode()},
+            "cursor",
+        ),
+        (
+            {
+                "cursor": base64.urlsafe_b64encode(
+                    b'["2026-01-01T00:00:00+00:00",' + b"9" * 5000 + b"]"
+                ).decode()
+            },
+            "cursor",
+        ),
+        ({"cursor": "v1." + "W" * 5000 + "." + "A" * 43}, "cursor"),
+        ({"cursor": "v1.%%%%.%%%%"}, "cursor"),
+        ({"limit": "9" * 5000}, "limit"),  # int() of it would raise, not answer
+        ({"limit": "1" + "0" * 400}, "limit"),
+        ({"workflow": "in\0vite"}, "workflow"),  # PostgreSQL text cannot hold NUL
+        ({"recipient": "a\0b@example.com"}, "recipient"),
         ({"recipeint": "ada@example.com"}, "recipeint"),
         ({"workflow": "w" * 101}, "workflow"),
     ],
@@ -304,6 +345,127 @@ def test_malformed_search_parameters_are_400_naming_the_parameter(
     # The rule, never the value (a long enough value would show if it were echoed).
     for value in params.values():
         assert len(value) < 4 or value not in message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"cursor": DEEP_CURSOR},
+        {"cursor": "[" * 2000},
+        {"cursor": "v1.bnVsbA." + "A" * 43},
+        {"limit": "9" * 5000},
+        {"reason": "manual\0"},
+        {"address": "x\0@example.com"},
+    ],
+)
+def test_malformed_suppression_parameters_are_400_with_the_headers(
+    console: Console, params: dict[str, str]
+) -> None:
+    bad(console, "/api/suppressions", next(iter(params)), **params)
+
+
+def test_a_malformed_cursor_on_a_page_is_the_400_page_with_the_headers(console: Console) -> None:
+    for cursor in (DEEP_CURSOR, "[" * 2000, "v1.bnVsbA." + "A" * 43, "%%%"):
+        for query in ({"cursor": cursor}, {"q": "ada@example.com", "cursor": cursor}):
+            reply = console.get("/?" + urlencode(query))
+            assert reply.status == 400, reply.text
+            assert reply.headers["content-type"].startswith("text/html")
+            assert "cursor: must be" in reply.text and "[[[" not in reply.text
+            secured(reply)
+    reply = console.get("/?" + urlencode({"q": "x\0y"}))
+    assert reply.status == 400 and "q: must not contain NUL" in reply.text
+    secured(reply)
+
+
+# --- signed cursors -------------------------------------------------------------------------
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def payload_of(cursor: str) -> Any:
+    version, payload, _mac = cursor.split(".")
+    assert version == "v1"
+    return json.loads(unb64(payload))
+
+
+def test_a_suppression_cursor_names_no_address(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    # The newest two entries of the list (other tests' entries are older).
+    suppress(admin_conn, "grace@cursor.example", created_ago=-3600)
+    suppress(admin_conn, "hopper@cursor.example", created_ago=-3599)
+    doc = ok(console, "/api/suppressions", limit=1)
+    assert doc["suppressions"][0]["address"] == "g***@cursor.example"
+    cursor = doc["next_cursor"]
+    # Every part of it decoded: nothing about whose entry it is.
+    decoded = " ".join(unb64(part).decode(errors="replace") for part in cursor.split("."))
+    assert "grace" not in decoded and "cursor.example" not in decoded, decoded
+    # Its place in the list: when, and the row's id.
+    assert "@" not in json.dumps(payload_of(cursor))
+    when, key = payload_of(cursor)
+    assert datetime.fromisoformat(when).tzinfo is not None and isinstance(key, int)
+    following = ok(console, "/api/suppressions", limit=1, cursor=cursor)
+    assert following["suppressions"][0]["address"] == "h***@cursor.example"
+
+
+def test_suppressions_created_in_one_instant_page_by_id(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    for name in ("tie-b", "tie-a", "tie-c"):
+        suppress(admin_conn, f"{name}@tie.example", created_ago=0)
+    admin_conn.execute(
+        "UPDATE email.suppressions SET created_at = '2001-02-03T04:05:06Z'"
+        " WHERE address LIKE '%%@tie.example'"
+    )
+    rows = admin_conn.execute(
+        "SELECT address FROM email.suppressions WHERE address LIKE '%%@tie.example' ORDER BY id"
+    ).fetchall()
+    newest_first = [f"{address[0]}***@tie.example" for (address,) in reversed(rows)]
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 1, "active": "true"}
+        if cursor:
+            params["cursor"] = cursor
+        doc = ok(console, "/api/suppressions", **params)
+        seen += [d["address"] for d in doc["suppressions"]]
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            break
+    assert seen[-3:] == newest_first
+
+
+def test_only_a_cursor_the_console_signed_for_that_list_is_taken(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    suppress(admin_conn, "first@signed.example", created_ago=20)
+    suppress(admin_conn, "second@signed.example", created_ago=21)
+    # The old attack: a cursor of one's choosing, unsigned (as cursors used to be) or with the
+    # MAC of another cursor, or signed with another key: all refused.
+    guess = json.dumps(["2026-01-01T00:00:00+00:00", "grace@example.com"]).encode()
+    bad(console, "/api/suppressions", "cursor", cursor=base64.urlsafe_b64encode(guess).decode())
+    cursor = ok(console, "/api/suppressions", limit=1)["next_cursor"]
+    when, key = payload_of(cursor)
+    version, _payload, mac = cursor.split(".")
+    moved = base64.urlsafe_b64encode(json.dumps([when, key + 1]).encode()).decode().rstrip("=")
+    bad(console, "/api/suppressions", "cursor", cursor=f"{version}.{moved}.{mac}")
+    theirs = Cursors(b"someone-else's-key-of-32-bytes!!").sign(
+        Listing.SUPPRESSIONS, datetime.fromisoformat(when), key
+    )
+    bad(console, "/api/suppressions", "cursor", cursor=theirs)
+    bad(console, "/api/suppressions", "cursor", cursor=cursor[:-1])
+    # The console's own signature on another list's cursor does not carry over.
+    seed(admin_conn, recipient="lists@signed.example", created_ago=30)
+    seed(admin_conn, recipient="lists@signed.example", created_ago=31)
+    deliveries = ok(console, "/api/deliveries", recipient="lists@signed.example", limit=1)
+    bad(console, "/api/suppressions", "cursor", cursor=deliveries["next_cursor"])
+    bad(console, "/api/deliveries", "cursor", cursor=cursor)
+    reused = Cursors(CURSOR_KEY).sign(Listing.DELIVERIES, datetime.fromisoformat(when), str(key))
+    assert ok(console, "/api/deliveries", cursor=reused)["deliveries"] is not None
+    bad(console, "/api/suppressions", "cursor", cursor=reused)
+    # And the genuine one still works.
+    assert ok(console, "/api/suppressions", limit=1, cursor=cursor)["suppressions"]
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -415,7 +577,12 @@ def test_the_console_role_cannot_write(console_db: ConsoleDb) -> None:
 
 def test_an_unreachable_database_is_503_with_a_message() -> None:
     nowhere = f"postgresql://reader@127.0.0.1:{free_port()}/none"
-    env = {"CONSOLE_DATABASE_URL": nowhere, "DB_TIMEOUT_SECONDS": "1", "DATABASE_URL": ""}
+    env = {
+        "CONSOLE_DATABASE_URL": nowhere,
+        "CONSOLE_CURSOR_KEY": CURSOR_KEY.decode(),
+        "DB_TIMEOUT_SECONDS": "1",
+        "DATABASE_URL": "",
+    }
     server = FunctionServer(env, target="delivery_console", signature_type="http").start()
     try:
         console = Console(server)
@@ -430,6 +597,44 @@ def test_an_unreachable_database_is_503_with_a_message() -> None:
         assert page.headers["content-security-policy"].startswith("default-src 'none'")
     finally:
         server.stop()
+
+
+def test_an_unexpected_failure_is_a_500_with_the_headers_and_no_traceback(
+    empty_database_url: str,
+) -> None:
+    """A console pointed at a database nobody migrated: every query fails in a way no route
+    expects. The answer is still the console's own, and the details are in its log only."""
+    env = {
+        "CONSOLE_DATABASE_URL": empty_database_url,
+        "CONSOLE_CURSOR_KEY": CURSOR_KEY.decode(),
+        "DATABASE_URL": "",
+    }
+    server = FunctionServer(env, target="delivery_console", signature_type="http").start()
+    try:
+        console = Console(server)
+        replies = {
+            path: console.get(path)
+            for path in ("/api/stats", "/api/suppressions", "/api/deliveries/c0001", "/stats", "/")
+        }
+        logs = server.logs()
+    finally:
+        server.stop()
+    for path, reply in replies.items():
+        assert reply.status == 500, (path, reply.text)
+        secured(reply)
+        for leak in ("Traceback", "psycopg", "UndefinedTable", "email.", 'File "'):
+            assert leak not in reply.text, (path, reply.text)
+        if path.startswith("/api/"):
+            assert reply.json() == {
+                "error": "internal",
+                "message": "the console failed on this request; its log says why",
+            }
+        else:
+            assert reply.headers["content-type"].startswith("text/html")
+            assert "the console failed on this request" in reply.text
+    failures = [line for line in logs.splitlines() if "email-console: internal error" in line]
+    assert len(failures) == len(replies), logs
+    assert "on /api/stats: UndefinedTable:" in failures[0] and "store.py:" in failures[0]
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -452,7 +657,7 @@ def import_main(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_console_target_needs_only_its_own_setting() -> None:
+def test_the_console_target_needs_only_its_own_settings() -> None:
     missing = import_main({"FUNCTION_TARGET": "delivery_console"})
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
@@ -460,7 +665,21 @@ def test_the_console_target_needs_only_its_own_setting() -> None:
         " is required but not set"
     ]
     url = "postgresql://reader@127.0.0.1:1/none"
-    started = import_main({"FUNCTION_TARGET": "delivery_console", "CONSOLE_DATABASE_URL": url})
+    env = {"FUNCTION_TARGET": "delivery_console", "CONSOLE_DATABASE_URL": url}
+    no_key = import_main(env)
+    assert no_key.returncode == 1
+    assert no_key.stderr.strip().splitlines() == [
+        "email-worker: configuration error: CONSOLE_CURSOR_KEY or CONSOLE_CURSOR_KEY_SECRET"
+        " is required but not set (at least 32 random bytes, e.g. `openssl rand -base64 48`)"
+    ]
+    short = import_main({**env, "CONSOLE_CURSOR_KEY": "too-short-a-secret"})
+    assert short.returncode == 1
+    assert short.stderr.strip().splitlines() == [
+        "email-worker: configuration error: CONSOLE_CURSOR_KEY must be at least 32 bytes, got 18"
+        " (e.g. `openssl rand -base64 48`)"
+    ]
+    assert "too-short-a-secret" not in short.stderr
+    started = import_main({**env, "CONSOLE_CURSOR_KEY": CURSOR_KEY.decode()})
     assert started.returncode == 0, started.stderr
 
 

@@ -627,7 +627,7 @@ def test_bad_settings_are_one_line_and_exit_2(
 # --- deploy-console.sh ---------------------------------------------------------------------
 
 
-def test_console_is_a_private_http_function_with_only_its_reader_secret(deploy: Deploy) -> None:
+def test_console_is_a_private_http_function_with_only_its_own_secrets(deploy: Deploy) -> None:
     argv = deploy.dry("deploy-console.sh").one("gcloud", "functions", "deploy")
     assert argv[3] == "email-console"
     assert "--gen2" in argv and "--trigger-http" in argv
@@ -637,23 +637,41 @@ def test_console_is_a_private_http_function_with_only_its_reader_secret(deploy: 
     assert flag(argv, "source") == str(deploy.source)
     assert flag(argv, "service-account") == CONSOLE_SA
     assert flag(argv, "max-instances") == "3"
-    # No SMTP, no Pub/Sub, not the worker's database secret: the console's own reader login,
-    # mounted by Cloud Run (SECRETS_VIA=env, the default).
-    assert flag(argv, "set-secrets") == "CONSOLE_DATABASE_URL=email-console-database-url:latest"
+    # No SMTP, no Pub/Sub, not the worker's database secret: the console's own reader login
+    # and its cursor key, mounted by Cloud Run (SECRETS_VIA=env, the default).
+    assert flag(argv, "set-secrets") == (
+        "CONSOLE_DATABASE_URL=email-console-database-url:latest,"
+        "CONSOLE_CURSOR_KEY=email-console-cursor-key:latest"
+    )
     assert "--clear-env-vars" in argv
     assert not any(arg.startswith("--set-env-vars") for arg in argv)
 
 
-def test_console_can_read_its_secret_itself(deploy: Deploy) -> None:
+def test_console_can_read_its_secrets_itself(deploy: Deploy) -> None:
     argv = deploy.dry("deploy-console.sh", env={"SECRETS_VIA": "worker"}).one(
         "gcloud", "functions", "deploy"
     )
     assert env_vars(argv) == {
         "CONSOLE_DATABASE_URL_SECRET": (
             f"projects/{PROJECT}/secrets/email-console-database-url/versions/latest"
-        )
+        ),
+        "CONSOLE_CURSOR_KEY_SECRET": (
+            f"projects/{PROJECT}/secrets/email-console-cursor-key/versions/latest"
+        ),
     }
-    assert "--clear-secrets" in argv
+    assert "--clear-secrets" in argv and "--clear-env-vars" not in argv
+
+
+def test_console_creates_checks_and_mounts_its_cursor_key(deploy: Deploy) -> None:
+    result = deploy.dry("deploy-console.sh", env={"CONSOLE_CURSOR_KEY_SECRET_ID": "console-key"})
+    created = [argv[3] for argv in result.find("gcloud", "secrets", "create")]
+    assert created == ["email-console-database-url", "console-key"]
+    checked = [
+        flag(argv, "secret") for argv in result.find("gcloud", "secrets", "versions", "describe")
+    ]
+    assert checked == ["email-console-database-url", "console-key"]
+    argv = result.one("gcloud", "functions", "deploy")
+    assert flag(argv, "set-secrets").split(",")[1] == "CONSOLE_CURSOR_KEY=console-key:latest"
 
 
 def test_console_grants_least_privilege_on_resources_only(deploy: Deploy) -> None:
@@ -662,10 +680,11 @@ def test_console_grants_least_privilege_on_resources_only(deploy: Deploy) -> Non
         env={"CONSOLE_INVOKERS": f"{SUPPORT},user:oncall@acme.example"},
     )
     assert not project_level_bindings(result)
-    secret = result.one("gcloud", "secrets", "add-iam-policy-binding")
-    assert secret[3] == "email-console-database-url"
-    assert flag(secret, "member") == f"serviceAccount:{CONSOLE_SA}"
-    assert flag(secret, "role") == "roles/secretmanager.secretAccessor"
+    secrets = result.find("gcloud", "secrets", "add-iam-policy-binding")
+    assert [(argv[3], flag(argv, "member"), flag(argv, "role")) for argv in secrets] == [
+        (name, f"serviceAccount:{CONSOLE_SA}", "roles/secretmanager.secretAccessor")
+        for name in ("email-console-database-url", "email-console-cursor-key")
+    ]
     invokers = result.find("gcloud", "run", "services", "add-iam-policy-binding")
     assert [(argv[4], flag(argv, "member"), flag(argv, "role")) for argv in invokers] == [
         ("email-console", SUPPORT, "roles/run.invoker"),
@@ -673,7 +692,7 @@ def test_console_grants_least_privilege_on_resources_only(deploy: Deploy) -> Non
     ]
     commands = result.commands
     deployed = commands.index(result.one("gcloud", "functions", "deploy"))
-    assert commands.index(secret) < deployed < commands.index(invokers[0])
+    assert commands.index(secrets[-1]) < deployed < commands.index(invokers[0])
     assert "gcloud run services proxy email-console" in result.stdout
 
 
@@ -688,6 +707,12 @@ def test_console_grants_least_privilege_on_resources_only(deploy: Deploy) -> Non
             {"CONSOLE_DATABASE_URL_SECRET_ID": "email-database-url"},
             "CONSOLE_DATABASE_URL_SECRET_ID",
         ),
+        ({"CONSOLE_CURSOR_KEY_SECRET_ID": "email-database-url"}, "CONSOLE_CURSOR_KEY_SECRET_ID"),
+        (
+            {"CONSOLE_CURSOR_KEY_SECRET_ID": "email-console-database-url"},
+            "CONSOLE_CURSOR_KEY_SECRET_ID",
+        ),
+        ({"CONSOLE_CURSOR_KEY_SECRET_ID": "a/b"}, "CONSOLE_CURSOR_KEY_SECRET_ID"),
         ({"CONSOLE_FUNCTION_NAME": "email-worker"}, "CONSOLE_FUNCTION_NAME"),
         ({"CONSOLE_SA": "email-worker-runtime"}, "CONSOLE_SA"),
         ({"CONSOLE_MAX_INSTANCES": "0"}, "CONSOLE_MAX_INSTANCES"),

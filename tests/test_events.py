@@ -231,6 +231,20 @@ def test_payload_must_be_a_small_json_object(payload: bytes) -> None:
     assert err.delivery_id is None and err.workflow is None
 
 
+def test_a_delivery_event_is_at_most_64_kib() -> None:
+    raw = json.dumps(delivery()).encode()
+    for size, valid in ((64 * 1024, True), (64 * 1024 + 1, False)):
+        padded = raw[:-1] + b" " * (size - len(raw)) + b"}"
+        if valid:
+            assert parse_delivery(message(padded)).delivery_id == "del_1"
+        else:
+            err = rejected(padded)
+            assert (str(err), err.message and err.message.data) == (
+                "message.data: must be at most 65536 bytes",
+                padded,
+            )
+
+
 def test_payload_at_the_size_limit_is_accepted() -> None:
     raw = json.dumps(delivery()).encode()
     padded = raw[:-1] + b" " * (MAX_PAYLOAD_BYTES - len(raw)) + b"}"
@@ -459,18 +473,44 @@ VARIABLE_CASES: list[tuple[str, str, list[Any], list[Any]]] = [
         "invite",
         "organization_name",
         ["Acme", "Ünïcödé GmbH & Co.", "<script>alert(1)</script>", "x" * 200],
-        ["", "   ", "x" * 201, "Acme\r\nBcc: x", "Acme\x00", "Acme\u2028", "Acme\u202e", None, 3],
+        [
+            *("", "   ", "x" * 201, "Acme\r\nBcc: x", "Acme\x00", "Acme\u2028", "Acme\u202e"),
+            # RFC 2047 encoded-words: a mail reader decodes them in the subject (U+202E here).
+            "=?utf-8?b?4oCuZ25wLmV4ZQ==?=",
+            "Acme =?UTF-8?Q?=E2=80=AE?=",
+            "Acme=?x",
+            None,
+            3,
+        ],
     ),
-    ("invite", "inviter_name", ["Grace", "", None], ["x" * 201, "Grace\n", 1]),
+    (
+        "invite",
+        "inviter_name",
+        ["Grace", "", None, "Why?=Because", "a = b? c"],
+        ["x" * 201, "Grace\n", 1, "=?utf-8?q?Grace=0D=0ABcc:_x?=", "=?"],
+    ),
     (
         "invite",
         "expires_at",
-        ["2030-01-31", "2028-02-29", None],
-        # A date as YYYY-MM-DD only: "in 7 days" rendered as "expires on in 7 days".
+        [
+            *("2030-01-31", "2028-02-29", None),
+            # RFC 3339 date-times with an offset.
+            *("2026-12-01T12:00:00Z", "2026-12-01t12:00:00.123456789+05:30"),
+            "2026-12-01T23:59:59-23:59",
+        ],
+        # A date or a date-time with an offset: "in 7 days" would render as "expires on in 7
+        # days", and a time without an offset falls on a day nobody knows.
         [
             "in 7 days",
             "31 January 2030",
-            "2030-01-31T12:00:00Z",
+            "2030-01-31T12:00:00",
+            "2030-01-31 12:00:00Z",
+            "2030-01-31T12:00Z",
+            "2030-01-31T12:00:00+24:00",
+            "2030-01-31T12:00:00+05:60",
+            "2030-01-31T25:00:00Z",
+            "2030-02-30T12:00:00Z",
+            "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
             "2030-02-30",
             "2030-1-31",
             "\uff12\uff10\uff13\uff10-01-31",  # fullwidth digits

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,20 @@ def test_valid_event_sends_exactly_one_email(
         Status.SENT,
     ]
     assert pubsub.dead_letters(timeout=1) == []
+
+
+@pytest.mark.parametrize("expires_at", ["2026-12-01", "2026-12-01T12:00:00Z"])
+def test_an_invite_expiry_as_a_date_or_an_rfc3339_date_time_is_sent(
+    worker: Worker, smtp_server: SmtpTestServer, ledger: Ledger, expires_at: str
+) -> None:
+    data = {**factories.DATA["invite"], "expires_at": expires_at}
+    body = factories.payload("invite", data=data)
+    handle(factories.cloud_event(body), worker)
+    [received] = smtp_server.messages
+    text = received.message.get_body(("plain",))
+    assert text is not None and "expires on December 1, 2026." in text.get_content()
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.status is Status.SENT
 
 
 def test_same_delivery_again_sends_nothing_and_changes_nothing(
@@ -203,6 +218,12 @@ def test_permanent_failure_is_failed_and_dead_lettered(
     assert letter["data"] == factories.encode(body)
 
 
+def padded(body: dict[str, Any], size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes (blanks before the closing brace)."""
+    raw = json.dumps(body).encode()
+    return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+
 INVALID_BODIES: dict[str, tuple[bytes, str | None]] = {
     "not json": (b"{not json", None),
     "not utf-8": (b"\xff\xfe\x00garbage", None),
@@ -224,7 +245,34 @@ INVALID_BODIES: dict[str, tuple[bytes, str | None]] = {
         json.dumps(factories.payload(delivery_id="inv-4", data={})).encode(),
         "inv-4",
     ),
-    "bad delivery id": (json.dumps(factories.payload(delivery_id="has space")).encode(), None),
+    # Mail readers decode an RFC 2047 encoded-word in the subject: U+202E (right-to-left
+    # override) here, a CR LF in the next one, past the rule against such characters.
+    "encoded-word organization name": (
+        json.dumps(
+            factories.payload(
+                "invite",
+                delivery_id="inv-5",
+                data={
+                    **factories.DATA["invite"],
+                    "organization_name": "=?utf-8?b?4oCuZ25wLmV4ZQ==?=",
+                },
+            )
+        ).encode(),
+        "inv-5",
+    ),
+    "encoded-word inviter name": (
+        json.dumps(
+            factories.payload(
+                "invite",
+                delivery_id="inv-6",
+                data={**factories.DATA["invite"], "inviter_name": "Grace =?utf-8?q?=0D=0ABcc:_x?="},
+            )
+        ).encode(),
+        "inv-6",
+    ),
+    # A delivery event is small: data over 64 KiB is invalid, dead-lettered unchanged.
+    "over 64 KiB": (padded(factories.payload(delivery_id="inv-7"), 64 * 1024 + 1), None),
+    "5 MB": (padded(factories.payload(delivery_id="inv-8"), 5_000_000), None),
 }
 
 
@@ -246,6 +294,37 @@ def test_invalid_events_are_recorded_and_dead_lettered(
             "SELECT delivery_id, status, last_error_code FROM email.deliveries"
         ).fetchall()
     assert rows == ([(delivery_id, "failed", "INVALID_EVENT")] if delivery_id else [])
+
+
+def test_a_received_subject_never_decodes_to_a_control_or_bidi_character(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace
+) -> None:
+    """Names go into the subject. What the relay received, decoded as a mail reader decodes it
+    (RFC 2047 encoded-words included), holds no control, line-break or bidi character:
+    names that would decode to one are refused, the others arrive as written."""
+    refused = [
+        "=?utf-8?b?4oCuZ25wLmV4ZQ==?=",  # U+202E
+        "=?UTF-8?B?4oCu?=exe",
+        "Acme =?utf-8?q?=0D=0ABcc:_x?=",  # CR LF
+        "=?iso-8859-1?q?=07?=",  # BEL
+    ]
+    sent = ["Ünïcödé GmbH & Co.", "Why?=Because", "a = b? c", "Acme ?= ?"]
+    for name in refused + sent:
+        for variable in ("organization_name", "inviter_name"):
+            data = {**factories.DATA["invite"], variable: name}
+            handle(factories.cloud_event(factories.payload("invite", data=data)), worker)
+
+    subjects = [str(m.message["Subject"]) for m in smtp_server.messages]
+    assert len(subjects) == 2 * len(sent)
+    for subject in subjects:
+        assert not [ch for ch in subject if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")], (
+            subject
+        )
+    for name in sent:
+        assert f"join {name}" in " ".join(subjects) and f"{name} invited you" in " ".join(subjects)
+    letters = pubsub.dead_letters()
+    assert len(letters) == 2 * len(refused)
+    assert {m.message.attributes["error_code"] for m in letters} == {"INVALID_EVENT"}
 
 
 def test_envelope_that_is_not_base64_is_dead_lettered(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,8 @@ from tests.harness.webhook import (
     seed_delivery,
 )
 from tests.provider_signing import basic_auth
+from worker.providers.model import Refused, WebhookRequest
+from worker.providers.postmark import PostmarkAdapter
 
 TIME_KEYS = ("DeliveredAt", "BouncedAt", "ReceivedAt")
 
@@ -34,6 +37,9 @@ def payload(name: str, delivery_id: str) -> dict[str, Any]:
             body[key] = when
     if "ID" in body:
         body["ID"] = int.from_bytes(new_id("").encode()[-6:], "big")
+    for key in ("Email", "Recipient"):
+        if key in body:
+            body[key] = "ada@example.com"  # the seeded delivery's recipient
     return body
 
 
@@ -104,27 +110,139 @@ def test_an_authentic_malformed_body_is_400_and_stores_nothing(
     assert count_provider_events(webhook_db) == before
 
 
+def _credentials(keys: ProviderKeys, case: str) -> dict[str, str]:
+    """Authorization headers that are right in every part but the one `case` names."""
+    user, password = keys.postmark_user, keys.postmark_password
+
+    def basic(text: str, scheme: str = "Basic") -> dict[str, str]:
+        return {"Authorization": f"{scheme} {base64.b64encode(text.encode()).decode()}"}
+
+    return {
+        "none": {},
+        "right user, wrong password": basic_auth(user, "wrong"),
+        "wrong user, right password": basic_auth("someone", password),
+        "both wrong": basic_auth("someone", "wrong"),
+        "user in other case": basic_auth(user.upper(), password),
+        "user with a character more": basic_auth(user + "x", password),
+        "user a character short": basic_auth(user[:-1], password),
+        "empty user": basic_auth("", password),
+        "password with a character more": basic_auth(user, password + "x"),
+        "password a character short": basic_auth(user, password[:-1]),
+        "empty password": basic_auth(user, ""),
+        "user and password swapped": basic_auth(password, user),
+        "no colon": basic(user + password),
+        "password alone": basic(password),
+        "right credentials, bearer scheme": basic(f"{user}:{password}", "Bearer"),
+        "right credentials, no scheme": {
+            "Authorization": base64.b64encode(f"{user}:{password}".encode()).decode()
+        },
+        "not base64": {"Authorization": "Basic !!!"},
+    }[case]
+
+
 @pytest.mark.parametrize(
-    "headers",
+    "case",
     [
-        {},
-        basic_auth("postmark-hook", "wrong"),
-        basic_auth("someone", "x"),
-        {"Authorization": "Bearer abc"},
-        {"Authorization": "Basic !!!"},
+        "none",
+        "right user, wrong password",
+        "wrong user, right password",
+        "both wrong",
+        "user in other case",
+        "user with a character more",
+        "user a character short",
+        "empty user",
+        "password with a character more",
+        "password a character short",
+        "empty password",
+        "user and password swapped",
+        "no colon",
+        "password alone",
+        "right credentials, bearer scheme",
+        "right credentials, no scheme",
+        "not base64",
     ],
-    ids=["none", "wrong password", "wrong user", "bearer", "not base64"],
 )
 def test_wrong_or_missing_credentials_are_401_and_store_nothing(
-    webhook: FunctionServer, webhook_db: str, headers: dict[str, str]
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, case: str
 ) -> None:
     delivery_id = new_id("pm")
     seed_delivery(webhook_db, delivery_id)
     before = count_provider_events(webhook_db)
 
     response = post(
-        webhook, "postmark", json.dumps(payload("delivery", delivery_id)).encode(), headers
+        webhook,
+        "postmark",
+        json.dumps(payload("delivery", delivery_id)).encode(),
+        _credentials(provider_keys, case),
     )
 
     assert response.status == 401
     assert count_provider_events(webhook_db) == before
+    assert delivery(webhook_db, delivery_id)["provider_status"] is None
+
+
+def test_the_scheme_is_read_in_any_case(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
+) -> None:
+    delivery_id = new_id("pm")
+    seed_delivery(webhook_db, delivery_id)
+    auth = basic_auth(provider_keys.postmark_user, provider_keys.postmark_password)
+    auth["Authorization"] = auth["Authorization"].replace("Basic ", "basic ")
+
+    response = post(
+        webhook, "postmark", json.dumps(payload("delivery", delivery_id)).encode(), auth
+    )
+
+    assert response.status == 200, response.body
+    assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
+
+
+def test_the_colon_is_required_even_where_the_password_is_empty() -> None:
+    """Without the colon, "hook" would pass as user "hook" with an empty password."""
+    adapter = PostmarkAdapter(username=b"hook", password=b"")
+
+    def request(credentials: bytes) -> WebhookRequest:
+        header = "Basic " + base64.b64encode(credentials).decode()
+        return WebhookRequest("postmark", "https://x/postmark", {"authorization": header}, b"{}")
+
+    adapter.authenticate(request(b"hook:"))
+    with pytest.raises(Refused) as refused:
+        adapter.authenticate(request(b"hook"))
+    assert refused.value.status == 401
+
+
+# --- values the ledger cannot store ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("Email", "victim" + "x" * 282 + "@example.com"),
+        ("Email", "victim\x00@example.com"),
+        ("ID", "9" * 600),
+        ("MessageID", "m" * 501),
+        ("Type", "HardBounce\x00"),
+        ("RecordType", "Bounce\x00"),
+    ],
+    ids=[
+        "address of 300",
+        "NUL in address",
+        "id of 600",
+        "message id of 501",
+        "NUL in type",
+        "NUL in record type",
+    ],
+)
+def test_an_event_the_ledger_cannot_store_is_400_and_stores_nothing(
+    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, key: str, value: str
+) -> None:
+    delivery_id = new_id("pm")
+    seed_delivery(webhook_db, delivery_id)
+    body = {**payload("bounce-hard", delivery_id), key: value}
+    before = count_provider_events(webhook_db)
+
+    response = send(webhook, provider_keys, body)
+
+    assert response.status == 400, response.body
+    assert count_provider_events(webhook_db) == before
+    assert "victim" not in webhook.logs()

@@ -37,7 +37,7 @@ def admin(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-def sent(ledger: Ledger, workflow: str = "invite") -> str:
+def sent(ledger: Ledger, workflow: str = "invite", *, backdate: bool = False) -> str:
     delivery_id = next(_ids)
     claim = ledger.claim(
         delivery_id=delivery_id,
@@ -53,6 +53,16 @@ def sent(ledger: Ledger, workflow: str = "invite") -> str:
     assert ledger.set_sent_if_claimed(
         claim, attempts=1, provider_message_id=f"<{delivery_id}@example.com>"
     )
+    if not backdate:
+        return delivery_id
+    # Sent an hour before T0, for tests that read the reports' times: a provider time before
+    # the send is not one this email had, and would be taken as the receipt time.
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "UPDATE email.deliveries SET created_at = %s, queued_at = %s, sent_at = %s"
+            " WHERE delivery_id = %s",
+            (*[T0 - timedelta(hours=1)] * 3, delivery_id),
+        )
     return delivery_id
 
 
@@ -63,7 +73,7 @@ def report(ledger: Ledger, delivery_id: str, kind: str, minute: int, **extra: An
             provider_event_id=f"{delivery_id}-{kind}-{minute}",
             event_type=EventType(kind),
             occurred_at=T0 + timedelta(minutes=minute),
-            recipient="ada@example.com",
+            recipient=f"ada+{delivery_id}@example.com",
             delivery_id=delivery_id,
             message_id=None,
             relay_message_id=None,
@@ -75,7 +85,7 @@ def report(ledger: Ledger, delivery_id: str, kind: str, minute: int, **extra: An
 def test_status_shows_the_provider_status_its_times_and_events(
     ledger: Ledger, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    delivery_id = sent(ledger)
+    delivery_id = sent(ledger, backdate=True)
     report(ledger, delivery_id, "opened", 7)
     report(ledger, delivery_id, "delivered", 2, provider="ses")
     report(ledger, delivery_id, "bounced", 9, bounce_type="hard")  # too late: opened

@@ -29,6 +29,7 @@ def payload(name: str, delivery_id: str) -> dict[str, Any]:
     body["data"] |= {
         "email_id": new_id("re"),
         "tags": [{"name": "delivery_id", "value": delivery_id}],
+        "to": ["ada@example.com"],  # the seeded delivery's recipient
     }
     return body
 
@@ -148,3 +149,46 @@ def test_a_rotated_secret_still_verifies_among_several_signatures(
 
     assert post(webhook, "resend", raw, headers).status == 200
     assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
+
+
+# --- values the ledger cannot store ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "svix_id"),
+    [
+        ({"to": ["victim" + "x" * 282 + "@example.com"]}, None),
+        ({"to": ["victim\x00@example.com"]}, None),
+        ({"to": ["victim\ud800@example.com"]}, None),
+        ({"email_id": "e" * 501}, None),
+        ({"bounce": {"type": "Permanent\x00"}}, None),
+        ({}, "msg_" + "m" * 600),
+    ],
+    ids=[
+        "address of 300",
+        "NUL in address",
+        "lone surrogate in address",
+        "email id of 501",
+        "NUL in bounce type",
+        "svix-id of 604",
+    ],
+)
+def test_an_event_the_ledger_cannot_store_is_400_and_stores_nothing(
+    webhook: FunctionServer,
+    webhook_db: str,
+    provider_keys: ProviderKeys,
+    change: dict[str, Any],
+    svix_id: str | None,
+) -> None:
+    delivery_id = new_id("re")
+    seed_delivery(webhook_db, delivery_id)
+    body = payload("email.bounced", delivery_id)
+    body["data"] |= change
+    before = count_provider_events(webhook_db)
+
+    response = send(webhook, provider_keys.resend_secret, body, msg_id=svix_id)
+
+    assert response.status == 400, response.body
+    assert count_provider_events(webhook_db) == before
+    assert delivery(webhook_db, delivery_id)["provider_status"] is None
+    assert "victim" not in webhook.logs()

@@ -583,7 +583,7 @@ def test_a_body_that_is_not_an_sns_message_is_401(adapter: SesAdapter, body: byt
 def test_a_key_other_than_the_certificates_is_refused(
     adapter: SesAdapter, sns_https: SnsTestServer
 ) -> None:
-    impostor = sns_https.new_signer("/impostor.pem")
+    impostor = sns_https.new_signer()
     envelope = impostor.sign(notification(fixture("event-delivery")))
     envelope["SigningCertURL"] = sns_https.signer.cert_url  # claims the real certificate
     assert _refused(adapter, envelope).status == 403
@@ -594,11 +594,10 @@ def test_an_expired_or_not_yet_valid_certificate_is_refused(
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     expired = sns_https.new_signer(
-        "/expired.pem",
         valid_from=now - dt.timedelta(days=3),
         valid_until=now - dt.timedelta(days=1),
     )
-    future = sns_https.new_signer("/future.pem", valid_from=now + dt.timedelta(days=1))
+    future = sns_https.new_signer(valid_from=now + dt.timedelta(days=1))
     for signer in (expired, future):
         assert _refused(adapter, signer.sign(notification(fixture("event-delivery")))).status == 403
 
@@ -607,21 +606,83 @@ def test_refused_requests_never_fetch_anything(
     adapter: SesAdapter, sns_https: SnsTestServer
 ) -> None:
     """Topic and host are checked before any network access."""
-    decoy = sns_https.new_signer("/decoy.pem")
+    decoy = sns_https.new_signer()
     for mutate in (_unknown_topic, _plain_http):
         envelope = decoy.sign(notification(fixture("event-delivery")))
         mutate(envelope, sns_https)
         _refused(adapter, envelope)
-    assert sns_https.server.hits("/decoy.pem") == []
+    assert sns_https.server.hits(decoy.cert_path) == []
+
+
+def _cert_url_variants(signer: SnsSigner, server: SnsTestServer) -> dict[str, str]:
+    """SigningCertURLs on the allowed host that are not SNS's form: each one would be
+    another URL to fetch (and to cache) for every forged request."""
+    url, path, root = signer.cert_url, signer.cert_path, server.server.url("")
+    return {
+        "query": url + "?bust=1",
+        "another query": url + "?bust=2",
+        "empty query": url + "?",
+        "fragment": url + "#x",
+        "user info": url.replace("https://", "https://u@"),
+        "empty user info": url.replace("https://", "https://@"),
+        "name not hex": root + "/SimpleNotificationService-notahexname.pem",
+        "another file name": root + "/cert.pem",
+        "in a directory": root + "/x" + path,
+        "dot segment": root + "/x/.." + path,
+        "encoded dot": url.removesuffix(".pem") + "%2Epem",
+        "path parameters": url + ";x",
+        "upper-case suffix": url.removesuffix(".pem") + ".PEM",
+        "trailing slash": url + "/",
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "query",
+        "another query",
+        "empty query",
+        "fragment",
+        "user info",
+        "empty user info",
+        "name not hex",
+        "another file name",
+        "in a directory",
+        "dot segment",
+        "encoded dot",
+        "path parameters",
+        "upper-case suffix",
+        "trailing slash",
+    ],
+)
+def test_a_certificate_url_not_of_the_sns_form_is_refused_before_any_fetch(
+    adapter: SesAdapter, sns_https: SnsTestServer, variant: str
+) -> None:
+    signer = sns_https.new_signer()
+    # As SNS's own host would: the certificate's path with any query gets the certificate.
+    sns_https.server.serve_prefix(signer.cert_path, sns_https.server.served(signer.cert_path))
+    forged = signer.sign(notification(fixture("event-delivery")))
+    _wrong_signature(forged, sns_https)
+    before = len(sns_https.server.hits())
+
+    refused = _refused(
+        adapter, {**forged, "SigningCertURL": _cert_url_variants(signer, sns_https)[variant]}
+    )
+
+    assert refused.status == 403
+    assert len(sns_https.server.hits()) == before
+    # The counter sees fetches: the same forgery naming SNS's own form is fetched, once.
+    assert _refused(adapter, forged).status == 403
+    assert sns_https.server.hits(signer.cert_path) == [signer.cert_path]
 
 
 def test_the_certificate_is_fetched_once_per_instance(
     adapter: SesAdapter, sns_https: SnsTestServer
 ) -> None:
-    signer = sns_https.new_signer("/cached.pem")
+    signer = sns_https.new_signer()
     for _ in range(3):
         events_of(adapter, signer.sign(notification(fixture("event-delivery"))))
-    assert sns_https.server.hits("/cached.pem") == ["/cached.pem"]
+    assert sns_https.server.hits(signer.cert_path) == [signer.cert_path]
 
 
 def test_the_certificate_cache_is_bounded(sns_https: SnsTestServer) -> None:
@@ -632,22 +693,22 @@ def test_the_certificate_cache_is_bounded(sns_https: SnsTestServer) -> None:
         cache_size=2,
     )
     adapter = SesAdapter(verifier)
-    signers = [sns_https.new_signer(f"/bounded-{n}.pem") for n in range(3)]
+    signers = [sns_https.new_signer() for _ in range(3)]
     for signer in [*signers, signers[2], signers[0]]:  # the first was evicted by the third
         adapter.authenticate(request(signer.sign(notification(fixture("event-open")))))
-    assert [len(sns_https.server.hits(f"/bounded-{n}.pem")) for n in range(3)] == [2, 1, 1]
+    assert [len(sns_https.server.hits(s.cert_path)) for s in signers] == [2, 1, 1]
 
 
 def test_an_unreachable_certificate_is_503_so_sns_retries(
     adapter: SesAdapter, sns_https: SnsTestServer
 ) -> None:
-    signer = sns_https.new_signer("/flaky.pem")
-    sns_https.server.serve("/flaky.pem", b"busy", status=503)
+    signer = sns_https.new_signer()
+    sns_https.server.serve(signer.cert_path, b"busy", status=503)
     with pytest.raises(Unavailable) as unavailable:
         adapter.authenticate(request(signer.sign(notification(fixture("event-delivery")))))
     assert unavailable.value.status == 503
     # A missing certificate (404) is no transient failure.
-    sns_https.server.serve("/flaky.pem", b"gone", status=404)
+    sns_https.server.serve(signer.cert_path, b"gone", status=404)
     assert _refused(adapter, signer.sign(notification(fixture("event-delivery")))).status == 403
 
 
@@ -748,6 +809,96 @@ def test_malformed_records_name_the_field(adapter: SesAdapter, signer: SnsSigner
     error = _malformed(adapter, signer, bad_time)
     assert (error.field, error.rule) == ("open.timestamp", "must be an ISO 8601 time")
     assert "yesterday" not in str(error)
+
+
+LONG_ADDRESS = "victim" + "x" * 282 + "@example.com"  # 300 characters
+
+
+def _with(name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    record = fixture(name)
+    change(record)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (
+            _with(
+                "event-bounce",
+                lambda r: r["bounce"]["bouncedRecipients"][0].update(emailAddress=LONG_ADDRESS),
+            ),
+            "bounce.bouncedRecipients",
+        ),
+        (
+            _with(
+                "event-delivery",
+                lambda r: r["delivery"].update(recipients=["victim\x00@example.com"]),
+            ),
+            "delivery.recipients",
+        ),
+        (
+            _with(
+                "event-complaint",
+                lambda r: r["complaint"]["complainedRecipients"][0].update(
+                    emailAddress="victim\ud800@example.com"
+                ),
+            ),
+            "complaint.complainedRecipients",
+        ),
+        (
+            _with("event-open", lambda r: r["mail"].update(destination=[LONG_ADDRESS])),
+            "mail.destination",
+        ),
+        (
+            _with("event-delivery", lambda r: r["mail"].update(messageId="m" * 501)),
+            "mail.messageId",
+        ),
+        (_with("event-delivery", lambda r: r["mail"].update(messageId="m\x00")), "mail.messageId"),
+        ("[" * 100_000 + "]" * 100_000, "Message"),
+        ('{"eventType": ' + "9" * 100_000 + "}", "Message"),
+    ],
+    ids=[
+        "bounced address of 300",
+        "NUL in a delivered address",
+        "lone surrogate in a complained address",
+        "destination of 300",
+        "SES message id of 501",
+        "NUL in SES message id",
+        "Message nested 100000 deep",
+        "Message with a number of 100000 digits",
+    ],
+)
+def test_a_record_the_ledger_cannot_store_is_malformed(
+    adapter: SesAdapter, signer: SnsSigner, record: Any, field: str
+) -> None:
+    error = _malformed(adapter, signer, record)
+    assert error.field == field
+    assert "victim" not in str(error)
+
+
+def test_an_sns_message_id_too_long_for_an_event_id_is_malformed(
+    adapter: SesAdapter, signer: SnsSigner
+) -> None:
+    envelope = signer.sign(notification(fixture("event-delivery"), MessageId="m" * 484))
+    adapter.authenticate(request(envelope))
+    with pytest.raises(Malformed) as malformed:
+        adapter.events(request(envelope))
+    assert malformed.value.field == "MessageId"
+    shorter = signer.sign(notification(fixture("event-delivery"), MessageId="m" * 483))
+    (event,) = events_of(adapter, shorter).events
+    assert len(event.provider_event_id) == 500
+
+
+def test_diagnostic_text_is_kept_without_nul_or_lone_surrogates(
+    adapter: SesAdapter, signer: SnsSigner
+) -> None:
+    record = fixture("event-bounce")
+    entry = record["bounce"]["bouncedRecipients"][0]
+    entry["diagnosticCode"] = "smtp; 550\x00 user\ud800 unknown"
+    (event,) = events_of(adapter, signer.sign(notification(record))).events
+    assert event.detail["diagnostic"] == "smtp; 550 user? unknown"
+    json.dumps(event.detail).encode("utf-8")  # storable
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -889,6 +1040,9 @@ def test_ses_events_through_the_ledger_never_store_the_link(
     click["mail"]["commonHeaders"]["messageId"] = "unrelated@example.com"
     click["click"]["link"] = RESET_LINK
     click["click"]["linkTags"] = {"token": ["s3cr3t-reset-token"]}
+    # A time this email can have had (the ledger keeps no time from before it was queued).
+    clicked_at = dt.datetime.now(dt.UTC).replace(microsecond=570000)
+    click["click"]["timestamp"] = clicked_at.isoformat().replace("+00:00", "Z")
     for event in events_of(adapter, signer.sign(notification(click))).events:
         assert tracking.apply(event) is Applied.APPLIED
 
@@ -902,7 +1056,7 @@ def test_ses_events_through_the_ledger_never_store_the_link(
             " (SELECT string_agg(t::text, ' ') FROM email.deliveries t),"
             " (SELECT string_agg(t::text, ' ') FROM email.delivery_events t))"
         ).fetchone()
-    assert status == ("clicked", dt.datetime(2017, 8, 9, 23, 51, 25, 570000, tzinfo=dt.UTC))
+    assert status == ("clicked", clicked_at)
     assert stored is not None
     for secret in (RESET_LINK, "s3cr3t", "reset?token"):
         assert secret not in stored[0]

@@ -46,6 +46,25 @@ def test_sendgrid_signatures_verify_with_sendgrids_event_webhook() -> None:
     adapter.authenticate(request("sendgrid", headers))
 
 
+def test_sendgrid_signs_the_bytes_as_sent_by_sendgrids_event_webhook_too() -> None:
+    """SendGrid's own library verifies the raw body: other spacing verifies, the same events
+    re-serialised do not. The adapter agrees both ways."""
+    keys = SendGridKeys()
+    raw = b'[ {"email" :"ada@example.com",\n  "event": "delivered"} ]'
+    reserialised = json.dumps(json.loads(raw)).encode()
+    headers = keys.headers(raw)
+    signature = headers["X-Twilio-Email-Event-Webhook-Signature"]
+    timestamp = headers["X-Twilio-Email-Event-Webhook-Timestamp"]
+    library = EventWebhook(keys.public_key_b64)
+    adapter = sendgrid.SendGridAdapter(sendgrid.load_public_key(keys.public_key_b64))
+
+    assert library.verify_signature(raw.decode(), signature, timestamp)
+    assert not library.verify_signature(reserialised.decode(), signature, timestamp)
+    adapter.authenticate(request("sendgrid", headers, raw))
+    with pytest.raises(Refused):
+        adapter.authenticate(request("sendgrid", headers, reserialised))
+
+
 def test_mailgun_signatures_verify_with_mailguns_sdk() -> None:
     key = "key-3ax6xnjp29jd6fds4gc373sgvjxteol0"
     signature = mailgun_signature(key)

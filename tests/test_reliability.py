@@ -842,7 +842,7 @@ def test_bad_input_corpus_is_rejected_in_process(
         problems=len(problems) + len(raised),
     )
     assert raised == []
-    assert problems == []
+    assert problems == [], "\n".join(problems)
 
 
 def test_bad_input_corpus_is_acked_through_a_worker_process(
@@ -875,4 +875,4 @@ def test_bad_input_corpus_is_acked_through_a_worker_process(
         problems=len(problems),
     )
     assert not_acked == {}
-    assert problems == []
+    assert problems == [], "\n".join(problems)

@@ -265,6 +265,11 @@ def test_rendering_is_a_pure_function_of_the_event() -> None:
         ("fr", "2030-01-31", "31 janvier 2030"),
         ("fr-CA", "2030-08-01", "1er août 2030"),
         ("de", "2030-01-31", "2030-01-31"),  # no words for this language: the ISO form
+        # An RFC 3339 date-time: its date in UTC.
+        ("en", "2026-12-01T12:00:00Z", "December 1, 2026"),
+        ("en", "2026-12-01T23:30:00-05:00", "December 2, 2026"),
+        ("fr", "2026-12-01T00:30:00+01:00", "30 novembre 2026"),
+        ("de", "2026-12-01T12:00:00.5+00:00", "2026-12-01"),
     ],
 )
 def test_long_date_follows_the_template_language(
@@ -275,6 +280,25 @@ def test_long_date_follows_the_template_language(
         write_templates(tmp_path, folder, **complete(body=body))
     email = Renderer(tmp_path).render(raw_event("w", {"expires_at": value}, locale))
     assert email.text == written
+
+
+@pytest.mark.parametrize(
+    "expires_at", ["2026-12-01", "2026-12-01T12:00:00Z", "2026-12-01T09:00:00-03:00"]
+)
+def test_an_invite_expiry_as_a_date_or_a_date_time(expires_at: str) -> None:
+    email = render(event("invite", {**INVITE, "expires_at": expires_at}))
+    assert "The invitation expires on December 1, 2026." in email.text
+    assert "expires on December 1, 2026." in email.html
+
+
+def test_a_subject_that_would_hold_an_encoded_word_is_a_template_error(tmp_path: Path) -> None:
+    """Names cannot hold `=?`; neither may what a template joins around them, since mail
+    readers decode `=?charset?b?...?=` in a subject into any character."""
+    write_templates(tmp_path, "w/en", **complete(subject="{{ a }}?{{ b }}"))
+    renderer = Renderer(tmp_path)
+    assert renderer.render(raw_event("w", {"a": "x", "b": "y"})).subject == "x?y"
+    with pytest.raises(TemplateError, match=r"w/en/subject.txt: subject must not contain '=\?'"):
+        renderer.render(raw_event("w", {"a": "Acme =", "b": "utf-8?b?4oCu?="}))
 
 
 def test_invite_expiry_falls_back_with_the_template_not_the_event() -> None:

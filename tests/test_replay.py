@@ -24,6 +24,7 @@ from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
 from worker import cli
+from worker import pubsub as worker_pubsub
 from worker import replay as worker_replay
 from worker.ledger import Ledger, Status
 from worker.pipeline import RetryLater, Worker, handle
@@ -217,15 +218,16 @@ def test_a_dead_letter_forwarded_by_the_pubsub_policy_is_replayed(
     assert row is not None and (row.status, row.replays) == (Status.SENT, 1)
 
 
-def test_an_invalid_dead_letter_replayed_while_still_invalid_ends_failed_again(
+def test_a_dead_letter_still_invalid_is_left_and_its_row_untouched(
     worker: Worker,
     smtp_server: SmtpTestServer,
     pubsub: PubSubNamespace,
     ledger: Ledger,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Replay requeues the row (`failed` -> `queued`); the republished event is still
-    invalid, so the worker must close that `queued` row again instead of leaving it waiting."""
+    """Republished, the same bytes would be refused and dead-lettered again, run after run:
+    replay checks them with the worker's own rules, leaves them on the subscription and the
+    ledger row `failed` as it is."""
     body = factories.payload("invite", data={"organization_name": "Acme"})  # no invite_url
     handle(factories.cloud_event(body, message_id="m-invalid"), worker)
     row = ledger.get(body["delivery_id"])
@@ -234,27 +236,140 @@ def test_an_invalid_dead_letter_replayed_while_still_invalid_ends_failed_again(
         "INVALID_EVENT",
     )
 
+    for args in ((), ("--reason", "invalid_event"), ("--delivery-id", body["delivery_id"])):
+        out = replay(capsys, pubsub, *args)
+        assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+        line = next(line for line in out.splitlines() if body["delivery_id"] in line)
+        assert line.split()[0] == "skipped"
+        assert "still invalid, not republished" in line
+        assert "data.invite_url: required" in line
+    assert pubsub.deliveries(timeout=0.5) == []
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.FAILED, 0)
+    assert statuses(ledger, body["delivery_id"]) == [Status.FAILED]
+    [letter] = pubsub.dead_letters(timeout=5)  # still there, for whoever fixes the event
+    assert bytes(letter.message.data) == factories.encode(body)
+    assert smtp_server.messages == []
+
+
+def test_an_invalid_event_dead_letter_valid_by_todays_rules_is_replayed(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A dead letter the worker refused under older rules (an RFC 3339 `expires_at`) is
+    valid now: replay puts it back and it is sent."""
+    data = dict(factories.DATA["invite"], expires_at="2026-12-01T12:00:00Z")
+    body = factories.payload("invite", data=data)
+    publish_dead_letter(
+        pubsub,
+        body,
+        reason="invalid_event",
+        error_code="INVALID_EVENT",
+        error_message="data.expires_at: optional, but when given must be a date",
+    )
     out = replay(capsys, pubsub, "--reason", "invalid_event")
     assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
-    row = ledger.get(body["delivery_id"])
-    assert row is not None and (row.status, row.replays) == (Status.QUEUED, 1)
-
     [republished] = pubsub.deliveries(timeout=5)
     handle(as_event(republished), worker)
+    [email] = smtp_server.messages
+    text = email.message.get_body(("plain",))
+    assert text is not None and "expires on December 1, 2026" in text.get_content()
 
-    row = ledger.get(body["delivery_id"])
-    assert row is not None
-    assert (row.status, row.status_reason, row.last_error_code, row.replays) == (
-        Status.FAILED,
-        "invalid_event",
-        "INVALID_EVENT",
-        1,
-    )
-    assert statuses(ledger, body["delivery_id"]) == [Status.FAILED, Status.QUEUED, Status.FAILED]
-    [letter] = pubsub.dead_letters(timeout=5)  # the new dead letter, for the next fix
-    assert bytes(letter.message.data) == factories.encode(body)
+
+# --- dead letters of any size Pub/Sub allows ----------------------------------------------------
+
+
+def oversized(size: int) -> bytes:
+    """A delivery event padded to `size` bytes: over the 64 KiB rule, so an invalid event."""
+    raw = factories.encode(factories.payload())
+    return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+
+def test_a_five_megabyte_dead_letter_does_not_stop_replay(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The client library's emulator channel receives at most 4 MiB: a 5.2 MB dead letter
+    made every pull fail, with any filter, until someone removed it by hand."""
+    poison = oversized(5_200_000)
+    handle(factories.cloud_event(poison, message_id="m-poison"), worker)  # dead-lettered
+    good = factories.payload(recipient="gone@example.com")
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    handle(factories.cloud_event(good), worker)
+    smtp_server.reset()
+
+    out = replay(capsys, pubsub, "--delivery-id", "not-there")
+    assert summary(out) == "replayed 0, skipped 0, failed 0, left for later 2"
+    out = replay(capsys, pubsub, "--reason", "invalid_event")
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 1"
+    assert "message.data: must be at most 65536 bytes" in out
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 1, failed 0, left for later 0"
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [good["delivery_id"]]
+
+    # Never republished; still on the subscription with its bytes unchanged.
+    [letter] = pubsub.emulator.pull(pubsub.dead_letter_subscription, timeout=5)
+    assert bytes(letter.message.data) == poison
     assert letter.message.attributes["reason"] == "invalid_event"
-    assert smtp_server.messages == []
+
+
+def test_a_pull_too_large_to_receive_is_reported_and_the_rest_replayed(
+    pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    """With a 1 MiB client (standing in for messages beyond any limit): a response holding
+    several big messages is lost, so the run pulls one at a time and waits out the ack
+    deadline for them; one message larger than the limit on its own is counted, not fatal."""
+    big = [oversized(600_000), oversized(600_001)]
+    too_big = oversized(1_500_000)
+    good = factories.payload()
+    for data in (*big, too_big):
+        publish_dead_letter(pubsub, data, reason="invalid_event", error_code="INVALID_EVENT")
+    publish_dead_letter(pubsub, good)
+
+    items: list[worker_replay.Item] = []
+    client = worker_pubsub.subscriber_client(max_bytes=1024 * 1024)
+    try:
+        result = worker_replay.replay(
+            ledger,
+            pubsub.settings,
+            worker_replay.ReplayOptions(
+                subscription=pubsub.dead_letter_subscription, wait_seconds=0.5
+            ),
+            on_item=items.append,
+            subscriber=client,
+        )
+    finally:
+        client.close()
+
+    assert (result.replayed, result.skipped, result.failed, result.left) == (1, 2, 0, 0)
+    assert result.too_large >= 1  # the 1.5 MB one, each time it came back during the run
+    invalid = [i for i in items if i.action is worker_replay.Action.SKIP_INVALID]
+    assert sorted(len(i.letter.data) for i in invalid) == [600_000, 600_001]
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [good["delivery_id"]]
+    # Nothing was lost: the three invalid ones are all still there (the 1.5 MB one once its
+    # lost pull's ack deadline has passed).
+    left: list[Any] = []
+
+    def all_three() -> bool:
+        batch = pubsub.emulator.pull_once(pubsub.dead_letter_subscription, 1)
+        if batch:
+            pubsub.emulator.acknowledge(pubsub.dead_letter_subscription, [batch[0].ack_id])
+        left.extend(batch)
+        return len(left) == 3
+
+    wait_until(all_three, timeout=30)
+    assert sorted(len(m.message.data) for m in left) == [600_000, 600_001, 1_500_000]
+
+
+def test_the_too_large_count_is_shown_in_the_summary() -> None:
+    text = cli._replay_summary(worker_replay.Summary(dry_run=False, replayed=2, too_large=1))
+    assert text == "replayed 2, skipped 0, failed 0, left for later 0, too large to receive 1"
 
 
 # --- what is and is not replayed ------------------------------------------------------------
@@ -279,9 +394,10 @@ def test_filters_leave_other_messages_for_a_later_run(
     assert summary(out) == "replayed 0, skipped 0, failed 0, left for later 1"
     assert delivery_ids(pubsub.deliveries(timeout=5)) == [invite["delivery_id"]]
 
-    out = replay(capsys, pubsub)  # the invalid one has no delivery id: republished as is
-    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0"
-    [invalid] = pubsub.deliveries(timeout=5)
+    out = replay(capsys, pubsub)  # the invalid one would fail again: left where it is
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+    assert pubsub.deliveries(timeout=0.5) == []
+    [invalid] = pubsub.dead_letters(timeout=5)
     assert bytes(invalid.message.data) == b"{not json"
 
 

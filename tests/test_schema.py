@@ -44,6 +44,8 @@ def test_a_catalog_difference_is_seen(
     assert schema.dump(empty_database_url) != schema.dump(databases.url(TEMPLATE))
 
 
-@pytest.mark.parametrize("statement", ["GRANT", "CREATE POLICY", "CREATE TRIGGER", "CREATE FUNCTION"])
+@pytest.mark.parametrize(
+    "statement", ["GRANT", "CREATE POLICY", "CREATE TRIGGER", "CREATE FUNCTION"]
+)
 def test_schema_file_carries_every_kind_of_object(statement: str) -> None:
     assert statement in schema.SCHEMA_FILE.read_text()

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import SettingsError, load_settings, log_level, parse_rate_limits
+from tests.harness.secretmanager import LocalSecretManager
+from worker import secrets
+from worker.settings import (
+    SettingsError,
+    console_settings,
+    load_settings,
+    log_level,
+    parse_rate_limits,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,4 +221,74 @@ def test_a_malformed_rate_limit_stops_the_function_with_one_line() -> None:
     assert proc.stderr == (
         "email-worker: configuration error: RATE_LIMITS entry 'invite=20 per day': the limit "
         "must be N/window: N from 1, a window like 30s, 10m, 1h or 1d\n"
+    )
+
+
+# --- the support console ----------------------------------------------------------------------
+
+CONSOLE = {
+    "CONSOLE_DATABASE_URL": "postgresql://reader@127.0.0.1/email",
+    "CONSOLE_CURSOR_KEY": "k" * 32,
+}
+CURSOR_KEY_VERSION = "projects/acme-mail/secrets/email-console-cursor-key/versions/latest"
+
+
+def test_the_console_signs_its_cursors_with_its_own_key() -> None:
+    settings = console_settings(CONSOLE)
+    assert settings.cursor_key == b"k" * 32
+    assert settings.database.url == CONSOLE["CONSOLE_DATABASE_URL"]
+    assert "kkkk" not in repr(settings) and "reader@" not in repr(settings)
+    # Counted in bytes, as the MAC uses it: 16 two-byte characters are enough.
+    assert (
+        console_settings({**CONSOLE, "CONSOLE_CURSOR_KEY": "é" * 16}).cursor_key
+        == ("é" * 16).encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"CONSOLE_CURSOR_KEY": None},
+            "CONSOLE_CURSOR_KEY or CONSOLE_CURSOR_KEY_SECRET is required but not set (at least 32"
+            " random bytes, e.g. `openssl rand -base64 48`)",
+        ),
+        (
+            {"CONSOLE_CURSOR_KEY": "  "},
+            "CONSOLE_CURSOR_KEY or CONSOLE_CURSOR_KEY_SECRET is required but not set (at least 32"
+            " random bytes, e.g. `openssl rand -base64 48`)",
+        ),
+        (
+            {"CONSOLE_CURSOR_KEY": "k" * 31},
+            "CONSOLE_CURSOR_KEY must be at least 32 bytes, got 31 (e.g. `openssl rand -base64 48`)",
+        ),
+        (
+            {"CONSOLE_CURSOR_KEY_SECRET": CURSOR_KEY_VERSION},
+            "set CONSOLE_CURSOR_KEY or CONSOLE_CURSOR_KEY_SECRET, not both",
+        ),
+    ],
+)
+def test_a_missing_or_short_cursor_key_is_one_line(
+    change: dict[str, str | None], message: str
+) -> None:
+    env = {**CONSOLE, **change}
+    with pytest.raises(SettingsError) as error:
+        console_settings({key: value for key, value in env.items() if value is not None})
+    assert str(error.value) == message
+    assert "kkkk" not in str(error.value)
+
+
+def test_the_cursor_key_from_secret_manager(secret_manager: LocalSecretManager) -> None:
+    env = {"CONSOLE_DATABASE_URL": CONSOLE["CONSOLE_DATABASE_URL"]}
+    # Written with `openssl rand -base64 48 | deploy/set-secret.sh ...`: the newline is dropped.
+    secret_manager.secrets[CURSOR_KEY_VERSION] = "x" * 64 + "\n"
+    settings = console_settings({**env, "CONSOLE_CURSOR_KEY_SECRET": CURSOR_KEY_VERSION})
+    assert settings.cursor_key == b"x" * 64
+    secret_manager.secrets[CURSOR_KEY_VERSION] = "x" * 20
+    secrets.reset()
+    with pytest.raises(SettingsError) as error:
+        console_settings({**env, "CONSOLE_CURSOR_KEY_SECRET": CURSOR_KEY_VERSION})
+    assert str(error.value) == (
+        "CONSOLE_CURSOR_KEY_SECRET's secret must be at least 32 bytes, got 20"
+        " (e.g. `openssl rand -base64 48`)"
     )

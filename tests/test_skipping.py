@@ -175,6 +175,55 @@ def test_eight_threads_deliver_exactly_n_codes_to_one_address(
     assert pubsub.dead_letters(timeout=1) == []
 
 
+def blocked_backends(conn: psycopg.Connection[Any]) -> int:
+    """Backends of this test's database waiting for a lock another one holds."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND cardinality(pg_blocking_pids(pid)) > 0"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_claim_counting_for_the_limit_waits_for_the_one_before_it(
+    make_worker: MakeWorker, database_url: str, smtp_server: SmtpTestServer
+) -> None:
+    """The race the rate limit's lock closes, forced every time rather than hoped for: claim A
+    has counted (nothing yet) and is held just before writing its row (the test's own
+    transaction holds an uncommitted row with A's delivery id); claim B for the same
+    recipient then runs. B must wait for A and count A's email; without the serialising lock
+    it counts nothing too, both are sent, and the limit of 1 lets 2 through."""
+    worker = limited(make_worker, **{"verification-code": RateLimit(1, 3600, "1/1h")})
+    first = factories.payload(recipient="kim@example.com")
+    second = factories.payload(recipient="Kim@Example.com")
+    with psycopg.connect(database_url) as gate, psycopg.connect(database_url) as watch:
+        watch.autocommit = True
+        gate.execute(
+            "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status)"
+            " VALUES (%s, 'verification-code', 'held@example.com', 'queued')",
+            (first["delivery_id"],),
+        )  # not committed: A's insert of this id waits for the gate's transaction
+        with ThreadPoolExecutor(2) as pool:
+            a = pool.submit(handle, factories.cloud_event(first), worker)
+            wait_until(lambda: blocked_backends(watch) == 1)  # A counted, and waits
+            b = pool.submit(handle, factories.cloud_event(second), worker)
+            # B either finished (it did not wait for A) or waits too (behind A's lock).
+            wait_until(lambda: b.done() or blocked_backends(watch) == 2)
+            gate.rollback()  # A goes on: its row is new after all
+            a.result(timeout=30)
+            b.result(timeout=30)
+
+    assert emails_to(smtp_server, "kim@example.com") == 1
+    assert statuses(database_url, "kim@example.com") == Counter(
+        {("sent", None): 1, ("skipped", "RATE_LIMITED"): 1}
+    )
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status::text FROM email.deliveries WHERE delivery_id = %s",
+            (first["delivery_id"],),
+        ).fetchone()
+    assert row == ("sent",)  # A, the one that counted first, is the one sent
+
+
 def test_sending_resumes_once_the_window_has_passed(
     make_worker: MakeWorker, database_url: str, smtp_server: SmtpTestServer
 ) -> None:

@@ -4,11 +4,13 @@ duplicates, suppressions, concurrency, and each role's rights on the new tables.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +22,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from tests.harness.postgres import free_port
 from worker.db import connection_kwargs
 from worker.ledger import Ledger
-from worker.providers.model import Applied, EventType, ProviderEvent
+from worker.migrations import discover, migrate_down, migrate_up
+from worker.providers.model import Applied, EventType, ProviderEvent, Refused
 from worker.settings import DatabaseSettings
-from worker.tracking import ProviderStatus, Tracking, allowed
+from worker.tracking import ProviderStatus, Tracking, WebhookTokens, allowed
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 P = ProviderStatus
@@ -52,7 +55,8 @@ def tracking(pool: ConnectionPool) -> Tracking:
 def sent(ledger: Ledger, recipient: str | None = None, relay_id: str | None = None) -> str:
     """A delivery the relay accepted: Message-ID `<id@example.com>`. Each to its own address
     unless one is given: a bounce suppresses its recipient, and the claim skips a suppressed
-    one (migration 005)."""
+    one (migration 005). Its row dates from before T0, so that the events' times (T0 on) are
+    ones the email can have had (migration 008 clamps the others)."""
     delivery_id = next(_ids)
     recipient = recipient or f"ada+{delivery_id}@example.com"
     claim = ledger.claim(
@@ -68,12 +72,12 @@ def sent(ledger: Ledger, recipient: str | None = None, relay_id: str | None = No
     assert ledger.set_sent_if_claimed(
         claim, attempts=1, provider_message_id=f"<{delivery_id}@example.com>"
     )
-    if relay_id is not None:
-        with ledger.pool.connection() as conn:
-            conn.execute(
-                "UPDATE email.deliveries SET relay_message_id = %s WHERE delivery_id = %s",
-                (relay_id, delivery_id),
-            )
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "UPDATE email.deliveries SET relay_message_id = %s, created_at = %s,"
+            " queued_at = %s, sent_at = %s WHERE delivery_id = %s",
+            (relay_id, *[T0 - timedelta(hours=1)] * 3, delivery_id),
+        )
     return delivery_id
 
 
@@ -86,14 +90,15 @@ def event(
     relay_message_id: str | None = None,
     event_id: str | None = None,
     provider: str = "sendgrid",
-    recipient: str | None = "ada@example.com",
+    recipient: str | None = None,
     bounce_type: str | None = None,
+    occurred_at: datetime | None = None,
 ) -> ProviderEvent:
     return ProviderEvent(
         provider=provider,
         provider_event_id=event_id or uuid.uuid4().hex,
         event_type=EventType(kind),
-        occurred_at=T0 + timedelta(minutes=minute),
+        occurred_at=occurred_at or T0 + timedelta(minutes=minute),
         recipient=recipient,
         delivery_id=delivery_id,
         message_id=message_id,
@@ -388,6 +393,180 @@ def test_matching_uses_the_indexes(admin: psycopg.Connection[Any]) -> None:
         assert any(index in str(line) for line in plan), plan
 
 
+def recipient_of(admin: psycopg.Connection[Any], delivery_id: str) -> str:
+    found = admin.execute(
+        "SELECT recipient FROM email.deliveries WHERE delivery_id = %s", (delivery_id,)
+    ).fetchone()
+    assert found is not None
+    return str(found["recipient"])
+
+
+@pytest.mark.parametrize("key", ["delivery_id", "message_id", "relay_message_id"])
+def test_an_event_naming_someone_else_is_kept_unmatched_and_suppresses_no_one(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking, key: str
+) -> None:
+    """A signed bounce naming a delivery but another recipient acts on nobody, whichever key
+    names the delivery."""
+    relay_id = f"relay-{uuid.uuid4().hex}"
+    victim = sent(ledger, relay_id=relay_id)
+    keys: dict[str, Any] = {
+        "delivery_id": victim,
+        "message_id": f"<{victim}@example.com>",
+        "relay_message_id": relay_id,
+    }
+    forged = replace(
+        event("bounced", 1, recipient="mallory@example.com", bounce_type="hard"),
+        **{key: keys[key]},
+    )
+
+    assert tracking.apply(forged) is Applied.UNMATCHED
+    assert row(admin, victim)["provider_status"] is None
+    assert suppressions(admin) == []
+    assert tracking.events(victim) == []
+    stored = admin.execute(
+        "SELECT delivery_id, recipient FROM email.provider_events WHERE provider_event_id = %s",
+        (forged.provider_event_id,),
+    ).fetchone()
+    assert stored == {"delivery_id": None, "recipient": "mallory@example.com"}
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["{r}", "  {R}  ", "{R}", "Ada Lovelace <{R}>"],
+    ids=["same", "spaces", "case", "name"],
+)
+def test_the_recipient_is_compared_normalised(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking, spelling: str
+) -> None:
+    delivery_id = sent(ledger, recipient="Ada.Lovelace+x@Example.com")
+    named = spelling.format(r="Ada.Lovelace+x@Example.com", R="ada.lovelace+X@example.COM")
+    assert tracking.apply(event("bounced", 1, delivery_id=delivery_id, recipient=named)) is (
+        Applied.APPLIED
+    )
+    assert row(admin, delivery_id)["provider_status"] == "bounced"
+    assert [s["address"] for s in suppressions(admin)] == ["ada.lovelace+x@example.com"]
+
+
+def unsent(admin: psycopg.Connection[Any], status: str) -> str:
+    """A delivery that never reached the relay: ended `status` by the worker."""
+    delivery_id = next(_ids)
+    admin.execute(
+        "INSERT INTO email.deliveries (delivery_id, workflow, recipient, status,"
+        " provider_message_id, created_at, queued_at)"
+        " VALUES (%s, 'password-reset', %s, %s, %s, %s, %s)",
+        (
+            delivery_id,
+            f"ada+{delivery_id}@example.com",
+            status,
+            f"<{delivery_id}@example.com>",
+            T0 - timedelta(hours=1),
+            T0 - timedelta(hours=1),
+        ),
+    )
+    return delivery_id
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [("skipped", "bounced"), ("failed", "delivered"), ("failed", "complained")],
+)
+def test_an_event_for_an_email_never_sent_is_kept_and_changes_nothing(
+    admin: psycopg.Connection[Any], tracking: Tracking, status: str, kind: str
+) -> None:
+    delivery_id = unsent(admin, status)
+    recipient = recipient_of(admin, delivery_id)
+    before = row(admin, delivery_id)
+
+    outcome = tracking.apply(
+        event(kind, 1, delivery_id=delivery_id, recipient=recipient, bounce_type="hard")
+    )
+
+    assert outcome is Applied.APPLIED  # recorded, as a soft bounce is
+    assert [e.event_type for e in tracking.events(delivery_id)] == [kind]
+    assert row(admin, delivery_id) == before
+    assert provider_audit(admin, delivery_id) == []
+    assert suppressions(admin) == []
+
+
+def stored_time(admin: psycopg.Connection[Any], provider_event_id: str) -> dict[str, Any]:
+    found = admin.execute(
+        "SELECT occurred_at, received_at, detail FROM email.provider_events"
+        " WHERE provider_event_id = %s",
+        (provider_event_id,),
+    ).fetchone()
+    assert found is not None
+    return dict(found)
+
+
+def test_a_time_far_in_the_future_is_clamped_to_the_receipt_and_flagged(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
+) -> None:
+    delivery_id = sent(ledger)
+    year_5138 = datetime.fromtimestamp(1e11, tz=UTC)  # a timestamp in milliseconds, misread
+    delivered = event("delivered", 0, delivery_id=delivery_id, occurred_at=year_5138)
+    lost = event("opened", 0, delivery_id="nobody", occurred_at=year_5138)
+
+    assert tracking.apply(delivered) is Applied.APPLIED
+    assert tracking.apply(lost) is Applied.UNMATCHED
+
+    for provider_event_id in (delivered.provider_event_id, lost.provider_event_id):
+        stored = stored_time(admin, provider_event_id)
+        assert stored["occurred_at"] == stored["received_at"]
+        assert stored["detail"] == {"occurred_at_clamped": "5138-11-16T09:46:40.000000Z"}
+    assert (
+        row(admin, delivery_id)["delivered_at"]
+        == stored_time(admin, delivered.provider_event_id)["received_at"]
+    )
+
+
+def test_a_time_long_before_the_email_existed_is_clamped(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
+) -> None:
+    delivery_id = sent(ledger)  # created an hour before T0
+    early = event(
+        "bounced", 0, delivery_id=delivery_id, occurred_at=T0 - timedelta(hours=1, minutes=6)
+    )
+    tracking.apply(early)
+    stored = stored_time(admin, early.provider_event_id)
+    assert stored["occurred_at"] == stored["received_at"] == row(admin, delivery_id)["bounced_at"]
+    assert stored["detail"] == {"occurred_at_clamped": "2026-11-23T07:54:00.000000Z"}
+
+
+def test_a_time_long_before_the_send_is_clamped_even_after_the_row_existed(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
+) -> None:
+    # Created two hours before T0, retried, sent one hour before: a delivery report from
+    # between the two is from before the relay had the email.
+    delivery_id = sent(ledger)
+    admin.execute(
+        "UPDATE email.deliveries SET created_at = %s WHERE delivery_id = %s",
+        (T0 - timedelta(hours=2), delivery_id),
+    )
+    early = event(
+        "delivered", 0, delivery_id=delivery_id, occurred_at=T0 - timedelta(hours=1, minutes=30)
+    )
+    tracking.apply(early)
+    stored = stored_time(admin, early.provider_event_id)
+    assert stored["occurred_at"] == stored["received_at"] == row(admin, delivery_id)["delivered_at"]
+    assert stored["detail"] == {"occurred_at_clamped": "2026-11-23T07:30:00.000000Z"}
+
+
+def test_times_within_the_bounds_are_kept_as_given(
+    admin: psycopg.Connection[Any], ledger: Ledger, tracking: Tracking
+) -> None:
+    delivery_id = sent(ledger)
+    now = datetime.now(UTC)
+    # The provider's clock a little behind ours, and an hour ahead less a minute.
+    skewed = T0 - timedelta(hours=1, minutes=4)
+    ahead = now + timedelta(minutes=59)
+    for kind, when in (("delivered", skewed), ("opened", ahead)):
+        given = event(kind, 0, delivery_id=delivery_id, occurred_at=when)
+        tracking.apply(given)
+        stored = stored_time(admin, given.provider_event_id)
+        assert (stored["occurred_at"], stored["detail"]) == (when, {})
+    assert row(admin, delivery_id)["delivered_at"] == skewed
+
+
 # --- suppressions -----------------------------------------------------------------------
 
 
@@ -449,6 +628,86 @@ def test_an_expired_entry_is_renewed_a_live_one_kept(
         admin.execute("INSERT INTO email.suppressions (address, reason) VALUES ('A@b.c', 'manual')")
 
 
+# --- used signature tokens (Mailgun) -----------------------------------------------------
+
+
+def tokens_of(pool: ConnectionPool) -> WebhookTokens:
+    return WebhookTokens(lambda: pool)
+
+
+def test_a_token_is_used_once_per_provider(
+    admin: psycopg.Connection[Any], pool: ConnectionPool
+) -> None:
+    first, second = tokens_of(pool), tokens_of(pool)  # two instances, one database
+    token = uuid.uuid4().hex + uuid.uuid4().hex[:18]
+    assert first.first_use("mailgun", token, 660) is True
+    assert first.first_use("mailgun", token, 660) is False
+    assert second.first_use("mailgun", token, 660) is False
+    assert second.first_use("other", token, 660) is True
+    # Only the token's digest is kept, and only for the window.
+    rows = admin.execute(
+        "SELECT provider, token_sha256, expires_at - now() AS kept FROM email.webhook_tokens"
+        " ORDER BY provider"
+    ).fetchall()
+    assert [(r["provider"], bytes(r["token_sha256"])) for r in rows] == [
+        ("mailgun", hashlib.sha256(token.encode()).digest()),
+        ("other", hashlib.sha256(token.encode()).digest()),
+    ]
+    assert all(r["kept"] <= timedelta(seconds=660) for r in rows)
+    assert token not in dump(admin)
+
+
+def dump(admin: psycopg.Connection[Any]) -> str:
+    return "\n".join(
+        str(r["t"]) for r in admin.execute("SELECT t::text AS t FROM email.webhook_tokens t")
+    )
+
+
+def test_concurrent_claims_of_one_token_admit_exactly_one(database_url: str) -> None:
+    with (
+        ConnectionPool(database_url, min_size=8, max_size=8, kwargs={"autocommit": True}) as pool,
+        ThreadPoolExecutor(8) as executor,
+    ):
+        pool.wait()
+        tokens = tokens_of(pool)
+        for n in range(10):
+            barrier = threading.Barrier(8)
+
+            def claim(_: int, token: str = f"token-{n}", b: Any = barrier) -> bool:
+                b.wait()
+                return tokens.first_use("mailgun", token, 660)
+
+            assert sorted(executor.map(claim, range(8))) == [False] * 7 + [True]
+
+
+def test_expired_tokens_are_forgotten_by_the_next_claim(
+    admin: psycopg.Connection[Any], pool: ConnectionPool
+) -> None:
+    admin.execute(
+        "INSERT INTO email.webhook_tokens (provider, token_sha256, expires_at)"
+        " SELECT 'mailgun', sha256(n::text::bytea), now() - n * interval '1 second'"
+        " FROM generate_series(1, 150) AS n"
+    )
+    live = tokens_of(pool)
+    assert live.first_use("mailgun", "fresh-1", 660)
+    left = admin.execute("SELECT count(*) AS n FROM email.webhook_tokens").fetchone()
+    assert left == {"n": 150 - 100 + 1}  # at most 100 a claim: each claim stays short
+    assert live.first_use("mailgun", "fresh-2", 660)
+    assert admin.execute(
+        "SELECT count(*) AS n FROM email.webhook_tokens WHERE expires_at < now()"
+    ).fetchone() == {"n": 0}
+
+
+def test_an_unreachable_database_refuses_with_503_for_the_provider_to_retry() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    with (
+        ConnectionPool(url, min_size=0, max_size=1, timeout=1, open=True) as pool,
+        pytest.raises(Refused) as refused,
+    ):
+        tokens_of(pool).first_use("mailgun", "t", 660)
+    assert refused.value.status == 503
+
+
 # --- the database down ------------------------------------------------------------------
 
 
@@ -490,6 +749,47 @@ def test_the_worker_applies_events_but_deletes_nothing(
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             admin.execute(statement)
+
+
+def test_the_worker_claims_tokens_and_forgets_only_expired_ones(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    admin.execute(
+        "INSERT INTO email.webhook_tokens (provider, token_sha256, expires_at) VALUES"
+        " ('mailgun', sha256('old'), now() - interval '1 second'),"
+        " ('mailgun', sha256('live'), now() + interval '5 minutes')"
+    )
+
+    def as_worker(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET ROLE email_worker")
+
+    with ConnectionPool(database_url, kwargs={"autocommit": True}, configure=as_worker) as pool:
+        tokens = tokens_of(pool)
+        assert tokens.first_use("mailgun", "new", 660) is True
+        assert tokens.first_use("mailgun", "new", 660) is False
+        with pool.connection() as conn:
+            # Row-level security: a live token cannot be forgotten, nor changed.
+            assert conn.execute("DELETE FROM email.webhook_tokens").rowcount == 0
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE email.webhook_tokens SET expires_at = now()")
+    left = admin.execute(
+        "SELECT token_sha256 FROM email.webhook_tokens ORDER BY expires_at"
+    ).fetchall()
+    assert [bytes(r["token_sha256"]) for r in left] == [
+        hashlib.sha256(b"live").digest(),
+        hashlib.sha256(b"new").digest(),
+    ]
+    outsider = f"outsider_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE ROLE {outsider} NOLOGIN")
+    try:
+        for role in ("email_reader", outsider):
+            admin.execute(f"SET ROLE {role}")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT count(*) FROM email.webhook_tokens")
+            admin.execute("RESET ROLE")
+    finally:
+        admin.execute("RESET ROLE")
+        admin.execute(f"DROP ROLE {outsider}")
 
 
 def test_the_reader_reads_everything_and_writes_nothing(
@@ -567,3 +867,38 @@ def test_events_through_a_transaction_mode_pooler(
         state = row(admin, delivery_id)
         assert (state["provider_status"], state["opened_at"]) == ("clicked", at(2))
         assert {p["provider"] for p in provider_audit(admin, delivery_id)} == {"sendgrid"}
+
+
+# --- the migration --------------------------------------------------------------------------
+
+
+def test_migration_008_goes_down_to_the_previous_function_word_for_word_and_up_again(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+
+    def quiet(_line: str) -> None:
+        pass
+
+    def state() -> tuple[str, bool]:
+        with psycopg.connect(url) as conn:
+            found = conn.execute(
+                "SELECT pg_get_functiondef('email.apply_provider_event(text, text, text,"
+                " timestamptz, text, text, text, text, text, jsonb)'::regprocedure),"
+                " to_regclass('email.webhook_tokens') IS NOT NULL"
+            ).fetchone()
+        assert found is not None
+        return str(found[0]), bool(found[1])
+
+    # Up to 008 only: the test is about this one, whatever later migrations add.
+    through_008 = [m for m in discover() if m.version <= 8]
+    migrate_up(url, [m for m in through_008 if m.version <= 7], report=quiet)
+    before = state()
+    assert before[1] is False
+    migrate_up(url, through_008, report=quiet)
+    after = state()
+    assert after[1] is True and after[0] != before[0]
+    assert [m.version for m in migrate_down(url, migrations=through_008, report=quiet)] == [8]
+    assert state() == before
+    assert [m.version for m in migrate_up(url, through_008, report=quiet)] == [8]
+    assert state() == after

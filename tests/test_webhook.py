@@ -7,15 +7,20 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg_pool import ConnectionPool
 
 from tests.harness.function import ROOT, FunctionServer
+from tests.harness.https import SnsTestServer
 from tests.harness.postgres import PostgresServer
 from tests.harness.secretmanager import LocalSecretManager
 from tests.harness.webhook import (
+    FIXTURES,
     ProviderKeys,
     count_provider_events,
     delivery,
@@ -30,6 +35,9 @@ from tests.harness.webhook import (
 )
 from tests.provider_signing import basic_auth, mailgun_signature, svix_headers
 from worker.migrations import migrate_up
+from worker.providers.model import Batch, EventType, ProviderEvent, WebhookRequest
+from worker.providers.webhook import Webhook
+from worker.tracking import Tracking
 
 ADAPTER_MODULES = (
     "worker.providers.registry",
@@ -151,7 +159,11 @@ def test_a_signing_key_may_come_from_secret_manager(
         delivery_id = new_id("sm")
         seed_delivery(webhook_db, delivery_id)
         body = fixture("mailgun", "delivered.json")
-        body["event-data"] |= {"id": new_id(), "user-variables": {"delivery_id": delivery_id}}
+        body["event-data"] |= {
+            "id": new_id(),
+            "recipient": "ada@example.com",  # seed_delivery's: events must name the recipient
+            "user-variables": {"delivery_id": delivery_id},
+        }
         body["signature"] = mailgun_signature("key-from-secret-manager")
 
         response = post(server, "mailgun", json.dumps(body).encode(), {})
@@ -233,12 +245,14 @@ def clicks(keys: ProviderKeys, delivery_id: str) -> dict[str, tuple[bytes, dict[
         "sg_event_id": new_id(),
         "timestamp": now_unix(),
         "url": RESET_LINK,
+        "email": "ada@example.com",  # seed_delivery's: events must name the recipient
     }
     sendgrid_body = json.dumps([sendgrid_event]).encode()
     mailgun_body = fixture("mailgun", "clicked.json")
     mailgun_body["event-data"] |= {
         "id": new_id(),
         "url": RESET_LINK,
+        "recipient": "ada@example.com",
         "user-variables": {"delivery_id": delivery_id},
     }
     mailgun_body["signature"] = mailgun_signature(keys.mailgun_key)
@@ -247,9 +261,14 @@ def clicks(keys: ProviderKeys, delivery_id: str) -> dict[str, tuple[bytes, dict[
         "OriginalLink": RESET_LINK,
         "Metadata": {"delivery_id": delivery_id},
         "MessageID": new_id(),
+        "Recipient": "ada@example.com",
     }
     resend_body = fixture("resend", "email.clicked.json")
-    resend_body["data"] |= {"tags": {"delivery_id": delivery_id}, "email_id": new_id()}
+    resend_body["data"] |= {
+        "tags": {"delivery_id": delivery_id},
+        "email_id": new_id(),
+        "to": ["ada@example.com"],
+    }
     resend_body["data"]["click"]["link"] = RESET_LINK
     resend_raw = json.dumps(resend_body).encode()
     postmark_raw = json.dumps(postmark_body).encode()
@@ -322,7 +341,11 @@ def test_database_down_is_503_and_the_providers_retry_is_applied_exactly_once(
         delivery_id = new_id("down")
         seed_delivery(url, delivery_id)
         resend_body = fixture("resend", "email.delivered.json")
-        resend_body["data"] |= {"tags": {"delivery_id": delivery_id}, "email_id": new_id()}
+        resend_body["data"] |= {
+            "tags": {"delivery_id": delivery_id},
+            "email_id": new_id(),
+            "to": ["ada@example.com"],  # seed_delivery's: events must name the recipient
+        }
         raw = json.dumps(resend_body).encode()
         headers = svix_headers(provider_keys.resend_secret, raw)
         own_postgres.stop()
@@ -349,3 +372,236 @@ def until(call: Callable[[], Any], done: Callable[[Any], bool], tries: int = 10)
             return result
         assert result.status == 503, result
     raise AssertionError(f"no success in {tries} retries: {result}")
+
+
+# --- hostile bodies at every provider ------------------------------------------------------
+
+TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
+HOSTILE = {
+    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+    "a number of a million digits": b"1" + b"0" * 999_999,
+    "a number of 100000 digits": b"1" + b"0" * 99_999,
+}
+
+
+@pytest.fixture(scope="module")
+def every_provider(
+    webhook_db: str,
+    provider_keys: ProviderKeys,
+    sns_https: SnsTestServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FunctionServer]:
+    """The four providers and SES (its certificates from the test's HTTPS server)."""
+    server = webhook_server(
+        {"DATABASE_URL": webhook_db, **provider_keys.env(), **sns_https.settings(TOPIC)},
+        log_path=tmp_path_factory.mktemp("every-provider") / "function.log",
+    )
+    yield server
+    server.stop()
+
+
+def signed(
+    provider: str, content: bytes, keys: ProviderKeys, sns: SnsTestServer
+) -> tuple[bytes, dict[str, str]]:
+    """`content` as the body (or, for Mailgun and SES, the part of it that carries events)
+    of a request each provider would sign."""
+    if provider == "sendgrid":
+        return content, keys.sendgrid.headers(content)
+    if provider == "postmark":
+        return content, basic_auth(keys.postmark_user, keys.postmark_password)
+    if provider == "resend":
+        return content, svix_headers(keys.resend_secret, content)
+    if provider == "mailgun":
+        signature = json.dumps(mailgun_signature(keys.mailgun_key)).encode()
+        return b'{"signature": ' + signature + b', "event-data": ' + content + b"}", {}
+    envelope = sns.signer.sign(
+        {
+            "Type": "Notification",
+            "MessageId": new_id("sns"),
+            "TopicArn": TOPIC,
+            "Message": content.decode(),
+            "Timestamp": "2026-11-23T10:00:00.000Z",
+        }
+    )
+    return json.dumps(envelope).encode(), {"x-amz-sns-message-type": "Notification"}
+
+
+# 400 where the signature holds and the events cannot be read; 401 where the body carries
+# the signature and cannot be read (Mailgun); 413 where the body is larger than the
+# provider sends (Mailgun, SES: their bodies are parsed before they are verified).
+SIGNED_ANSWERS = {
+    "sendgrid": (400, 400, 400),
+    "postmark": (400, 400, 400),
+    "resend": (400, 400, 400),
+    "mailgun": (401, 413, 401),
+    "ses": (400, 413, 400),
+}
+
+
+@pytest.mark.parametrize("provider", list(SIGNED_ANSWERS))
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_a_signed_body_too_deep_or_too_long_to_read_is_a_4xx(
+    every_provider: FunctionServer,
+    webhook_db: str,
+    provider_keys: ProviderKeys,
+    sns_https: SnsTestServer,
+    provider: str,
+    kind: str,
+) -> None:
+    body, headers = signed(provider, HOSTILE[kind], provider_keys, sns_https)
+    before = count_provider_events(webhook_db)
+
+    response = post(every_provider, provider, body, headers)
+
+    assert response.status == SIGNED_ANSWERS[provider][list(HOSTILE).index(kind)], response
+    assert count_provider_events(webhook_db) == before
+    assert "Traceback" not in every_provider.logs()
+
+
+@pytest.mark.parametrize("provider", ["mailgun", "ses"])
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("nested 100000 deep", 401),
+        ("a number of a million digits", 413),
+        ("a number of 100000 digits", 401),
+    ],
+)
+def test_an_unsigned_body_too_deep_or_too_long_to_read_is_refused(
+    every_provider: FunctionServer, provider: str, kind: str, status: int
+) -> None:
+    """Mailgun's and SNS's bodies are parsed before they can be verified."""
+    response = post(every_provider, provider, HOSTILE[kind], {})
+
+    assert response.status == status, response
+    assert "Traceback" not in every_provider.logs()
+
+
+@pytest.mark.parametrize(("provider", "cap"), [("mailgun", 256 * 1024), ("ses", 832 * 1024)])
+def test_mailgun_and_ses_take_no_body_larger_than_the_provider_sends(
+    every_provider: FunctionServer, provider: str, cap: int
+) -> None:
+    at_cap = post(every_provider, provider, b" " * cap, {})
+    over = post(every_provider, provider, b" " * (cap + 1), {})
+
+    assert at_cap.status == 401  # read, and not a signed request
+    assert over.status == 413
+
+
+# --- values the ledger cannot store, at every provider -------------------------------------
+
+VICTIM = "victim" + "x" * 282 + "@example.com"  # 300 characters: longer than any address
+
+
+def delivered_to(
+    provider: str, delivery_id: str, recipient: str, keys: ProviderKeys, sns: SnsTestServer
+) -> tuple[bytes, dict[str, str]]:
+    """A signed `delivered` event for `delivery_id`, naming `recipient`."""
+    if provider == "sendgrid":
+        event = {**fixture("sendgrid", "events.json")[2], "sg_event_id": new_id()}
+        event |= {"delivery_id": delivery_id, "email": recipient, "timestamp": now_unix()}
+        return signed(provider, json.dumps([event]).encode(), keys, sns)
+    if provider == "mailgun":
+        data = fixture("mailgun", "delivered.json")["event-data"]
+        data |= {"id": new_id(), "recipient": recipient, "timestamp": now_unix()}
+        data["user-variables"] = {"delivery_id": delivery_id}
+        return signed(provider, json.dumps(data).encode(), keys, sns)
+    if provider == "postmark":
+        body = fixture("postmark", "delivery.json")
+        body |= {"Recipient": recipient, "MessageID": new_id(), "Metadata": {}}
+        body["Metadata"]["delivery_id"] = delivery_id
+        return signed(provider, json.dumps(body).encode(), keys, sns)
+    if provider == "resend":
+        body = fixture("resend", "email.delivered.json")
+        body["data"] |= {"to": [recipient], "tags": {"delivery_id": delivery_id}}
+        return signed(provider, json.dumps(body).encode(), keys, sns)
+    record = json.loads((FIXTURES / "ses" / "event-delivery.json").read_text())
+    record["mail"]["tags"]["delivery_id"] = [delivery_id]
+    record["delivery"]["recipients"] = [recipient]
+    return signed(provider, json.dumps(record).encode(), keys, sns)
+
+
+@pytest.mark.parametrize("provider", list(SIGNED_ANSWERS))
+@pytest.mark.parametrize(
+    "recipient",
+    [VICTIM, "victim\x00@example.com", "victim\ud800@example.com"],
+    ids=["300 characters", "NUL", "lone surrogate"],
+)
+def test_an_address_the_ledger_cannot_store_is_400_at_every_provider(
+    every_provider: FunctionServer,
+    webhook_db: str,
+    provider_keys: ProviderKeys,
+    sns_https: SnsTestServer,
+    provider: str,
+    recipient: str,
+) -> None:
+    delivery_id = new_id(provider)
+    seed_delivery(webhook_db, delivery_id)
+    body, headers = delivered_to(provider, delivery_id, recipient, provider_keys, sns_https)
+    before = count_provider_events(webhook_db)
+
+    response = post(every_provider, provider, body, headers)
+
+    assert response.status == 400, response
+    assert count_provider_events(webhook_db) == before
+    logs = every_provider.logs()
+    assert "victim" not in logs and "Traceback" not in logs
+
+
+@dataclass(frozen=True)
+class FixedEvents:
+    """An adapter that hands over events as given: values no provider adapter lets through,
+    to reach the database's own refusal."""
+
+    events_given: tuple[ProviderEvent, ...]
+    provider: str = "fixed"
+    max_body_bytes: int = 1024
+
+    def authenticate(self, request: WebhookRequest) -> None:
+        return None
+
+    def events(self, request: WebhookRequest) -> Batch:
+        return Batch(self.events_given)
+
+
+def an_event(**changes: Any) -> ProviderEvent:
+    fields: dict[str, Any] = {
+        "provider": "fixed",
+        "provider_event_id": new_id("fx"),
+        "event_type": EventType.DELIVERED,
+        "occurred_at": datetime.now(UTC),
+        "recipient": "ada@example.com",
+        "delivery_id": None,
+        "message_id": None,
+        "relay_message_id": None,
+    }
+    return ProviderEvent(**{**fields, **changes})
+
+
+def test_an_event_the_database_refuses_is_rejected_alone_and_its_row_never_logged(
+    webhook_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = [
+        an_event(provider_event_id="e" * 600),
+        an_event(recipient=VICTIM),
+        an_event(recipient="victim\x00@example.com"),
+        an_event(recipient="victim\ud800@example.com"),
+        an_event(bounce_type="t" * 200, event_type=EventType.BOUNCED),
+        an_event(detail={"note": "victim\x00"}),
+    ]
+    good = [an_event(), an_event()]
+    adapter = FixedEvents((good[0], *bad, good[1]))
+    with ConnectionPool(webhook_db, min_size=1, max_size=1, open=True) as pool:
+        webhook = Webhook({"fixed": adapter}, Tracking(pool))
+        capsys.readouterr()
+
+        answer = webhook.handle("POST", WebhookRequest("fixed", "https://x/fixed", {}, b"{}"))
+
+    logged = capsys.readouterr().out
+    assert answer.status == 200, answer
+    assert (answer.body["unmatched"], answer.body["rejected"]) == (2, len(bad))
+    assert logged.count("provider event rejected by the database") == len(bad)
+    for kind in ("CheckViolation", "DataError", "UnicodeEncodeError"):
+        assert kind in logged
+    assert "victim" not in logged and "Failing row" not in logged
+    assert "e" * 101 not in logged

@@ -3,6 +3,7 @@ SNS signatures checked against a certificate served over HTTPS by the test CA (h
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tests.harness.webhook import (
 )
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
+RECIPIENT = "recipient@example.com"  # the SES fixtures' recipient
 
 
 def record(name: str, delivery_id: str) -> dict[str, Any]:
@@ -69,7 +71,7 @@ def test_a_signed_ses_event_moves_its_delivery(
     ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer, name: str, status: str
 ) -> None:
     delivery_id = new_id("ses")
-    seed_delivery(webhook_db, delivery_id)
+    seed_delivery(webhook_db, delivery_id, recipient=RECIPIENT)
 
     response = send(ses_webhook, sns_https.signer.sign(envelope(record(name, delivery_id))))
 
@@ -81,7 +83,7 @@ def test_a_tampered_ses_message_is_refused_and_stores_nothing(
     ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer
 ) -> None:
     delivery_id = new_id("ses")
-    seed_delivery(webhook_db, delivery_id)
+    seed_delivery(webhook_db, delivery_id, recipient=RECIPIENT)
     signed = sns_https.signer.sign(envelope(record("event-delivery", delivery_id)))
     signed["Message"] = signed["Message"].replace("Delivery", "Bounce", 1)
     before = count_provider_events(webhook_db)
@@ -97,10 +99,66 @@ def test_another_topic_is_refused(
     ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer, tmp_path: Path
 ) -> None:
     delivery_id = new_id("ses")
-    seed_delivery(webhook_db, delivery_id)
+    seed_delivery(webhook_db, delivery_id, recipient=RECIPIENT)
     foreign = {**envelope(record("event-delivery", delivery_id)), "TopicArn": TOPIC + "-other"}
 
     response = send(ses_webhook, sns_https.signer.sign(foreign))
 
     assert response.status in (401, 403)
     assert delivery(webhook_db, delivery_id)["provider_status"] is None
+
+
+def confirmation(sns_https: SnsTestServer, subscribe_url: str) -> dict[str, str]:
+    return sns_https.signer.sign(
+        {
+            "Type": "SubscriptionConfirmation",
+            "MessageId": str(uuid.uuid4()),
+            "Token": uuid.uuid4().hex,
+            "TopicArn": TOPIC,
+            "Message": f"You have chosen to subscribe to the topic {TOPIC}.",
+            "SubscribeURL": subscribe_url,
+            "Timestamp": "2026-11-23T10:00:00.000Z",
+        }
+    )
+
+
+@pytest.mark.parametrize("status", [404, 403, 500])
+def test_a_subscribe_url_that_refuses_is_503_so_sns_resends_the_confirmation(
+    ses_webhook: FunctionServer, sns_https: SnsTestServer, status: int
+) -> None:
+    path = f"/?Action=ConfirmSubscription&Token={uuid.uuid4().hex}"
+    sns_https.server.serve(path, b"<Error/>", status=status)
+
+    response = send(ses_webhook, confirmation(sns_https, sns_https.server.url(path)))
+
+    assert response.status == 503, response.body
+    assert sns_https.server.hits(path) == [path]
+    assert "Traceback" not in ses_webhook.logs()
+
+
+def test_a_subscription_confirmation_is_confirmed_and_answered_200(
+    ses_webhook: FunctionServer, sns_https: SnsTestServer
+) -> None:
+    path = f"/?Action=ConfirmSubscription&Token={uuid.uuid4().hex}"
+    sns_https.server.serve(path, b"<ConfirmSubscriptionResponse/>")
+
+    response = send(ses_webhook, confirmation(sns_https, sns_https.server.url(path)))
+
+    assert response.status == 200, response.body
+    assert sns_https.server.hits(path) == [path]
+
+
+def test_a_forged_message_naming_another_certificate_url_fetches_nothing(
+    ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer
+) -> None:
+    signer = sns_https.new_signer()
+    sns_https.server.serve_prefix(signer.cert_path, sns_https.server.served(signer.cert_path))
+    before = len(sns_https.server.hits())
+    for bust in range(3):
+        forged = signer.sign(envelope(record("event-delivery", new_id("ses"))))
+        forged["Signature"] = base64.b64encode(b"\x01" * 256).decode()  # read, does not hold
+        forged["SigningCertURL"] = f"{signer.cert_url}?bust={bust}"
+
+        assert send(ses_webhook, forged).status == 403
+
+    assert len(sns_https.server.hits()) == before

@@ -81,6 +81,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(_replay_summary(summary))
     if summary.failed:
         raise CommandError(f"{summary.failed} message(s) could not be replayed; run it again")
+    if summary.too_large:
+        raise CommandError(
+            f"{summary.too_large} pull(s) of a single message could not be received (larger"
+            " than the client's limit); the rest was handled"
+        )
     return 0
 
 
@@ -316,10 +321,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         "delivery_id": args.delivery_id or enqueue.new_delivery_id(),
         "workflow": args.workflow,
         "recipient": args.recipient,
-        "data": _json_arg("--data", args.data),
+        "data": args.data,
     }
     if args.metadata is not None:
-        body["metadata"] = _json_arg("--metadata", args.metadata)
+        body["metadata"] = args.metadata
     if args.locale is not None:
         body["locale"] = args.locale
     try:
@@ -335,6 +340,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # --- the parser ---------------------------------------------------------------------------
 
 
+# Upper bounds of the numeric options: far above any real use, and below what PostgreSQL's
+# integer parameters (and its timestamps, for durations) can hold, so a typo is a usage error
+# rather than a database error.
+MAX_ROWS = 10_000
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -343,6 +354,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _row_count(text: str) -> int:
+    """A positive number of rows, at most MAX_ROWS."""
+    value = _positive_int(text)
+    if value > MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_ROWS}")
+    return value
+
+
+def _json_value(text: str) -> Any:
+    """A JSON document; the nesting the event rules allow is checked later, with the event."""
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise argparse.ArgumentTypeError("not valid JSON: nested too deeply") from None
 
 
 def _positive_float(text: str) -> float:
@@ -383,7 +412,9 @@ def _add_migrate(commands: Any) -> None:
     migrate.add_argument(
         "--down", action="store_true", help="roll back instead: the newest migration(s)"
     )
-    migrate.add_argument("--steps", type=int, default=1, help="with --down: how many (default 1)")
+    migrate.add_argument(
+        "--steps", type=_positive_int, default=1, help="with --down: how many (default 1)"
+    )
 
 
 def _add_replay(commands: Any) -> None:
@@ -423,7 +454,11 @@ def _add_reads(commands: Any) -> None:
     history = _add(commands, "history", cmd_history, "a recipient's deliveries, newest first")
     history.add_argument("--recipient", required=True, metavar="ADDRESS")
     history.add_argument(
-        "--limit", type=_positive_int, default=20, metavar="N", help="at most N rows (default 20)"
+        "--limit",
+        type=_row_count,
+        default=20,
+        metavar="N",
+        help=f"at most N rows, up to {MAX_ROWS} (default 20)",
     )
     history.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -450,10 +485,10 @@ def _add_prune(commands: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="count only; delete nothing")
     p.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=_row_count,
         default=1000,
         metavar="N",
-        help="rows per transaction (default 1000)",
+        help=f"rows per transaction, up to {MAX_ROWS} (default 1000)",
     )
 
 
@@ -488,7 +523,11 @@ def _add_suppressions(commands: Any) -> None:
         "--reason", type=_suppression_reason, metavar="R", help=f"only this reason: {reasons}"
     )
     listing.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+        "--limit",
+        type=_row_count,
+        default=100,
+        metavar="N",
+        help=f"at most N, up to {MAX_ROWS} (default 100)",
     )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -518,9 +557,13 @@ def _add_publish(commands: Any) -> None:
     p = _add(commands, "publish", cmd_publish, "enqueue one delivery on DELIVERY_TOPIC")
     p.add_argument("--workflow", required=True, metavar="W")
     p.add_argument("--recipient", required=True, metavar="R")
-    p.add_argument("--data", required=True, metavar="JSON", help="the template variables")
+    p.add_argument(
+        "--data", required=True, type=_json_value, metavar="JSON", help="the template variables"
+    )
     p.add_argument("--delivery-id", metavar="ID", help="default: cli_<random hex>")
-    p.add_argument("--metadata", metavar="JSON", help="stored with the ledger row")
+    p.add_argument(
+        "--metadata", type=_json_value, metavar="JSON", help="stored with the ledger row"
+    )
     p.add_argument("--locale", metavar="L", help="default: en")
 
 
@@ -579,13 +622,6 @@ def _delivery_pubsub() -> PubSubSettings:
     if settings.delivery_topic is None:
         raise SettingsError("DELIVERY_TOPIC is required but not set")
     return settings
-
-
-def _json_arg(option: str, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        raise CommandError(f"{option} is not valid JSON: {error}") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -652,6 +688,8 @@ def _replay_summary(summary: replay.Summary, *, progress: bool = False) -> str:
     verb = "would replay" if summary.dry_run else "replayed"
     text = f"{verb} {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
     text += f", left for later {summary.left}"
+    if summary.too_large:
+        text += f", too large to receive {summary.too_large}"
     if progress:
         return f"replay: pulled {summary.pulled}, {text}"
     return text + (" (dry run: nothing changed)" if summary.dry_run else "")

@@ -30,7 +30,11 @@ def new_delivery_id() -> str:
 
 def check_delivery(body: Mapping[str, Any]) -> events.DeliveryEvent:
     """The event as the worker will read it, or `events.InvalidEvent` (field and rule)."""
-    data = json.dumps(dict(body), ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        data = json.dumps(dict(body), ensure_ascii=False, separators=(",", ":")).encode()
+    except RecursionError:  # nested deeper than the encoder's stack; the rule is far lower
+        rule = f"must not nest deeper than {events.MAX_DEPTH} levels"
+        raise events.InvalidEvent("message.data", rule) from None
     return events.parse_delivery(events.PubSubMessage(data=data, attributes={}, message_id=""))
 
 

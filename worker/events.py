@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 from worker.workflows import WORKFLOWS, Workflow
 
-MAX_PAYLOAD_BYTES = 256 * 1024
+# A delivery event is a few hundred bytes; a larger one is an invalid event, dead-lettered
+# with its bytes unchanged (and `replay` does not put it back: it would fail again).
+MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 # Deep enough for any real template data or metadata; bounds the walks below.
 MAX_DEPTH = 32

@@ -7,6 +7,11 @@ this module (and `main`) stays cheap; only paths that actually publish pay for t
 The emulator is honoured by the library itself through `PUBSUB_EMULATOR_HOST`, read when the
 client is made: call `reset_client()` (or `Publisher.close()`) after changing it.
 
+`subscriber_client()` makes the synchronous-pull client `replay` uses, with one message-size
+bound on both paths: the library gives the channel it makes for the emulator gRPC's default
+4 MiB receive limit (a 5 MB dead letter could not be pulled), and its production channel no
+limit at all; both get `MAX_GRPC_MESSAGE_BYTES`, twice the largest message Pub/Sub accepts.
+
 `publish()` waits for the server's message id and is bounded by `timeout`: the library's
 default publish retry keeps trying an unreachable server for 600 seconds, so every call
 passes its own retry (total deadline = `timeout`) and per-attempt RPC timeout, and the
@@ -16,15 +21,61 @@ caller also stops waiting on the future after `timeout` seconds.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PublishError", "Publisher", "publish", "reset_client"]
+__all__ = [
+    "MAX_GRPC_MESSAGE_BYTES",
+    "PublishError",
+    "Publisher",
+    "publish",
+    "reset_client",
+    "subscriber_client",
+]
 
 # Extra time the caller waits on the future beyond the retry deadline, so the library's own
 # (more specific) error wins over a bare "timed out" when both are due.
 _RESULT_GRACE_SECONDS = 1.0
+
+
+# Pub/Sub accepts messages of up to 10 MB; a pull response carries whole messages, so twice
+# that always lets one message (with its attributes) through.
+MAX_GRPC_MESSAGE_BYTES = 20 * 1024 * 1024
+
+
+def channel_options(max_bytes: int = MAX_GRPC_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
+
+
+def subscriber_client(max_bytes: int = MAX_GRPC_MESSAGE_BYTES) -> Any:
+    """A `SubscriberClient` whose channel sends and receives messages of up to `max_bytes`,
+    against the emulator (`PUBSUB_EMULATOR_HOST`) and in production alike."""
+    from google.cloud.pubsub_v1 import SubscriberClient  # deferred: cold start
+    from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
+
+    options = channel_options(max_bytes)
+    emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if emulator:
+        import grpc
+
+        # The library would make this channel itself, without options (4 MiB receive).
+        channel = grpc.insecure_channel(emulator, options=options)
+        return SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+
+    class SizedTransport(SubscriberGrpcTransport):
+        """The library's transport, host and credentials, with our size bounds."""
+
+        @classmethod
+        def create_channel(cls, *args: Any, **kwargs: Any) -> Any:
+            kept = [(k, v) for k, v in kwargs.pop("options", None) or () if k not in dict(options)]
+            return super().create_channel(*args, options=kept + options, **kwargs)
+
+    return SubscriberClient(transport=SizedTransport)
 
 
 class PublishError(Exception):

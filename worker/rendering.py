@@ -6,8 +6,9 @@ a folder missing one of the three files is a bug and raises rather than mixing l
 
 Template variables are the event's `data`, the workflow's optional variables (None when
 absent, so templates test them with `{% if name %}`) and `recipient`. The `long_date` filter
-writes an ISO date (`2030-01-31`) the way the template's language does ("January 31, 2030",
-"31 janvier 2030"); a language without an entry in `_LONG_DATES` keeps the ISO form.
+writes an ISO date (`2030-01-31`), or an RFC 3339 date-time's date in UTC, the way the
+template's language does ("January 31, 2030", "31 janvier 2030"); a language without an entry
+in `_LONG_DATES` keeps the ISO form.
 Undefined variables raise (`StrictUndefined`): a template bug is a permanent
 `TemplateError`, whose message names the workflow, locale, file or variable, never a value.
 """
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from worker.events import DEFAULT_LOCALE, DeliveryEvent
-from worker.workflows import WORKFLOWS
+from worker.workflows import WORKFLOWS, expiry_date
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 FILES = ("subject.txt", "body.txt", "body.html")
@@ -160,8 +160,11 @@ def _context(event: DeliveryEvent) -> dict[str, Any]:
 
 @jinja2.pass_context
 def long_date(context: jinja2.runtime.Context, value: str) -> str:
-    """`2030-01-31` in the words of the template's language (the locale folder in use)."""
-    day = date.fromisoformat(value)
+    """`2030-01-31` (or `2030-01-31T12:00:00Z`) in the words of the template's language
+    (the locale folder in use)."""
+    day = expiry_date(value)
+    if day is None:
+        raise ValueError("long_date needs a date or an RFC 3339 date-time with an offset")
     language = str(context.get(LOCALE_KEY, DEFAULT_LOCALE)).split("-")[0]
     if language not in _LONG_DATES:
         return day.isoformat()
@@ -187,4 +190,8 @@ def _one_line(subject: str, where: str) -> str:
     # splitlines() also catches \v, \f, \x85, U+2028...: any would break the header.
     if len(subject.splitlines()) != 1:
         raise TemplateError(f"{where}/subject.txt: subject must be one non-empty line")
+    # A reader decodes an RFC 2047 encoded-word (`=?utf-8?b?...?=`) in a subject into any
+    # character at all; names may not hold one, and neither may what a template joins.
+    if "=?" in subject:
+        raise TemplateError(f"{where}/subject.txt: subject must not contain '=?'")
     return subject

@@ -5,7 +5,9 @@ A run pulls the dead-letter subscription in batches (synchronous pull) and, per 
      dead-letter policy forwarded (`CloudPubSubDeadLetter*` attributes, no `reason`) only in
      their data, which is parsed best effort;
   2. leaves a message that does not match the filters for later: it stays leased for the run,
-     so the run does not pull it again, and is released (ack deadline 0) at the end;
+     so the run does not pull it again, and is released (ack deadline 0) at the end; so is one
+     whose bytes are still an invalid event by the worker's own rules (too large, bad JSON, a
+     bad field): republished, it would only be dead-lettered again, run after run;
   3. decides from the ledger row (`Action`) and makes the row replayable *before* the
      republish: a worker that got the message first would otherwise find the row finished
      and drop it;
@@ -19,6 +21,12 @@ Pub/Sub's policy forwarded it, its `replayed_from` is one of the run's replayed 
 never acked nor republished by the run: it stays on the subscription for the next run, after
 the operator fixed the cause. Only an earlier copy of a dead letter for a delivery this run
 replayed is acked as a duplicate.
+
+Any message Pub/Sub accepts (10 MB) can be pulled: the client's channel takes 20 MiB
+(worker/pubsub.py). A pull response too large for it (several big messages at once) makes the
+run pull one message at a time; the messages in it were leased to that lost response, so the
+run waits out the subscription's ack deadline for them to come back. One message too large
+even alone is counted (`too_large`) and the run goes on with the rest.
 
 `google.cloud.pubsub_v1` is imported only when a run starts: importing the CLI stays cheap.
 """
@@ -68,10 +76,16 @@ RELEASE_CHUNK = 1000
 PUBLISH_CONCURRENCY = 32
 # A row that changes under the replay this often (a worker racing it) is left for a later run.
 MAX_DECISIONS = 3
+# Slack after the subscription's ack deadline before messages of a lost pull are due again.
+REDELIVERY_SLACK_SECONDS = 1.0
 
 
 class ReplayError(Exception):
     """The run cannot go on (subscription missing, Pub/Sub unreachable). One line."""
+
+
+class _TooLarge(ReplayError):
+    """A pull's response was larger than the client's channel may receive."""
 
 
 class Action(StrEnum):
@@ -85,6 +99,7 @@ class Action(StrEnum):
     SKIP_SKIPPED = "skip_skipped"  # deliberately not sent (suppressed, rate limited): ack
     SKIP_IN_PROGRESS = "skip_in_progress"  # a live lease: leave for later
     SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
+    SKIP_INVALID = "skip_invalid"  # still an invalid event: leave it, never republish
     FAILED_AGAIN = "failed_again"  # dead letter of this run's own republish: leave for later
 
     @property
@@ -105,6 +120,7 @@ _DESCRIPTIONS = {
     Action.SKIP_SKIPPED: "deliberately not sent (skipped); final",
     Action.SKIP_IN_PROGRESS: "in progress under a live lease",
     Action.SKIP_DUPLICATE: "already replayed in this run",
+    Action.SKIP_INVALID: "still invalid, not republished (it would fail again); left",
     Action.FAILED_AGAIN: "failed again after this run republished it; left for the next run",
 }
 
@@ -130,6 +146,8 @@ class DeadLetter:
     error_code: str | None
     delivery_id: str | None
     workflow: str | None
+    # Why the bytes are an invalid event by this code's rules ("field: rule"); None if valid.
+    invalid: str | None = None
 
     @classmethod
     def from_received(cls, received: Any) -> DeadLetter:
@@ -138,7 +156,8 @@ class DeadLetter:
         attributes = dict(message.attributes)
         data = bytes(message.data)
         ours = "reason" in attributes
-        from_data = (None, None) if ours else identify(data)
+        checked = check(data)
+        from_data = (checked.delivery_id, checked.workflow)
         return cls(
             ack_id=received.ack_id,
             message_id=message.message_id,
@@ -148,6 +167,7 @@ class DeadLetter:
             error_code=attributes.get("error_code"),
             delivery_id=attributes.get("delivery_id") if ours else from_data[0],
             workflow=attributes.get("workflow") if ours else from_data[1],
+            invalid=checked.invalid,
         )
 
     def republish_attributes(self) -> dict[str, str]:
@@ -173,14 +193,29 @@ def _policy_or_unknown(attributes: Mapping[str, str]) -> str:
     return POLICY_REASON if forwarded else "unknown"
 
 
-def identify(data: bytes) -> tuple[str | None, str | None]:
-    """Best-effort (delivery id, workflow) of an event's bytes; None where unreadable."""
+@dataclass(frozen=True)
+class Checked:
+    """An event's bytes read by the worker's own parser: best-effort (delivery id, workflow),
+    None where unreadable, and the rule they break (`"field: rule"`), None when valid."""
+
+    delivery_id: str | None
+    workflow: str | None
+    invalid: str | None
+
+
+def check(data: bytes) -> Checked:
     message = events.PubSubMessage(data=data, attributes={}, message_id="")
     try:
         event = events.parse_delivery(message)
     except events.InvalidEvent as invalid:
-        return invalid.delivery_id, invalid.workflow
-    return event.delivery_id, event.workflow
+        return Checked(invalid.delivery_id, invalid.workflow, str(invalid))
+    return Checked(event.delivery_id, event.workflow, None)
+
+
+def identify(data: bytes) -> tuple[str | None, str | None]:
+    """Best-effort (delivery id, workflow) of an event's bytes; None where unreadable."""
+    checked = check(data)
+    return checked.delivery_id, checked.workflow
 
 
 @dataclass(frozen=True)
@@ -231,6 +266,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     left: int = 0  # did not match the filters, or over the limit: released for later
+    too_large: int = 0  # pulls of one message that could not be received (none with 20 MiB)
 
 
 OnItem = Callable[[Item], None]
@@ -244,20 +280,23 @@ def replay(
     *,
     on_item: OnItem = lambda _item: None,
     on_progress: OnProgress = lambda _summary: None,
+    subscriber: Any = None,
 ) -> Summary:
-    """One replay run against the subscription; see the module docstring."""
+    """One replay run against the subscription; see the module docstring. `subscriber` is a
+    `SubscriberClient` the caller owns; by default the run makes (and closes) its own."""
     if settings.delivery_topic is None:
         raise SettingsError("DELIVERY_TOPIC is required but not set")
-    with _subscriber() as subscriber:
-        run = _Run(ledger, settings, options, _Subscription(subscriber, settings, options))
+    with _subscriber(subscriber) as client:
+        run = _Run(ledger, settings, options, _Subscription(client, settings, options))
         return run.execute(on_item, on_progress)
 
 
 @contextlib.contextmanager
-def _subscriber() -> Iterator[Any]:
-    from google.cloud.pubsub_v1 import SubscriberClient  # deferred: the CLI imports this module
-
-    client = SubscriberClient()
+def _subscriber(given: Any) -> Iterator[Any]:
+    if given is not None:
+        yield given
+        return
+    client = worker_pubsub.subscriber_client()  # imports the library: only when a run starts
     try:
         yield client
     finally:
@@ -293,6 +332,17 @@ class _Subscription:
 
         return self._rpc("pull", call)
 
+    def ack_deadline(self) -> int:
+        """The subscription's ack deadline in seconds."""
+
+        def call() -> int:
+            found = self.client.get_subscription(
+                request={"subscription": self.path}, timeout=RPC_TIMEOUT_SECONDS
+            )
+            return int(found.ack_deadline_seconds)
+
+        return self._rpc("get_subscription", call)
+
     def ack(self, ack_ids: Sequence[str]) -> None:
         request = {"subscription": self.path, "ack_ids": list(ack_ids)}
         self._rpc(
@@ -320,7 +370,15 @@ class _Subscription:
             return call()
         except Exception as error:
             text = " ".join(str(error).split()) or type(error).__name__
-            raise ReplayError(f"{what} on {self.path} failed: {text[:300]}") from error
+            kind = _TooLarge if _too_large(error) else ReplayError
+            raise kind(f"{what} on {self.path} failed: {text[:300]}") from error
+
+
+def _too_large(error: Exception) -> bool:
+    """gRPC's own limit on a received message (RESOURCE_EXHAUSTED, "larger than max")."""
+    from google.api_core import exceptions
+
+    return isinstance(error, exceptions.ResourceExhausted) and "larger than max" in str(error)
 
 
 class _Run:
@@ -344,6 +402,10 @@ class _Run:
         self.republished: set[str] = set()
         self.replayed_letters: set[str] = set()
         self.leased_at = time.monotonic()
+        # At most this many per pull: 1 after a response too large to receive.
+        self.pull_cap = options.batch_size
+        # Messages of a lost pull response come back after the ack deadline: wait until then.
+        self.lost_until = 0.0
         # Decided and made replayable, waiting for the batch's concurrent republish.
         self.pending: list[tuple[DeadLetter, Action]] = []
         self.publishers = ThreadPoolExecutor(PUBLISH_CONCURRENCY, "replay-publish")
@@ -362,9 +424,10 @@ class _Run:
     def _loop(self, on_item: OnItem, on_progress: OnProgress) -> None:
         last_message = time.monotonic()
         while (want := self._room()) > 0:
-            batch = self.sub.pull(want)
+            batch = self._pull(want)
             if not batch:
-                if time.monotonic() - last_message >= self.options.wait_seconds:
+                now = time.monotonic()
+                if now - last_message >= self.options.wait_seconds and now >= self.lost_until:
                     return
                 time.sleep(POLL_SECONDS)
                 continue
@@ -378,6 +441,24 @@ class _Run:
                 on_item(item)
             on_progress(self.summary)
             self._renew_held()
+
+    def _pull(self, want: int) -> list[Any]:
+        """A pull of at most `want` (and the cap). Pub/Sub leased what it sent in a response
+        too large to receive: those come back after the ack deadline, and the run pulls one
+        at a time from then on. A single message too large is counted, and skipped."""
+        while True:
+            size = min(want, self.pull_cap)
+            try:
+                return self.sub.pull(size)
+            except _TooLarge:
+                if size == 1:
+                    self.summary.too_large += 1
+                    return []
+                # Which of its messages were large is unknown; one at a time is sure to get
+                # each of them (and the rest) through once they come back.
+                self.pull_cap = 1
+                deadline = self.sub.ack_deadline() + REDELIVERY_SLACK_SECONDS
+                self.lost_until = time.monotonic() + deadline
 
     def _room(self) -> int:
         """How many messages the next pull may take."""
@@ -399,6 +480,13 @@ class _Run:
         if not self.options.filters.match(letter) or self._room() <= 0:
             self._hold(letter)
             self.summary.left += 1
+            return
+        if letter.invalid is not None:
+            # The worker would refuse the same bytes again: left for someone to fix and
+            # publish anew, and the ledger row stays as it is.
+            self._hold(letter)
+            self.summary.skipped += 1
+            on_item(Item(letter, Action.SKIP_INVALID, Outcome.SKIPPED, letter.invalid))
             return
         item = self._dry(letter) if self.options.dry_run else self._live(letter)
         if item is not None:

@@ -31,20 +31,26 @@ __all__ = [
     "stats",
 ]
 
-# Six digits are plenty (999999d) and keep timedelta far from overflowing.
+# Six digits keep timedelta far from overflowing; MAX_DURATION keeps `now() - interval`
+# inside PostgreSQL's timestamps (999999w is 19,000 years).
 _DURATION = re.compile(r"([0-9]{1,6})([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = timedelta(days=36500)
 # Rows whose sending finished; `skipped` rows were never attempted, so the success rate
 # leaves them out (they are counted on their own).
 FINISHED = (Status.SENT, Status.FAILED, Status.DEAD_LETTER)
 
 
 def parse_duration(text: str) -> timedelta:
-    """`30m`, `24h`, `7d`, `90d` (also `s` and `w`), greater than zero; else ValueError."""
+    """`30m`, `24h`, `7d`, `90d` (also `s` and `w`), greater than zero and at most
+    MAX_DURATION (36500d, about 100 years); else ValueError."""
     match = _DURATION.fullmatch(text.strip().lower())
     if match is None or int(match[1]) == 0:
         raise ValueError(f"{text!r} is not a duration like 30m, 24h, 7d or 90d")
-    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    duration = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    if duration > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days}d (about 100 years)")
+    return duration
 
 
 # --- status and history ---------------------------------------------------------------------

@@ -1,26 +1,34 @@
 """What became of each email after the relay accepted it (contract section 6).
 
 `Tracking.apply` stores one normalised provider event and applies it in one transaction:
-`email.apply_provider_event()` (migration 002) matches the delivery, moves `provider_status`
-forward only, keeps the earliest time of each kind and suppresses the recipient on a bounce
-or complaint. The order itself is enforced by a trigger, for every writer; `allowed` below
-mirrors it for Python readers and is checked against the database by the tests.
+`email.apply_provider_event()` (migration 002, revised in 008) matches the delivery (its
+recipient too, where the event names one), moves `provider_status` forward only and only for
+an email that was sent, keeps the earliest time of each kind (a time the email cannot have
+had is stored as the receipt time and flagged in `detail`) and suppresses the recipient on a
+bounce or complaint. The order itself is enforced by a trigger, for every writer; `allowed`
+below mirrors it for Python readers and is checked against the database by the tests.
+
+`WebhookTokens` remembers the signature tokens of providers whose signature does not cover
+the event (Mailgun), so that a captured signature cannot carry a second event.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from functools import cache
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker.db import SQL_DIR, queries
-from worker.providers.model import Applied, ProviderEvent
+from worker.providers.model import Applied, ProviderEvent, Refused
 
 
 class ProviderStatus(StrEnum):
@@ -104,3 +112,29 @@ class Tracking:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query("provider_events_for_delivery"), {"delivery_id": delivery_id})
             return [StoredEvent(**row) for row in cur.fetchall()]
+
+
+class WebhookTokens:
+    """Used signature tokens, shared by every instance (`email.webhook_tokens`, migration 008):
+    a token is claimed once, in one statement that also forgets a few expired ones. Only the
+    token's SHA-256 reaches the database.
+
+    `pool` is called on first use: the webhook builds its adapters, and this with them, when
+    it starts, before any connection is opened."""
+
+    def __init__(self, pool: Callable[[], ConnectionPool]) -> None:
+        self._pool = pool
+
+    def first_use(self, provider: str, token: str, remember_seconds: int) -> bool:
+        params = {
+            "provider": provider,
+            "token_sha256": hashlib.sha256(token.encode()).digest(),
+            "remember_seconds": remember_seconds,
+        }
+        try:
+            with self._pool().connection() as conn:
+                row = conn.execute(query("claim_webhook_token"), params).fetchone()
+        except (psycopg.OperationalError, PoolTimeout):
+            # Unknown is not "first use": the provider retries a 503.
+            raise Refused(503, "database unavailable, retry later") from None
+        return row is not None

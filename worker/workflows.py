@@ -17,7 +17,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +29,15 @@ MAX_NAME_LENGTH = 200
 _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.ASCII)
 _CODE = re.compile(r"[A-Za-z0-9]{4,12}", re.ASCII)
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+# RFC 3339 section 5.6 date-time; the offset is required (a time without one is ambiguous).
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.\d+)?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+# An RFC 2047 encoded-word starts with `=?`: a mail reader decodes `=?utf-8?b?...?=` in a
+# subject into whatever it encodes (a bidi override, a line break), past the checks below.
+_ENCODED_WORD_START = "=?"
 # Bidi embeddings, overrides and isolates can make a name display as something else.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -56,18 +65,45 @@ def is_minutes(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10080
 
 
-def is_iso_date(value: Any) -> bool:
-    """A calendar date as `YYYY-MM-DD` (ISO 8601), rendered per locale by the templates.
+def is_expiry(value: Any) -> bool:
+    """A date `YYYY-MM-DD`, or an RFC 3339 date-time with an offset (`...T12:00:00Z`)."""
+    return expiry_date(value) is not None
 
-    A date, not a timestamp: which day a timestamp falls on depends on the recipient's time
-    zone, which only the publisher knows."""
+
+def expiry_date(value: Any) -> date | None:
+    """The day an expiry falls on: the date itself, or a date-time's date in UTC (the
+    recipient's time zone is unknown here; the publisher who wants another day sends a date).
+    None when `value` is neither form."""
+    return _iso_date(value) or _rfc3339_utc_date(value)
+
+
+def _iso_date(value: Any) -> date | None:
     if not isinstance(value, str) or _ISO_DATE.fullmatch(value) is None:
-        return False
+        return None
     try:
-        date.fromisoformat(value)
+        return date.fromisoformat(value)
     except ValueError:  # 2030-02-30
-        return False
-    return True
+        return None
+
+
+def _rfc3339_utc_date(value: Any) -> date | None:
+    if not isinstance(value, str):
+        return None
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(part) for part in match.group(1, 2, 3, 4, 5, 6))
+    sign, offset_hours, offset_minutes = match.group(8, 9, 10)
+    hours, minutes = int(offset_hours or 0), int(offset_minutes or 0)
+    if hours > 23 or minutes > 59:
+        return None
+    offset = timedelta(hours=hours, minutes=minutes)
+    try:
+        zone = timezone(-offset if sign == "-" else offset)
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=zone)
+        return moment.astimezone(UTC).date()
+    except (ValueError, OverflowError):  # 2030-02-30, 25:00, or out of range in UTC
+        return None
 
 
 def is_web_url(value: Any) -> bool:
@@ -90,7 +126,10 @@ def is_web_url(value: Any) -> bool:
 
 
 def _is_plain_text(value: str) -> bool:
-    """No control characters or line breaks: the text may end up in a subject line."""
+    """No control characters, line breaks, bidi controls or encoded-words: the text may end
+    up in a subject line."""
+    if _ENCODED_WORD_START in value:
+        return False
     return not any(
         unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS for ch in value
     )
@@ -122,7 +161,10 @@ def _url(name: str) -> Variable:
 
 def _name(name: str, *, allow_empty: bool) -> Variable:
     size = "at most" if allow_empty else "1 to"
-    rule = f"must be a string of {size} {MAX_NAME_LENGTH} characters without control characters"
+    rule = (
+        f"must be a string of {size} {MAX_NAME_LENGTH} characters without control characters, "
+        "bidi controls or '=?' (RFC 2047 encoded-words)"
+    )
     return Variable(name, rule, text(MAX_NAME_LENGTH, allow_empty=allow_empty))
 
 
@@ -139,7 +181,11 @@ WORKFLOWS: dict[str, Workflow] = {
             required=(_url("invite_url"), _name("organization_name", allow_empty=False)),
             optional=(
                 _name("inviter_name", allow_empty=True),
-                Variable("expires_at", "must be a date as YYYY-MM-DD (ISO 8601)", is_iso_date),
+                Variable(
+                    "expires_at",
+                    "must be a date as YYYY-MM-DD or an RFC 3339 date-time with an offset",
+                    is_expiry,
+                ),
             ),
         ),
         Workflow(

@@ -25,6 +25,9 @@ from tests.harness.function import FunctionServer
 from tests.harness.postgres import Databases
 
 _ids = (f"c{n:04d}" for n in itertools.count(1))
+# The test console's cursor key (CONSOLE_CURSOR_KEY): tests sign with it, or with another key,
+# to show which cursors the console takes.
+CURSOR_KEY = b"console-tests-cursor-key-6f1d0c2a9b84e7f3"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ def admin_conn(console_db: ConsoleDb) -> Iterator[psycopg.Connection[Any]]:
 def console(console_db: ConsoleDb) -> Iterator[Console]:
     env = {
         "CONSOLE_DATABASE_URL": console_db.reader_url,
+        "CONSOLE_CURSOR_KEY": CURSOR_KEY.decode(),
+        "CONSOLE_CURSOR_KEY_SECRET": "",
         # The console needs no worker setting: blank them so none leaks in from the test env.
         "DATABASE_URL": "",
         "SMTP_HOST": "",

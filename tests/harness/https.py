@@ -14,6 +14,7 @@ import atexit
 import base64
 import datetime as dt
 import ipaddress
+import secrets
 import shutil
 import ssl
 import tempfile
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography import x509
@@ -190,7 +192,13 @@ class HttpsTestServer:
         with self.routes.lock:
             self.routes.prefixes[prefix] = (status, body)
 
+    def served(self, path: str) -> bytes:
+        """What `serve` put at `path`."""
+        with self.routes.lock:
+            return self.routes.files[path][1]
+
     def hits(self, prefix: str = "/") -> list[str]:
+        """The request targets (path and query) asked for so far that start with `prefix`."""
         with self.routes.lock:
             return [hit for hit in self.routes.hits if hit.startswith(prefix)]
 
@@ -223,12 +231,21 @@ def sns_string_to_sign(message: Mapping[str, str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def sns_cert_path() -> str:
+    """A fresh certificate path of the form SNS uses (the only one the verifier fetches)."""
+    return f"/SimpleNotificationService-{secrets.token_hex(16)}.pem"
+
+
 @dataclass
 class SnsSigner:
     """An SNS signing identity: an RSA key and the URL of its certificate."""
 
     key: rsa.RSAPrivateKey
     cert_url: str
+
+    @property
+    def cert_path(self) -> str:
+        return urlsplit(self.cert_url).path
 
     def sign(self, message: Mapping[str, str], version: str = "2") -> dict[str, str]:
         algorithm: hashes.HashAlgorithm = hashes.SHA1() if version == "1" else hashes.SHA256()
@@ -266,17 +283,18 @@ class SnsTestServer:
 
     def new_signer(
         self,
-        path: str,
+        path: str | None = None,
         *,
         valid_from: dt.datetime | None = None,
         valid_until: dt.datetime | None = None,
     ) -> SnsSigner:
-        """Another key, its certificate served at `path` (issued by the same test CA)."""
+        """Another key, its certificate served at `path` (by default a fresh one of SNS's
+        form, `signer.cert_path`), issued by the same test CA."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         certificate = self.server.ca.issue(
             "sns.amazonaws.com", key, valid_from=valid_from, valid_until=valid_until
         )
-        return SnsSigner(key, self.server.serve(path, pem(certificate)))
+        return SnsSigner(key, self.server.serve(path or sns_cert_path(), pem(certificate)))
 
 
 @pytest.fixture(scope="session")
@@ -286,8 +304,7 @@ def sns_https() -> Iterator[SnsTestServer]:
         server = HttpsTestServer(TestCa(directory))
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         certificate = server.ca.issue("sns.amazonaws.com", key)
-        path = "/SimpleNotificationService-0000000000000000000000000000test.pem"
-        signer = SnsSigner(key, server.serve(path, pem(certificate)))
+        signer = SnsSigner(key, server.serve(sns_cert_path(), pem(certificate)))
         (directory / "signing-key.pem").write_bytes(private_pem(key))
         (directory / "signing-cert.pem").write_bytes(pem(certificate))
         yield SnsTestServer(server, signer, directory)

@@ -80,9 +80,7 @@ def applied_migrations(url: str) -> list[tuple[int, str]]:
 
 def render(url: str) -> str:
     """The text of sql/schema.sql for the migrated database at `url`."""
-    versions = ",\n".join(
-        f"    ({version}, '{name}')" for version, name in applied_migrations(url)
-    )
+    versions = ",\n".join(f"    ({version}, '{name}')" for version, name in applied_migrations(url))
     return (
         HEADER
         + "\n"

@@ -2,8 +2,11 @@
 
 Read-only by construction: it connects as an `email_reader` login (CONSOLE_DATABASE_URL or
 CONSOLE_DATABASE_URL_SECRET), its SQL is SELECTs only (sql/console.sql), and it routes GET
-and HEAD only. Every response carries the same defence-in-depth headers; pages are Jinja
-templates with autoescaping and no script at all, so the Content-Security-Policy allows none.
+and HEAD only. Every response carries the same defence-in-depth headers, errors and
+unexpected failures included (a failure's details go to the log, never into the body); pages
+are Jinja templates with autoescaping and no script at all, so the Content-Security-Policy
+allows none. Page cursors are signed with the deployment's CONSOLE_CURSOR_KEY
+(worker/console/cursors.py): a cursor the console did not hand out is a 400.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
@@ -27,9 +31,11 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from worker.console import chart, views
+from worker.console.cursors import Cursors
 from worker.console.store import ConsoleStore, DeliverySearch
 from worker.db import connection_kwargs
-from worker.settings import DatabaseSettings, console_database_settings
+from worker.redact import sanitise
+from worker.settings import ConsoleSettings, DatabaseSettings, console_settings
 
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = {
@@ -62,8 +68,11 @@ _ALLOWED = ("GET", "HEAD")
 
 
 class Console:
-    def __init__(self, store: ConsoleStore, now: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self, store: ConsoleStore, cursors: Cursors, now: Callable[[], datetime] | None = None
+    ) -> None:
         self.store = store
+        self.cursors = cursors
         self.now = now or (lambda: datetime.now(UTC))
         self.pages = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -78,10 +87,24 @@ class Console:
     def handle(self, request: Request) -> Response:
         api = request.path.startswith("/api/")
         try:
+            response = self._answer(request, api)
+        except Exception as error:
+            # A bug, or a database in a shape the console does not expect: the framework's
+            # answer would be an HTML page without the headers below. The details go to the
+            # log, never to the browser.
+            _log_failure(request.path, error)
+            response = self._failure(api)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def _answer(self, request: Request, api: bool) -> Response:
+        """The route's response, or the error response of an expected refusal."""
+        try:
             if request.method not in _ALLOWED:
                 raise MethodNotAllowed(valid_methods=list(_ALLOWED))
             endpoint, args = ROUTES.bind_to_environ(request.environ).match(request.path, "GET")
             params = {key: request.args[key] for key in request.args}
+            views.no_nul(params)
             response: Response = getattr(self, str(endpoint))(params, **args)
         except views.BadParameter as error:
             response = self._error(api, 400, "bad_parameter", str(error), error.parameter)
@@ -96,7 +119,6 @@ class Console:
         except HTTPException as error:
             code = error.code or 404
             response = self._error(api, code, "not_found", "no such page")
-        response.headers.update(SECURITY_HEADERS)
         return response
 
     # --- the JSON API ---------------------------------------------------------------------
@@ -109,11 +131,12 @@ class Console:
         return _json(report)
 
     def api_deliveries(self, params: Mapping[str, str]) -> Response:
-        search = views.delivery_search(params, self.now())
+        search = views.delivery_search(params, self.now(), self.cursors)
         page = self.store.deliveries(search)
         searched = params.get("recipient")
         items = [views.delivery_json(row, searched) for row in page.rows]
-        return _json(views.page_json(page, "deliveries", items, "delivery_id"))
+        cursor = views.next_cursor(page, self.cursors.for_delivery)
+        return _json(views.page_json("deliveries", items, cursor))
 
     def api_stats(self, params: Mapping[str, str]) -> Response:
         label, window = views.stats_window(params)
@@ -121,10 +144,11 @@ class Console:
         return _json(views.stats_json(label, window, result))
 
     def api_suppressions(self, params: Mapping[str, str]) -> Response:
-        search = views.suppression_search(params)
+        search = views.suppression_search(params, self.cursors)
         page = self.store.suppressions(search)
         items = [views.suppression_json(row, search.address) for row in page.rows]
-        return _json(views.page_json(page, "suppressions", items, "address"))
+        cursor = views.next_cursor(page, self.cursors.for_suppression)
+        return _json(views.page_json("suppressions", items, cursor))
 
     # --- the pages --------------------------------------------------------------------------
 
@@ -133,7 +157,7 @@ class Console:
         q = params.get("q", "").strip()
         if len(q) > views.MAX_ADDRESS:
             raise views.BadParameter("q", f"must be at most {views.MAX_ADDRESS} characters")
-        after = views.decode_cursor(params)
+        after = views.cursor(params, self.cursors.delivery_after)
         context: dict[str, Any] = {"q": q, "searched": None, "suppression": None, "missing": False}
         if q and views.DELIVERY_ID.fullmatch(q) and self.store.delivery(q) is not None:
             # One search answers "what happened to delivery X": straight to its timeline.
@@ -151,7 +175,7 @@ class Console:
         page = self.store.deliveries(search) if search.limit else None
         rows = [] if page is None else page.rows
         context["deliveries"] = [views.delivery_json(row, context["searched"]) for row in rows]
-        cursor = views.next_cursor(page, "delivery_id") if page else None
+        cursor = views.next_cursor(page, self.cursors.for_delivery) if page else None
         context["older"] = "/?" + urlencode({"q": q, "cursor": cursor}) if cursor else None
         return self._page("search.html", **context)
 
@@ -207,6 +231,14 @@ class Console:
             return _json(doc, status)
         return self._page("error.html", status, status_code=status, message=message)
 
+    def _failure(self, api: bool) -> Response:
+        """500, in the console's usual shape when it can be rendered, as plain text if not."""
+        message = "the console failed on this request; its log says why"
+        try:
+            return self._error(api, 500, "internal", message)
+        except Exception:  # the error page itself failed (say, a broken template)
+            return Response(message + "\n", status=500, content_type="text/plain; charset=utf-8")
+
 
 class _Missing(NotFound):
     """An unknown delivery: 404, with a message that names what was asked for."""
@@ -219,6 +251,21 @@ class _Missing(NotFound):
 @cache
 def _stylesheet() -> bytes:
     return (HERE / "static" / "console.css").read_bytes()
+
+
+def _log_failure(path: str, error: Exception) -> None:
+    """One line: where it failed (file, line, function of each frame) and the error, its
+    message sanitised (no addresses, no links: it may quote a row or the request)."""
+    frames = " < ".join(
+        f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+        for frame in reversed(traceback.extract_tb(error.__traceback__))
+    )
+    print(
+        f"email-console: internal error on {sanitise(path, 200)}: {type(error).__name__}:"
+        f" {sanitise(str(error))} at {frames}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -260,7 +307,7 @@ def _percent(value: float | None) -> str:
 
 # --- the instance's console (main.py) ---------------------------------------------------------
 
-_settings: DatabaseSettings | None = None
+_settings: ConsoleSettings | None = None
 _console: Console | None = None
 _lock = threading.Lock()
 
@@ -268,7 +315,7 @@ _lock = threading.Lock()
 def configure(env: Mapping[str, str] = os.environ) -> None:
     """Parse the console's settings at start (a bad one stops the instance with one line)."""
     global _settings
-    _settings = console_database_settings(env)
+    _settings = console_settings(env)
 
 
 def shared_console() -> Console:
@@ -280,7 +327,8 @@ def shared_console() -> Console:
                 if _settings is None:
                     configure()
                 assert _settings is not None
-                _console = Console(ConsoleStore(open_console_pool(_settings)))
+                pool = open_console_pool(_settings.database)
+                _console = Console(ConsoleStore(pool), Cursors(_settings.cursor_key))
     return _console
 
 

@@ -53,7 +53,7 @@ class SuppressionSearch:
     address: str | None = None
     reason: str | None = None
     active: bool | None = None
-    after: tuple[datetime, str] | None = None  # the cursor: (created_at, address)
+    after: tuple[datetime, int] | None = None  # the cursor: (created_at, id)
     limit: int = 50
 
 

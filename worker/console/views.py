@@ -8,14 +8,12 @@ these functions, so a page never shows what the API would hide.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from worker.console.cursors import BadCursor, Cursors
 from worker.console.store import DeliverySearch, Page, StatsResult, SuppressionSearch
 from worker.ledger import Status
 from worker.redact import mask_addresses, mask_email
@@ -29,6 +27,8 @@ DEFAULT_LIMIT = 50
 MAX_STATS_WINDOW = timedelta(days=366)
 SUPPRESSION_REASONS = ("hard_bounce", "complaint", "manual")
 CHART_BUCKETS = 24
+CURSOR_RULE = "must be a next_cursor value from an earlier page of the same list"
+T = TypeVar("T")
 
 
 class BadParameter(ValueError):
@@ -41,6 +41,14 @@ class BadParameter(ValueError):
 
 
 # --- parameters -----------------------------------------------------------------------------
+
+
+def no_nul(params: Mapping[str, str]) -> None:
+    """PostgreSQL text cannot hold NUL: refused here as a bad parameter, not left to fail
+    in the database."""
+    for name, value in params.items():
+        if "\0" in name or "\0" in value:
+            raise BadParameter(name.replace("\0", ""), "must not contain NUL characters")
 
 
 def only(params: Mapping[str, str], allowed: tuple[str, ...]) -> None:
@@ -69,7 +77,9 @@ def limit(params: Mapping[str, str]) -> int:
     text = params.get("limit")
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    # The length first: int() of thousands of digits raises instead of answering.
+    digits = len(text) <= 3 and text.isascii() and text.isdigit()
+    if not digits or not 1 <= int(text) <= MAX_LIMIT:
         raise BadParameter("limit", f"must be an integer 1..{MAX_LIMIT}")
     return int(text)
 
@@ -124,27 +134,19 @@ def boolean(params: Mapping[str, str], name: str) -> bool | None:
     return text == "true"
 
 
-def encode_cursor(created_at: datetime, key: str) -> str:
-    raw = json.dumps([created_at.isoformat(), key], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(params: Mapping[str, str]) -> tuple[datetime, str] | None:
+def cursor(params: Mapping[str, str], read: Callable[[str], T]) -> T | None:
+    """Where the page starts: `cursor` as read by `read` (one of `Cursors`' readers, for the
+    list being paged), or None for the first page."""
     text = params.get("cursor")
     if text is None:
         return None
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        when, key = json.loads(raw)
-        created_at = datetime.fromisoformat(when)
-        if created_at.tzinfo is None or not isinstance(key, str) or len(key) > MAX_ADDRESS:
-            raise ValueError(text)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise BadParameter("cursor", "must be a next_cursor value from an earlier page") from None
-    return created_at, key
+        return read(text)
+    except BadCursor:
+        raise BadParameter("cursor", CURSOR_RULE) from None
 
 
-def delivery_search(params: Mapping[str, str], now: datetime) -> DeliverySearch:
+def delivery_search(params: Mapping[str, str], now: datetime, cursors: Cursors) -> DeliverySearch:
     only(params, ("recipient", "workflow", "status", "since", "limit", "cursor"))
     recipient = params.get("recipient")
     window = since(params)
@@ -153,12 +155,12 @@ def delivery_search(params: Mapping[str, str], now: datetime) -> DeliverySearch:
         workflow=workflow(params),
         status=status(params),
         since=None if window is None else now - window[1],
-        after=decode_cursor(params),
+        after=cursor(params, cursors.delivery_after),
         limit=limit(params),
     )
 
 
-def suppression_search(params: Mapping[str, str]) -> SuppressionSearch:
+def suppression_search(params: Mapping[str, str], cursors: Cursors) -> SuppressionSearch:
     only(params, ("address", "reason", "active", "limit", "cursor"))
     text = params.get("address")
     reason = params.get("reason")
@@ -168,7 +170,7 @@ def suppression_search(params: Mapping[str, str]) -> SuppressionSearch:
         address=None if text is None else address(text, "address"),
         reason=reason,
         active=boolean(params, "active"),
-        after=decode_cursor(params),
+        after=cursor(params, cursors.suppression_after),
         limit=limit(params),
     )
 
@@ -266,16 +268,16 @@ def suppression_json(row: Mapping[str, Any], searched: str | None = None) -> dic
     }
 
 
-def next_cursor(page: Page, cursor_key: str) -> str | None:
-    """Where the next (older) page starts, or None on the last page."""
+def next_cursor(page: Page, sign: Callable[[dict[str, Any]], str]) -> str | None:
+    """Where the next (older) page starts, signed by `sign` from the page's last row; None
+    on the last page."""
     if not (page.more and page.rows):
         return None
-    last = page.rows[-1]
-    return encode_cursor(last["created_at"], last[cursor_key])
+    return sign(page.rows[-1])
 
 
-def page_json(page: Page, key: str, items: list[dict[str, Any]], cursor_key: str) -> dict[str, Any]:
-    return {key: items, "next_cursor": next_cursor(page, cursor_key)}
+def page_json(key: str, items: list[dict[str, Any]], cursor: str | None) -> dict[str, Any]:
+    return {key: items, "next_cursor": cursor}
 
 
 def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, Any]:

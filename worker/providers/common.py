@@ -1,5 +1,9 @@
 """What the provider adapters share: freshness, ids, timestamps, and what `detail` may keep.
 
+Every string an adapter reads from a payload goes through `checked` (by way of `require_str`,
+`optional_str`, `event_id`, `recipient`...): a value the ledger cannot store (longer than its
+column, a NUL, a lone surrogate) is refused while normalising, as `Malformed` naming the
+field, so one bad event is rejected on its own instead of failing in the database.
 No crypto here (each adapter imports its own), so this module stays cheap to import.
 """
 
@@ -21,12 +25,20 @@ from worker.redact import sanitise
 TOLERANCE_SECONDS = 300
 # What `detail` keeps of a provider's diagnostic text: enough for support, never a body.
 MAX_DIAGNOSTIC = 200
+# The longest value each column of email.provider_events takes (migration 002).
+MAX_EVENT_ID = 500
+MAX_RELAY_ID = 500
+MAX_RECIPIENT = 254
+MAX_BOUNCE_TYPE = 100
+# Any other text read from a payload (an event name, a status, a type): one short line.
+MAX_TEXT = 254
 
 Setting = Callable[[str], str | None]
 Clock = Callable[[], float]
 
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
-_MESSAGE_ID = re.compile(r"<?([^<>\s]{1,500})>?")
+# No NUL and no lone surrogate: PostgreSQL stores neither.
+_MESSAGE_ID = re.compile(r"<?([^<>\s\x00\ud800-\udfff]{1,500})>?")
 
 
 def check_fresh(timestamp: str, clock: Clock = time.time) -> None:
@@ -40,10 +52,28 @@ def check_fresh(timestamp: str, clock: Clock = time.time) -> None:
 
 
 def json_body(body: bytes) -> Any:
+    """The parsed body, or `Malformed`. Besides text that is not JSON (or not UTF-8), the
+    parser refuses with ValueError an integer of more than 4,300 digits and with
+    RecursionError arrays or objects nested deeper than its stack: both are bad input."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise Malformed("body", "is not JSON") from None
+
+
+def checked(value: str, field: str, limit: int = MAX_TEXT) -> str:
+    """`value` if the ledger can store it: at most `limit` characters, no NUL (text and
+    jsonb refuse it) and no lone surrogate (not encodable as UTF-8)."""
+    if len(value) > limit:
+        raise Malformed(field, f"must be at most {limit} characters")
+    if "\x00" in value:
+        raise Malformed(field, "must not contain NUL")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Malformed(field, "must be valid Unicode") from None
+    return value
 
 
 def require_mapping(value: Any, field: str) -> Mapping[str, Any]:
@@ -52,18 +82,47 @@ def require_mapping(value: Any, field: str) -> Mapping[str, Any]:
     return value
 
 
-def require_str(mapping: Mapping[str, Any], key: str, field: str | None = None) -> str:
-    value = mapping.get(key)
-    if not isinstance(value, str) or not value.strip():
+def require_str(
+    mapping: Mapping[str, Any], key: str, field: str | None = None, limit: int = MAX_TEXT
+) -> str:
+    value = optional_str(mapping, key, field, limit)
+    if value is None:
         raise Malformed(field or key, "must be a non-empty string")
-    return value.strip()
+    return value
 
 
-def optional_str(mapping: Mapping[str, Any], key: str) -> str | None:
-    value = mapping.get(key)
+def optional_str(
+    mapping: Mapping[str, Any], key: str, field: str | None = None, limit: int = MAX_TEXT
+) -> str | None:
+    """The stripped string at `key`, None when absent, empty or not a string; `Malformed`
+    when the ledger could not store it."""
+    return optional_text(mapping.get(key), field or key, limit)
+
+
+def optional_text(value: Any, field: str, limit: int = MAX_TEXT) -> str | None:
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return checked(value.strip(), field, limit)
     return None
+
+
+def event_id(mapping: Mapping[str, Any], key: str, field: str | None = None) -> str:
+    """The provider's own id of an event (`provider_event_id`)."""
+    return require_str(mapping, key, field, MAX_EVENT_ID)
+
+
+def relay_message_id(mapping: Mapping[str, Any], key: str, field: str | None = None) -> str | None:
+    """The provider's own id of the message (`relay_message_id`)."""
+    return optional_str(mapping, key, field, MAX_RELAY_ID)
+
+
+def recipient(value: Any, field: str) -> str | None:
+    """The address an event is about, if it names one."""
+    return optional_text(value, field, MAX_RECIPIENT)
+
+
+def bounce_kind(value: Any, field: str) -> str | None:
+    """A provider's word for a bounce, kept as `bounce_type`."""
+    return optional_text(value, field, MAX_BOUNCE_TYPE)
 
 
 def unix_time(value: Any, field: str) -> datetime:
@@ -118,6 +177,8 @@ def diagnostic(value: Any) -> str | None:
     if isinstance(value, list):
         value = "; ".join(str(item) for item in value)
     text = sanitise(str(value), MAX_DIAGNOSTIC)
+    # sanitise drops NUL with the other control characters; a lone surrogate is replaced.
+    text = text.encode("utf-8", "replace").decode("utf-8")
     return text or None
 
 

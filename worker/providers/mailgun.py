@@ -9,16 +9,22 @@ Events: https://documentation.mailgun.com/docs/mailgun/user-manual/events/webhoo
   `X-Mailgun-Variables` header the worker sets,
   https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/send-attachments
   "Attaching Metadata to Messages"), `message.headers.message-id` and `delivery-status`.
+Replays: the HMAC covers `timestamp + token` only, not `event-data`, so a captured signature
+  object would verify with any event while its timestamp is fresh. The page above advises
+  caching tokens and refusing one seen before: each token is used once (`TokenLedger`; the
+  webhook hands the adapter the database's, `worker.tracking.WebhookTokens`, which every
+  instance shares).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from worker.providers import common
 from worker.providers.model import (
@@ -33,6 +39,37 @@ from worker.providers.model import (
 PROVIDER = "mailgun"
 KEY_SETTING = "MAILGUN_WEBHOOK_SIGNING_KEY"
 _DEVICE_TYPES = frozenset({"desktop", "mobile", "tablet", "unknown"})
+# How long a used token is remembered: a token is accepted while its timestamp is within the
+# freshness window of now, either way, so for at most twice the window after it is first
+# seen; a minute more for the clocks of instances and database to differ.
+REMEMBER_SECONDS = 2 * common.TOLERANCE_SECONDS + 60
+
+
+class TokenLedger(Protocol):
+    def first_use(self, provider: str, token: str, remember_seconds: int) -> bool:
+        """True the first time `token` is presented for `provider`, False ever after (for
+        `remember_seconds` at least). Raises `Refused(503)` when it cannot tell."""
+        ...
+
+
+class ProcessTokens:
+    """The tokens one process has seen: enough for a lone adapter (tests, a script). The
+    webhook's adapter gets the database's instead, so that every instance agrees."""
+
+    def __init__(self, clock: common.Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._expiry: dict[tuple[str, bytes], float] = {}
+        self._lock = threading.Lock()
+
+    def first_use(self, provider: str, token: str, remember_seconds: int) -> bool:
+        key = (provider, hashlib.sha256(token.encode()).digest())
+        now = self._clock()
+        with self._lock:
+            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
+            if key in self._expiry:
+                return False
+            self._expiry[key] = now + remember_seconds
+            return True
 
 
 @dataclass(frozen=True)
@@ -40,6 +77,8 @@ class MailgunAdapter:
     signing_key: bytes = field(repr=False)
     clock: common.Clock = time.time
     provider: str = PROVIDER
+    max_body_bytes: int = 256 * 1024  # one event per request, parsed before it is verified
+    tokens: TokenLedger = field(default_factory=ProcessTokens, repr=False, compare=False)
 
     def authenticate(self, request: WebhookRequest) -> None:
         # The signature travels inside the body, so the body is parsed first; nothing of it
@@ -63,6 +102,9 @@ class MailgunAdapter:
         ).hexdigest()
         if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
             raise Refused(403, "signature does not verify")
+        # Last, so that only a signature that holds can use up its token.
+        if not self.tokens.first_use(self.provider, token, REMEMBER_SECONDS):
+            raise Refused(403, "signature token already used")
 
     def events(self, request: WebhookRequest) -> Batch:
         payload = common.require_mapping(common.json_body(request.body), "body")
@@ -136,8 +178,11 @@ def _outcome(
     return None, {}
 
 
-def from_env(setting: common.Setting) -> MailgunAdapter | None:
+def from_env(setting: common.Setting, tokens: TokenLedger | None = None) -> MailgunAdapter | None:
+    """`tokens`: where used tokens are remembered (this process's memory if not given)."""
     key = setting(KEY_SETTING)
     if key is None:
         return None
-    return MailgunAdapter(signing_key=key.encode())
+    if tokens is None:
+        return MailgunAdapter(signing_key=key.encode())
+    return MailgunAdapter(signing_key=key.encode(), tokens=tokens)

@@ -14,6 +14,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+# The largest body an adapter takes unless it says otherwise: SendGrid posts batches of up
+# to a few hundred events; far below Cloud Functions' 32 MB.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
 
 class EventType(StrEnum):
     DELIVERED = "delivered"
@@ -96,7 +100,15 @@ class Batch:
 class Adapter(Protocol):
     """One per provider, built from settings once per instance."""
 
-    provider: str
+    # Read-only, so that frozen dataclasses and plain class attributes both qualify.
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Larger bodies are answered 413 before anything is read: no more than the provider
+        sends, which matters most where the body is parsed before it is authenticated."""
+        ...
 
     def authenticate(self, request: WebhookRequest) -> None:
         """Raise `Refused` unless the request is proven to come from the provider."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from worker.providers import common
 from worker.providers.model import (
+    MAX_BODY_BYTES,
     Batch,
     EventType,
     ProviderEvent,
@@ -49,6 +50,7 @@ class PostmarkAdapter:
     username: bytes = field(repr=False)
     password: bytes = field(repr=False)
     provider: str = PROVIDER
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def authenticate(self, request: WebhookRequest) -> None:
         scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
@@ -78,7 +80,7 @@ def normalise(payload: Mapping[str, Any]) -> ProviderEvent | None:
         engaged = EventType.OPENED if record == "Open" else EventType.CLICKED
         return _event(payload, engaged, "ReceivedAt", "Recipient")
     if record in ("Bounce", "SpamComplaint"):
-        kind = _bounce_kind(record, common.optional_str(payload, "Type"))
+        kind = _bounce_kind(record, common.bounce_kind(payload.get("Type"), "Type"))
         return None if kind is None else _event(payload, kind, "BouncedAt", "Email")
     return None  # SubscriptionChange, Inbound...: not a delivery outcome
 
@@ -97,14 +99,14 @@ def _event(
     payload: Mapping[str, Any], event_type: EventType, time_key: str, recipient_key: str
 ) -> ProviderEvent:
     record = common.require_str(payload, "RecordType")
-    postmark_id = common.require_str(payload, "MessageID")
+    postmark_id = common.require_str(payload, "MessageID", limit=common.MAX_RELAY_ID)
     occurred_at = common.iso_time(payload.get(time_key), time_key)
-    recipient = common.optional_str(payload, recipient_key)
+    recipient = common.recipient(payload.get(recipient_key), recipient_key)
     metadata = payload.get("Metadata")
     metadata = metadata if isinstance(metadata, Mapping) else {}
     bounce_id = payload.get("ID")
     if record in ("Bounce", "SpamComplaint") and isinstance(bounce_id, int | str):
-        event_id = f"{record}:{bounce_id}"
+        event_id = common.checked(f"{record}:{bounce_id}", "ID", common.MAX_EVENT_ID)
     else:
         # Deliveries, opens and clicks carry no id of their own: one digest of what tells
         # them apart (never the clicked link).
@@ -114,7 +116,7 @@ def _event(
     if event_type in (EventType.BOUNCED, EventType.DEFERRED):
         bounce_type = "hard" if event_type is EventType.BOUNCED else "soft"
         detail |= {
-            "type": common.optional_str(payload, "Type"),
+            "type": common.bounce_kind(payload.get("Type"), "Type"),
             "type_code": payload.get("TypeCode")
             if isinstance(payload.get("TypeCode"), int)
             else None,

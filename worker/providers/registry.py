@@ -2,7 +2,8 @@
 
 Each adapter module has `from_env(setting) -> Adapter | None`: None when its settings are
 absent (the route answers 404), `SettingsError` when one is malformed (the instance stops
-with one line). `setting(NAME)` is `NAME` itself or the Secret Manager version named by
+with one line); a provider in `ONE_USE_SIGNATURES` takes the instance's used-token ledger too.
+`setting(NAME)` is `NAME` itself or the Secret Manager version named by
 `NAME_SECRET` (contract sections 4 and 6). Modules are imported here, on the webhook path
 only, so the delivery function never loads their crypto.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.providers.common import Setting
 from worker.providers.model import Adapter
 from worker.settings import secret_or_env
+
+if TYPE_CHECKING:
+    from worker.providers.mailgun import TokenLedger
 
 # The last path segment -> the module that serves it.
 MODULES: Mapping[str, str] = {
@@ -26,6 +30,9 @@ MODULES: Mapping[str, str] = {
     "resend": "worker.providers.resend",
     "ses": "worker.providers.ses",
 }
+# Providers whose signature does not cover the event, so that each signature may be used only
+# once: their `from_env` also takes where used tokens are remembered.
+ONE_USE_SIGNATURES = frozenset({"mailgun"})
 
 
 def setting_reader(env: Mapping[str, str] = os.environ) -> Setting:
@@ -38,11 +45,15 @@ def setting_reader(env: Mapping[str, str] = os.environ) -> Setting:
     return setting
 
 
-def build_adapters(setting: Setting, modules: Mapping[str, str] = MODULES) -> dict[str, Adapter]:
+def build_adapters(
+    setting: Setting, modules: Mapping[str, str] = MODULES, tokens: TokenLedger | None = None
+) -> dict[str, Adapter]:
+    """`tokens`: the instance's used-token ledger, for the providers that need one."""
     adapters: dict[str, Adapter] = {}
     for provider, module_name in modules.items():
         module: Any = importlib.import_module(module_name)
-        adapter = module.from_env(setting)
+        extra = {"tokens": tokens} if provider in ONE_USE_SIGNATURES else {}
+        adapter = module.from_env(setting, **extra)
         if adapter is not None:
             adapters[provider] = adapter
     return adapters

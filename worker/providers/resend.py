@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.providers import common
-from worker.providers.model import Batch, EventType, ProviderEvent, Refused, WebhookRequest
+from worker.providers.model import (
+    MAX_BODY_BYTES,
+    Batch,
+    EventType,
+    ProviderEvent,
+    Refused,
+    WebhookRequest,
+)
 from worker.settings import SettingsError
 
 PROVIDER = "resend"
@@ -62,6 +69,7 @@ class ResendAdapter:
     secret: bytes = field(repr=False)
     clock: common.Clock = time.time
     provider: str = PROVIDER
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def authenticate(self, request: WebhookRequest) -> None:
         msg_id = request.headers.get("svix-id")
@@ -81,7 +89,8 @@ class ResendAdapter:
     def events(self, request: WebhookRequest) -> Batch:
         payload = common.require_mapping(common.json_body(request.body), "body")
         # svix-id is the message's id, the same on each of Svix's retries: the event id.
-        event = normalise(payload, request.headers["svix-id"])
+        event_id = common.checked(request.headers["svix-id"], "svix-id", common.MAX_EVENT_ID)
+        event = normalise(payload, event_id)
         return Batch(events=(event,) if event is not None else ())
 
 
@@ -92,9 +101,9 @@ def normalise(payload: Mapping[str, Any], event_id: str) -> ProviderEvent | None
         return None  # email.sent, email.scheduled, contact.*, domain.*: not outcomes
     occurred_at = common.iso_time(payload.get("created_at"), "created_at")
     data = common.require_mapping(payload.get("data"), "data")
-    email_id = common.require_str(data, "email_id", "data.email_id")
+    email_id = common.require_str(data, "email_id", "data.email_id", common.MAX_RELAY_ID)
     to = data.get("to")
-    recipient = to[0] if isinstance(to, list) and to and isinstance(to[0], str) else None
+    recipient = common.recipient(to[0], "data.to") if isinstance(to, list) and to else None
     bounce_type, detail = _outcome(event_type, name, data)
     return ProviderEvent(
         provider=PROVIDER,
@@ -129,8 +138,8 @@ def _outcome(
         bounce = data.get("bounce")
         bounce = bounce if isinstance(bounce, Mapping) else {}
         return ("hard" if name == "email.bounced" else name.removeprefix("email.")), {
-            "type": common.optional_str(bounce, "type"),
-            "sub_type": common.optional_str(bounce, "subType"),
+            "type": common.optional_str(bounce, "type", "data.bounce.type"),
+            "sub_type": common.optional_str(bounce, "subType", "data.bounce.subType"),
             "diagnostic": common.diagnostic(
                 bounce.get("diagnosticCode") or bounce.get("message") or _failed_reason(data)
             ),

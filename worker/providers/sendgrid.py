@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.providers import common
 from worker.providers.model import (
+    MAX_BODY_BYTES,
     Batch,
     EventType,
     Malformed,
@@ -71,6 +72,7 @@ class SendGridAdapter:
     public_key: ec.EllipticCurvePublicKey
     clock: common.Clock = time.time
     provider: str = PROVIDER
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def authenticate(self, request: WebhookRequest) -> None:
         signature = request.headers.get(SIGNATURE_HEADER)
@@ -111,16 +113,16 @@ def normalise(item: Any, index: int) -> ProviderEvent | None:
     event_type = _TYPES.get(name)
     if event_type is None:
         return None
-    event_id = common.require_str(event, "sg_event_id", f"{where}.sg_event_id")
+    event_id = common.event_id(event, "sg_event_id", f"{where}.sg_event_id")
     occurred_at = common.unix_time(event.get("timestamp"), f"{where}.timestamp")
-    sg_message_id = common.optional_str(event, "sg_message_id")
-    bounce_type, detail = _outcome(name, event)
+    sg_message_id = common.relay_message_id(event, "sg_message_id", f"{where}.sg_message_id")
+    bounce_type, detail = _outcome(name, event, where)
     return ProviderEvent(
         provider=PROVIDER,
         provider_event_id=event_id,
         event_type=event_type,
         occurred_at=occurred_at,
-        recipient=common.optional_str(event, "email"),
+        recipient=common.recipient(event.get("email"), f"{where}.email"),
         delivery_id=common.delivery_id(event.get("delivery_id")),
         message_id=common.message_id(event.get("smtp-id")),
         relay_message_id=relay_id(sg_message_id),
@@ -137,13 +139,15 @@ def relay_id(sg_message_id: str | None) -> str | None:
     return sg_message_id.split(".filter", 1)[0] or None
 
 
-def _outcome(name: str, event: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+def _outcome(name: str, event: Mapping[str, Any], where: str) -> tuple[str | None, dict[str, Any]]:
     if name == "bounce":
-        kind = common.optional_str(event, "type") or "bounce"
+        kind = common.bounce_kind(event.get("type"), f"{where}.type") or "bounce"
         return ("hard" if kind == "bounce" else kind), {
             "type": kind,
-            "classification": common.optional_str(event, "bounce_classification"),
-            "status": common.optional_str(event, "status"),
+            "classification": common.optional_str(
+                event, "bounce_classification", f"{where}.bounce_classification"
+            ),
+            "status": common.optional_str(event, "status", f"{where}.status"),
             "diagnostic": common.diagnostic(event.get("reason")),
         }
     if name == "dropped":
@@ -151,7 +155,7 @@ def _outcome(name: str, event: Mapping[str, Any]) -> tuple[str | None, dict[str,
     if name == "deferred":
         return "soft", {
             "diagnostic": common.diagnostic(event.get("response")),
-            "attempt": common.optional_str(event, "attempt"),
+            "attempt": common.optional_str(event, "attempt", f"{where}.attempt"),
         }
     if name in ("open", "click"):
         # The clicked `url` and the raw user agent are never kept: a class at most.

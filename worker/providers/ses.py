@@ -27,23 +27,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.providers import common
 from worker.providers.common import iso_time
 from worker.providers.model import Batch, EventType, Malformed, ProviderEvent, WebhookRequest
-from worker.providers.sns import MessageType, SnsMessage, SnsVerifier
-from worker.redact import sanitise
+from worker.providers.sns import MAX_ENVELOPE_BYTES, MessageType, SnsMessage, SnsVerifier
 
 PROVIDER = "ses"
 DELIVERY_ID_TAG = "delivery_id"  # the worker sends `X-SES-MESSAGE-TAGS: delivery_id=<id>`
-MAX_DETAIL_TEXT = 200
 
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
-_MESSAGE_ID = re.compile(r"<?([^<>\s]{1,994})>?")
+# RFC 5322's line length; no NUL and no lone surrogate (PostgreSQL stores neither).
+_MESSAGE_ID = re.compile(r"<?([^<>\s\x00\ud800-\udfff]{1,994})>?")
 
 
 class SesAdapter:
     """The `Adapter` for `…/ses`: SNS authenticity, then SES records to `ProviderEvent`s."""
 
     provider = PROVIDER
+    # The envelope is parsed before its signature can be checked: no larger than SNS sends.
+    max_body_bytes = MAX_ENVELOPE_BYTES
 
     def __init__(self, verifier: SnsVerifier) -> None:
         self._verifier = verifier
@@ -99,7 +101,7 @@ def parse_notification(message: SnsMessage) -> Iterator[ProviderEvent]:
     """The events of one verified SNS Notification whose Message is an SES record."""
     try:
         record = json.loads(message.message)
-    except ValueError:
+    except (ValueError, RecursionError):  # also a huge integer, or nesting past the stack
         raise Malformed("Message", "not JSON") from None
     if not isinstance(record, dict):
         raise Malformed("Message", "not a JSON object")
@@ -245,22 +247,23 @@ _HANDLERS: Mapping[str, Callable[[Mapping[str, Any], _Mail], _Handled]] = {
 
 
 def _mail(mail: Mapping[str, Any]) -> _Mail:
-    ses_message_id = mail.get("messageId")
-    if not isinstance(ses_message_id, str) or not ses_message_id.strip():
+    ses_message_id = common.optional_str(mail, "messageId", "mail.messageId", common.MAX_RELAY_ID)
+    if ses_message_id is None:
         raise Malformed("mail.messageId", "required")
     destination = mail.get("destination", [])
     if not isinstance(destination, list):
         raise Malformed("mail.destination", "list of addresses")
+    addresses = [common.recipient(a, "mail.destination") for a in destination]
     headers = _headers(mail.get("headers"))
-    common = mail.get("commonHeaders")
-    common_id = common.get("messageId") if isinstance(common, dict) else None
+    common_headers = mail.get("commonHeaders")
+    common_id = common_headers.get("messageId") if isinstance(common_headers, dict) else None
     return _Mail(
-        ses_message_id=ses_message_id.strip(),
+        ses_message_id=ses_message_id,
         delivery_id=_delivery_id(mail.get("tags"), headers),
         message_id=_message_id(
             common_id if isinstance(common_id, str) else headers.get("message-id")
         ),
-        destination=tuple(a.strip() for a in destination if isinstance(a, str) and a.strip()),
+        destination=tuple(address for address in addresses if address is not None),
         timestamp=_timestamp(mail.get("timestamp"), "mail.timestamp"),
     )
 
@@ -327,7 +330,7 @@ def _addresses(value: object, field: str) -> list[str]:
         raise Malformed(field, "non-empty list of addresses")
     if not all(isinstance(item, str) and "@" in item for item in value):
         raise Malformed(field, "addresses")
-    return [item.strip() for item in value]
+    return [common.checked(item.strip(), field, common.MAX_RECIPIENT) for item in value]
 
 
 def _entries(value: object, field: str) -> list[tuple[Mapping[str, Any], str]]:
@@ -339,7 +342,7 @@ def _entries(value: object, field: str) -> list[tuple[Mapping[str, Any], str]]:
         address = entry.get("emailAddress") if isinstance(entry, dict) else None
         if not isinstance(address, str) or "@" not in address:
             raise Malformed(f"{field}[].emailAddress", "required address")
-        pairs.append((entry, address.strip()))
+        pairs.append((entry, common.checked(address.strip(), field, common.MAX_RECIPIENT)))
     return pairs
 
 
@@ -348,8 +351,9 @@ def _texts(section: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, st
     out: dict[str, str] = {}
     for key, name in names.items():
         value = section.get(name)
-        if isinstance(value, str) and value.strip():
-            out[key] = sanitise(value, MAX_DETAIL_TEXT)
+        text = common.diagnostic(value) if isinstance(value, str) else None
+        if text:
+            out[key] = text
     return out
 
 
@@ -359,6 +363,8 @@ def _timestamp(value: object, field: str) -> datetime | None:
 
 def _event_id(sns_message_id: str, address: str | None) -> str:
     """Stable across SNS retries (same MessageId) and unique per recipient of one record."""
+    # The suffix is at most 17 characters; the MessageId must leave room for it.
+    common.checked(sns_message_id, "MessageId", common.MAX_EVENT_ID - 17)
     if address is None:
         return f"{sns_message_id}:-"
     digest = hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:16]

@@ -8,8 +8,11 @@ us fetch anything):
    (https://docs.aws.amazon.com/sns/latest/dg/http-notification-json.html,
    https://docs.aws.amazon.com/sns/latest/dg/http-subscription-confirmation-json.html).
 2. `TopicArn` is one of `SNS_TOPIC_ARNS`.
-3. `SigningCertURL` is https on an allowed host (`SNS_CERT_HOSTS`) and names a `.pem`; so is
-   a SubscriptionConfirmation's `SubscribeURL` (visited only by `confirm_subscription`).
+3. `SigningCertURL` is https on an allowed host (`SNS_CERT_HOSTS`), without user info, query
+   or fragment, and its path has the form SNS uses, `/SimpleNotificationService-<hex>.pem`:
+   anything else could make each forged request fetch (and cache) another URL. A
+   SubscriptionConfirmation's `SubscribeURL` is https on an allowed host too (visited only
+   by `confirm_subscription`).
 4. The certificate, fetched over TLS (system store plus `SNS_CA_FILE`, no redirects, short
    timeout, cached per instance), is valid now and holds an RSA key. Its trust comes from
    that verified TLS fetch from an allowed SNS host (as in AWS's own SDK validators): the
@@ -57,6 +60,12 @@ FETCH_TIMEOUT_SECONDS = 5.0
 CERT_CACHE_SIZE = 16  # SNS uses one certificate per region at a time; a few rotations fit
 MAX_CERT_BYTES = 64 * 1024
 MAX_CONFIRM_BYTES = 64 * 1024
+# An SNS message is at most 256 KiB. In the envelope it is a JSON string: an SES record is
+# JSON itself (no raw control characters), so escaping makes it at most three times longer
+# (a two-byte character as \uXXXX), next to a few short fields. Bodies past that are 413
+# before anything is parsed: parsing is what an unsigned request costs us.
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_ENVELOPE_BYTES = 3 * MAX_MESSAGE_BYTES + 64 * 1024
 
 
 class MessageType(StrEnum):
@@ -118,6 +127,9 @@ class SnsMessage:
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(?:\.fifo)?")
+# The path of every SNS signing certificate, e.g.
+# /SimpleNotificationService-9c6465fa7f48f5cacd23014631ec1136.pem.
+_CERT_PATH = re.compile(r"/SimpleNotificationService-[0-9a-fA-F]{1,128}\.pem")
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,7 @@ def _envelope(body: bytes) -> tuple[MessageType, dict[str, str]]:
     """The envelope's string fields, or `Refused` (nothing about the values is kept)."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also a huge integer, or nesting past the stack
         raise Refused(401, "not an SNS message") from None
     if not isinstance(document, dict):
         raise Refused(401, "not an SNS message")
@@ -324,8 +336,13 @@ class SnsVerifier:
 
     def _certificate(self, cert_url: str) -> x509.Certificate:
         url = self._allowed_url(cert_url, "SigningCertURL")
-        if not urlsplit(url).path.endswith(".pem"):
-            raise Refused(403, "SNS SigningCertURL is not a .pem")
+        parts = urlsplit(url)
+        # Checked before the cache and any fetch: a query, a fragment or another file name
+        # would give each forged request a URL of its own to fetch.
+        if "?" in url or "#" in url:  # also an empty one: the URL must be SNS's own
+            raise Refused(403, "SNS SigningCertURL has a query or fragment")
+        if not _CERT_PATH.fullmatch(parts.path):
+            raise Refused(403, "SNS SigningCertURL is not an SNS certificate path")
         with self._lock:
             certificate = self._certificates.get(url)
             if certificate is not None:

@@ -2,11 +2,15 @@
 
 Decide-then-act: the adapter decides (authentic? which events?), `Tracking.apply` acts, one
 transaction per event. Answers:
-  404 no such provider here (its settings are absent), 405 not a POST, 413 body too large,
+  404 no such provider here (its settings are absent), 405 not a POST, 413 body larger than
+  the provider sends (the adapter's `max_body_bytes`, checked before anything is parsed),
   401/403 not authentic (nothing read, stored or logged from the request),
-  400 authentic but malformed (nothing stored), 503 the database is unreachable (the
-  provider retries; events already applied are duplicates then, stored once),
-  200 otherwise, also for a repeat or an event that matches no delivery.
+  400 authentic but malformed (nothing stored), 503 the database is unreachable, or SNS's
+  SubscribeURL is (the provider retries; events already applied are duplicates then,
+  stored once),
+  200 otherwise, also for a repeat or an event that matches no delivery. An event of a
+  batch that is malformed, or whose values the database refuses, is counted `rejected`
+  and the others are applied.
 Log lines name the provider, the answer, event ids and counts; never a body, a link, a
 header value or a secret.
 """
@@ -26,6 +30,7 @@ import psycopg_pool
 
 from worker.logging import get_logger
 from worker.providers.model import (
+    MAX_BODY_BYTES,
     Adapter,
     Applied,
     Malformed,
@@ -36,9 +41,16 @@ from worker.providers.model import (
 from worker.providers.registry import build_adapters, setting_reader
 from worker.settings import DatabaseSettings, database_settings
 
-# SendGrid posts batches of up to a few hundred events; far below Cloud Functions' 32 MB.
-MAX_BODY_BYTES = 4 * 1024 * 1024
 log = get_logger()
+# The database refuses this event's values (a CHECK, a NUL, text that is not UTF-8): a retry
+# would fail the same way, so the event is rejected on its own.
+_UNSTORABLE = (
+    psycopg.DataError,
+    psycopg.errors.CheckViolation,
+    psycopg.errors.NotNullViolation,
+    UnicodeEncodeError,
+)
+REJECTED = "rejected"
 
 
 class Tracker(Protocol):
@@ -55,7 +67,7 @@ class Answer:
 class Webhook:
     adapters: Mapping[str, Adapter]
     tracking: Tracker
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES  # the instance's ceiling, above each adapter's own
 
     def handle(self, method: str, request: WebhookRequest) -> Answer:
         adapter = self.adapters.get(request.provider)
@@ -63,14 +75,14 @@ class Webhook:
             return _answer(404, "no such provider", request.provider)
         if method != "POST":
             return _answer(405, "POST only", request.provider)
-        if len(request.body) > self.max_body_bytes:
+        if len(request.body) > min(self.max_body_bytes, adapter.max_body_bytes):
             return _answer(413, "body too large", request.provider)
         try:
             adapter.authenticate(request)
+            # `events` may refuse too: SNS's SubscribeURL unreachable now is 503.
+            batch = adapter.events(request)
         except Refused as refused:
             return _answer(refused.status, refused.reason, request.provider)
-        try:
-            batch = adapter.events(request)
         except Malformed as malformed:
             return _answer(400, f"malformed: {malformed}", request.provider)
         for rejected in batch.rejected:
@@ -96,11 +108,22 @@ class Webhook:
             )
             return Answer(503, {"error": "database unavailable, retry later"})
         body = {result.value: counts[result.value] for result in Applied}
-        body["rejected"] = len(batch.rejected)
+        body[REJECTED] = len(batch.rejected) + counts[REJECTED]
         return Answer(200, body)
 
-    def _apply(self, event: ProviderEvent) -> Applied:
-        result = self.tracking.apply(event)
+    def _apply(self, event: ProviderEvent) -> str:
+        """The `Applied` value, or `REJECTED` when the database refuses the event's values."""
+        try:
+            result = self.tracking.apply(event)
+        except _UNSTORABLE as error:
+            # The error's text quotes the row (an address among it): its class only.
+            log.warning(
+                "provider event rejected by the database",
+                provider=event.provider,
+                provider_event_id=event.provider_event_id[:_LOGGED_ID],
+                error_type=type(error).__name__,
+            )
+            return REJECTED
         log.info(
             "provider event",
             provider=event.provider,
@@ -109,9 +132,10 @@ class Webhook:
             delivery_id=event.delivery_id,
             result=result.value,
         )
-        return result
+        return result.value
 
 
+_LOGGED_ID = 100  # enough to find the event; its id may be what the database refused
 _PROVIDER_NAME = re.compile(r"[a-z0-9-]{1,20}")
 
 
@@ -141,8 +165,15 @@ def configure(env: Mapping[str, str] = os.environ) -> Config:
     """Parse the webhook's settings (raises `SettingsError`); opens no connection."""
     global _config
     if _config is None:
+        from worker.db import shared_pool
+        from worker.tracking import WebhookTokens
+
+        database = database_settings(env)
+        # Used signature tokens are remembered in the database, so every instance refuses a
+        # replay; the pool is the instance's one, opened on first use.
+        tokens = WebhookTokens(lambda: shared_pool(database))
         _config = Config(
-            adapters=build_adapters(setting_reader(env)), database=database_settings(env)
+            adapters=build_adapters(setting_reader(env), tokens=tokens), database=database
         )
     return _config
 
