@@ -1,5 +1,5 @@
 """The Cloud Functions: `handle_delivery`, triggered by the delivery topic (Eventarc), and
-`handle_provider_event`, the providers' webhooks (HTTP, contract section 6), and
+`handle_provider_event`, the providers' webhooks (HTTP, worker/providers/), and
 `delivery_console`, the read-only support console (HTTP, worker/console/).
 
 All three deploy from this source, each with only its own settings: importing this module parses
@@ -20,9 +20,10 @@ import flask
 import functions_framework
 from werkzeug.exceptions import ServiceUnavailable
 
-from worker import events, pipeline
-from worker.logging import request_scope
-from worker.settings import SettingsError
+from worker.core import tracing
+from worker.core.logging import request_scope
+from worker.core.settings import SettingsError
+from worker.delivery import pipeline
 
 WEBHOOK_TARGET = "handle_provider_event"
 CONSOLE_TARGET = "delivery_console"
@@ -30,16 +31,17 @@ TARGET = os.environ.get("FUNCTION_TARGET", "handle_delivery")
 
 
 def _configure() -> None:
+    """Parse the served target's settings, importing only that target's wing."""
     if TARGET == WEBHOOK_TARGET:
         from worker.providers import webhook
 
-        webhook.configure()
+        webhook.INSTANCE.configure()
     elif TARGET == CONSOLE_TARGET:
         from worker.console import app as console_app
 
-        console_app.configure()
+        console_app.INSTANCE.configure()
     else:
-        pipeline.configure()
+        pipeline.INSTANCE.configure()
 
 
 try:
@@ -55,10 +57,10 @@ def handle_delivery(cloud_event: Any) -> None:
     # Lines carry the trace of the request Cloud Run forwarded (when the CloudEvent has none)
     # and functions-framework's execution id.
     # (Called outside a request, as the cold-start benchmark does, there are no headers.)
-    headers: events.Headers = flask.request.headers if flask.has_request_context() else {}
+    headers: tracing.Headers = flask.request.headers if flask.has_request_context() else {}
     with request_scope(
-        project=pipeline.configure().pubsub.project,
-        trace=events.trace_from_headers(headers),
+        project=pipeline.INSTANCE.configure().pubsub.project,
+        trace=tracing.trace_from_headers(headers),
         execution_id=headers.get("Function-Execution-Id"),
     ):
         try:
@@ -80,10 +82,10 @@ def handle_provider_event(request: Any) -> tuple[dict[str, Any], int]:
     # trace is named only when GOOGLE_CLOUD_PROJECT is set).
     with request_scope(
         project=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-        trace=events.trace_from_headers(request.headers),
+        trace=tracing.trace_from_headers(request.headers),
         execution_id=request.headers.get("Function-Execution-Id"),
     ):
-        answer = webhook.instance().handle(
+        answer = webhook.INSTANCE.get().handle(
             request.method,
             webhook.request_from(provider, request.url, request.headers, request.get_data()),
         )
@@ -95,4 +97,4 @@ def delivery_console(request: Any) -> Any:
     """The support console's pages and JSON API (GET only; see worker/console/app.py)."""
     from worker.console import app  # only this target loads the console
 
-    return app.shared_console().handle(request)
+    return app.INSTANCE.get().handle(request)

@@ -2,7 +2,7 @@
 write JSON (bench/results/latest.json by default).
 
 Benchmarks (in the order they run):
-  inprocess  deliveries/s through worker.pipeline.handle vs plain smtplib, same sink
+  inprocess  deliveries/s through worker.delivery.pipeline.handle vs plain smtplib, same sink
   dbcost     statements and protocol round trips per delivery
   claimcost  the claim with suppression and rate limits on vs off (migrations 004, 005)
   ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on

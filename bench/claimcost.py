@@ -35,11 +35,11 @@ from bench.common import captured_stdout, in_process_worker
 from bench.report import Section
 from bench.services import Stack
 from bench.workload import cloud_event
-from worker import pipeline
-from worker.db import connection_kwargs
-from worker.ledger import Claim, Ledger
-from worker.migrations import discover, migrate_down
-from worker.settings import DatabaseSettings, RateLimit
+from worker.core.settings import DatabaseSettings, RateLimit
+from worker.delivery import pipeline
+from worker.store.db import connection_kwargs
+from worker.store.ledger import Claim, Ledger
+from worker.store.migrations import discover, migrate_down
 
 # The claim statement before migration 005 (sql/queries.sql), kept here as the baseline.
 CLAIM_002 = """

@@ -98,7 +98,8 @@ def main() -> None:
 
     t2 = time.perf_counter()
     steps: dict[str, float] = {}
-    from worker import ledger, smtp
+    from worker.delivery import smtp
+    from worker.store import ledger
 
     _timed(ledger.Ledger, "claim", steps)
     _timed(ledger.Ledger, "set_sent_if_claimed", steps)

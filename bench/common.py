@@ -14,13 +14,13 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from bench.workload import worker_env
-from worker.db import connection_kwargs, open_pool
-from worker.deadletter import DeadLetterPublisher
-from worker.ledger import Ledger
-from worker.pipeline import Worker
-from worker.rendering import Renderer
-from worker.settings import Settings, load_settings
-from worker.smtp import SmtpSender
+from worker.delivery.config import Settings, load_settings
+from worker.delivery.deadletter import DeadLetterPublisher
+from worker.delivery.pipeline import Worker
+from worker.delivery.rendering import Renderer
+from worker.delivery.smtp import SmtpSender
+from worker.store.db import connection_kwargs, open_pool
+from worker.store.ledger import Ledger
 
 
 @dataclass
@@ -49,7 +49,7 @@ def in_process_worker(
     """A `Worker` as tests/test_pipeline.py builds one: a real pool, a real SmtpSender.
 
     Without `configure`, `pool_size` or `overrides` (connection keyword arguments), the pool
-    is the production one (`worker.db.open_pool`).
+    is the production one (`worker.store.db.open_pool`).
     """
     settings = settings_for(database_url, smtp_port)
     if configure is None and pool_size is None and not overrides:

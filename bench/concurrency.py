@@ -30,7 +30,7 @@ from bench.report import Section, median
 from bench.services import Stack
 from bench.workload import LoadResult, bodies, drive, push_request, worker_env
 from tests.harness.function import FunctionServer
-from worker.smtp import message_id_for
+from worker.delivery.smtp import message_id_for
 
 RELAY_MS = 50.0
 TARGET_LEVEL = 8

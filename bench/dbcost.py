@@ -26,8 +26,8 @@ from bench.inprocess import PhaseTimer
 from bench.report import Section
 from bench.services import Stack
 from bench.workload import bodies, cloud_event
-from worker import pipeline
-from worker.ledger import Ledger
+from worker.delivery import pipeline
+from worker.store.ledger import Ledger
 
 _MESSAGE = re.compile(r"^(F|B)\t(\d+)\t(\w+)")
 

@@ -1,4 +1,4 @@
-"""1. Throughput in process: `worker.pipeline.handle` vs plain smtplib, same messages, same sink.
+"""1. Throughput in process: `pipeline.handle` vs plain smtplib, same messages, same sink.
 
 Each round sends N fresh deliveries through `handle` (claim, render, build, send, record, log)
 and the same N rendered messages through one reused `smtplib.SMTP` connection (and, as the
@@ -28,11 +28,11 @@ from bench.common import captured_stdout, count_status, in_process_worker, setti
 from bench.report import Section, median
 from bench.services import Stack
 from bench.workload import bodies, cloud_event
-from worker import events, pipeline
-from worker import smtp as worker_smtp
-from worker.ledger import Ledger
-from worker.rendering import Renderer
-from worker.settings import SmtpSettings
+from worker.delivery import events, pipeline
+from worker.delivery import smtp as worker_smtp
+from worker.delivery.config import SmtpSettings
+from worker.delivery.rendering import Renderer
+from worker.store.ledger import Ledger
 
 F = TypeVar("F", bound=Callable[..., Any])
 CHUNK = 200

@@ -9,7 +9,7 @@ The floor's bytes are the worker's own emails for the same kind of events, built
 Statements alone: the worker's own two ledger statements (`email.claim_delivery()`,
 `email.set_sent_if_claimed()`, the same SQL and parameters) around the same `sendmail`, with
 nothing else: what the worker would cost if its Python were free, so the part of the ratio
-that the ledger's schema (the contract's triggers, audit rows and indexes) sets on its own.
+that the ledger's schema (its triggers, audit rows and indexes) sets on its own.
 
 Two PostgreSQL servers: the test harness's (fsync off: it hides the commit's flush, which
 makes everything else look like the whole bill) and one as production runs it (fsync,
@@ -37,10 +37,10 @@ from bench.report import Section, median
 from bench.services import Stack
 from bench.workload import bodies, cloud_event
 from tests.harness.postgres import Databases, PostgresServer
-from worker import events, pipeline, smtp
-from worker.db import connection_kwargs, query
-from worker.rendering import Renderer
-from worker.settings import Settings
+from worker.delivery import events, pipeline, smtp
+from worker.delivery.config import Settings
+from worker.delivery.rendering import Renderer
+from worker.store.db import connection_kwargs, query
 
 TARGET = 1.25  # worker / floor, fsync on (issue 9)
 FLOOR_TABLE = """

@@ -1,7 +1,7 @@
 """6. Replay: N dead letters replayed from the emulator by `python -m worker replay`.
 
 Setup (untimed): a dead-letter topic and pull subscription, N dead-letter messages as the
-worker publishes them (original bytes + the contract's attributes), and N matching ledger
+worker publishes them (original bytes + the documented attributes), and N matching ledger
 rows in `dead_letter`. Timed: the whole command, a fresh process, as an operator runs it
 (`--limit N`, so it stops when done rather than after an idle wait). Checked afterwards: how
 many rows are `queued` again and what the command's summary says.

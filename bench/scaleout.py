@@ -20,7 +20,7 @@ from bench.report import Section
 from bench.services import Stack
 from bench.workload import bodies
 from tests.harness.cluster import Deliverer, WorkerCluster, push_message, worker_env
-from worker.smtp import message_id_for
+from worker.delivery.smtp import message_id_for
 
 COPIES = 3
 

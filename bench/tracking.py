@@ -23,11 +23,10 @@ from psycopg_pool import ConnectionPool
 
 from bench.report import Section, median
 from bench.services import Stack
-from worker.db import connection_kwargs
-from worker.migrations import discover, migrate_up
-from worker.providers.model import EventType, ProviderEvent
-from worker.settings import DatabaseSettings
-from worker.tracking import Tracking
+from worker.core.settings import DatabaseSettings
+from worker.store.db import connection_kwargs
+from worker.store.migrations import discover, migrate_up
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 T0 = datetime(2026, 11, 23, tzinfo=UTC)
 SENT_ROWS = """

@@ -40,7 +40,7 @@ SCRIPT_NAME=$(basename "$0")
 #           them itself at start (google-cloud-secret-manager; ~300 ms more per cold start).
 : "${SECRETS_VIA:=env}"
 
-# --- the worker's own settings (contract section 4); empty ones are not passed --------------
+# --- the worker's own settings (docs/reference.md); empty ones are not passed --------------
 : "${SMTP_HOST:=}"
 : "${SMTP_PORT:=}"
 : "${SMTP_SECURITY:=}"

@@ -7,7 +7,7 @@
 #      with --set-secrets (Cloud Run resolves `latest` when an instance starts and hands the
 #      worker plain DATABASE_URL / SMTP_PASSWORD variables: no Secret Manager client at
 #      start). SECRETS_VIA=worker passes DATABASE_URL_SECRET / SMTP_PASSWORD_SECRET instead,
-#      which the worker reads itself (contract section 4; the slower cold start).
+#      which the worker reads itself (docs/reference.md; the slower cold start).
 #   2. the trigger's subscription (created by Eventarc, looked up through the function's
 #      eventTrigger.trigger) gets the Pub/Sub dead-letter policy and retry backoff;
 #   3. the Pub/Sub service agent may forward to the dead-letter topic and ack on that

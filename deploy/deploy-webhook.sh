@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deploy the provider webhook (contract section 6): the same source as the worker, target
+# Deploy the provider webhook (docs/webhooks.md): the same source as the worker, target
 # handle_provider_event, as an HTTP function that anyone may call
 # (--trigger-http --allow-unauthenticated): providers cannot present Google credentials, so
 # authenticity is each request's signature (or Postmark's Basic credentials), checked by the

@@ -48,10 +48,9 @@ from psycopg_pool import ConnectionPool
 from tests.harness.function import ROOT, FunctionServer
 from tests.harness.postgres import PostgresServer
 from tests.harness.pubsub import Emulator, EmulatorProcess
-from worker import pubsub as worker_pubsub
-from worker.providers.model import EventType, ProviderEvent
-from worker.redact import mask_email
-from worker.tracking import Tracking
+from worker.core import pubsub as worker_pubsub
+from worker.core.redact import mask_email
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 PROJECT = "local-project"
 # The names deploy/config.sh gives the real resources, so the README's commands work as
@@ -157,7 +156,7 @@ SAMPLES = (
 SENT_IDS = (VERIFY.delivery_id, INVITE.delivery_id, RESET.delivery_id)
 FAILED_ID = "bounce-demo-1"
 
-# Skipped on purpose (contract section 7), after the samples: a hard bounce for the invite's
+# Skipped on purpose (docs/operating.md), after the samples: a hard bounce for the invite's
 # recipient, then a second invite to the same address in other letter case; and a burst of
 # codes to one address, over the function's RATE_LIMITS.
 CODES_PER_HOUR = 3
@@ -377,7 +376,7 @@ def start_pubsub(stack: Stack, stop: Stopper) -> Emulator:
 
     stop.callback("the Pub/Sub emulator", stop_emulator)
     process.start()
-    # worker.pubsub.publish (and the emulator helper) read it when their client is made.
+    # worker.core.pubsub.publish (and the emulator helper) read it when their client is made.
     os.environ["PUBSUB_EMULATOR_HOST"] = process.host
     os.environ["GOOGLE_CLOUD_PROJECT"] = PROJECT
     stop.callback("the publisher", worker_pubsub.reset_client)
@@ -475,7 +474,7 @@ def check_console(stack: Stack) -> list[str]:
 
 def publish_samples(
     samples: Sequence[Sample] = SAMPLES,
-    title: str = "Publishing sample deliveries (worker.pubsub.publish)",
+    title: str = "Publishing sample deliveries (worker.core.pubsub.publish)",
 ) -> None:
     section(title)
     topic = f"projects/{PROJECT}/topics/{DELIVERY_TOPIC}"
@@ -699,8 +698,8 @@ def keep_running(stack: Stack) -> None:
 
 
 def report_hard_bounce(database_url: str, delivery_id: str, recipient: str) -> None:
-    """What a provider's webhook does on a hard bounce (worker/tracking.py): the recipient goes
-    on the suppression list."""
+    """What a provider's webhook does on a hard bounce (worker/store/tracking.py): the
+    recipient goes on the suppression list."""
     event = ProviderEvent(
         provider="local-stack",
         provider_event_id=f"bounce-{delivery_id}",
@@ -731,7 +730,7 @@ def demonstrate_skipping(stack: Stack, timeout: float) -> tuple[list[str], str]:
     """The suppression list and RATE_LIMITS at work; (problems, summary)."""
     assert stack.sink is not None
     assert INVITE.delivery_id is not None and INVITE.recipient is not None
-    section("Skipped on purpose: a provider reports a hard bounce (worker/tracking.py)")
+    section("Skipped on purpose: a provider reports a hard bounce (worker/store/tracking.py)")
     report_hard_bounce(stack.database_url, INVITE.delivery_id, INVITE.recipient)
     say(
         f"  {INVITE.delivery_id} bounced: {mask_email(INVITE.recipient)} is on the suppression list"

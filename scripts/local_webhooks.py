@@ -1,4 +1,4 @@
-"""The local stack's provider-webhook part (contract section 6), called by local_stack.py.
+"""The local stack's provider-webhook part (docs/webhooks.md), called by local_stack.py.
 
 Serves `handle_provider_event` under functions-framework with keys made for this run (as
 each provider would hold them), posts signed events for the sample deliveries the worker
@@ -29,7 +29,7 @@ from tests.harness.function import FunctionServer
 from tests.harness.https import HttpsTestServer, SnsSigner, TestCa, pem
 from tests.harness.webhook import FIXTURES, ProviderKeys, Response, fixture, post
 from tests.provider_signing import basic_auth, mailgun_signature, svix_headers
-from worker.redact import mask_email
+from worker.core.redact import mask_email
 
 # What each sample delivery should end as, and the links its email carried.
 EXPECTED_STATUS = {

@@ -1,4 +1,4 @@
--- The support console's reads (worker/console/store.py), loaded like sql/queries.sql.
+-- The support console's reads (worker/store/console.py), loaded like sql/queries.sql.
 -- Every statement here is a SELECT: the console connects as an email_reader login, which may
 -- only read, and has no write path at all. Columns are named, never `*`, so what the console
 -- shows (and never shows: metadata, claim tokens) is decided here.
@@ -71,7 +71,7 @@ GROUP BY 1
 ORDER BY 1;
 
 -- name: suppression_for_address
--- Suppressions are stored lower-cased (contract section 7).
+-- Suppressions are stored lower-cased (docs/operating.md).
 SELECT address, reason, delivery_id, created_at, expires_at,
        (expires_at IS NULL OR expires_at > now()) AS active
 FROM email.suppressions

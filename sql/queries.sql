@@ -1,4 +1,4 @@
--- Named queries, loaded by worker/db.py. Each block starts with `-- name: NAME`.
+-- Named queries, loaded by worker/store/db.py. Each block starts with `-- name: NAME`.
 -- Every transition is one guarded statement named after its guard; zero rows back means the
 -- guard did not hold (another worker won, or the claim went stale): an answer, not an error.
 
@@ -100,7 +100,7 @@ SELECT * FROM email.deliveries WHERE delivery_id = %(delivery_id)s;
 SELECT * FROM email.delivery_events WHERE delivery_id = %(delivery_id)s ORDER BY id;
 
 -- name: deliveries_for_recipient
--- Addresses compare case-insensitively (contract section 7), through migration 007's
+-- Addresses compare case-insensitively (docs/operating.md), through migration 007's
 -- (lower(recipient), created_at, delivery_id) index; one recipient's rows are then sorted.
 SELECT * FROM email.deliveries
 WHERE lower(recipient) = lower(%(recipient)s::text)
@@ -117,7 +117,7 @@ ORDER BY updated_at
 LIMIT %(limit)s;
 
 -- operators' commands
--- `python -m worker replay/stats/prune` (worker/replay.py, worker/reports.py).
+-- `python -m worker replay/stats/prune` (worker/ops/replay.py, worker/store/reports.py).
 
 -- name: lease_expired
 -- Replay's dry run asks this instead of comparing clocks: the database's now() is the one

@@ -1,4 +1,4 @@
--- The suppression list (contract section 7), loaded by worker/suppressions.py for
+-- The suppression list (docs/operating.md), loaded by worker/store/suppressions.py for
 -- `python -m worker suppressions ...` and `history`. Each block starts with `-- name: NAME`.
 -- Addresses are stored lower-cased (a CHECK on the table); callers pass them lower-cased.
 -- The worker reads the list inside email.claim_delivery() (migration 005), not here.
@@ -34,7 +34,7 @@ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now()
 RETURNING address, reason, delivery_id, created_at, expires_at, true AS live;
 
 -- name: remove_suppression
--- Only the table's owner may delete (contract section 7): the worker and reader roles cannot.
+-- Only the table's owner may delete (docs/operating.md): the worker and reader roles cannot.
 DELETE FROM email.suppressions
 WHERE address = %(address)s
 RETURNING address, reason, delivery_id, created_at, expires_at,

@@ -1,4 +1,4 @@
--- Provider events (contract section 6), loaded by worker/tracking.py. Each block starts with
+-- Provider events (docs/webhooks.md), loaded by worker/store/tracking.py. Each block starts with
 -- `-- name: NAME`. The work is in email.apply_provider_event() (migration 002, matching and
 -- times revised in 008): one short statement, one transaction per event.
 
@@ -22,15 +22,6 @@ SELECT id, provider, provider_event_id, event_type, occurred_at, received_at, bo
 FROM email.provider_events
 WHERE delivery_id = %(delivery_id)s
 ORDER BY occurred_at, id;
-
--- name: unmatched_provider_events
--- What no delivery claimed lately (also in the README, for psql).
-SELECT id, provider, provider_event_id, event_type, occurred_at, received_at, recipient,
-       tagged_delivery_id, message_id, relay_message_id
-FROM email.provider_events
-WHERE delivery_id IS NULL AND received_at >= now() - %(since_seconds)s * interval '1 second'
-ORDER BY received_at DESC
-LIMIT %(limit)s;
 
 -- name: count_prunable_unmatched
 -- `python -m worker prune`: unmatched events hold an address and belong to no delivery, so

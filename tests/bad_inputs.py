@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests import factories
-from worker.events import MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES
+from worker.delivery.events import MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES
 
 # SQL and shell metacharacters, PostgreSQL dollar quoting, psycopg's own placeholder syntax,
 # backslashes and NUL.

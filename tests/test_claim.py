@@ -1,5 +1,5 @@
-"""The claim as one decision in the database (migrations 004 and 005, contract sections 2 and 7):
-claim, or end the row `skipped` (suppressed recipient, rate limit reached), or nothing."""
+"""The claim as one decision in the database (migrations 004 and 005; docs/reference.md and
+docs/operating.md): claim, or end the row `skipped` (suppressed recipient, rate limit reached), or nothing."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from worker.db import connection_kwargs
-from worker.ledger import (
+from worker.core.settings import DatabaseSettings, RateLimit
+from worker.store.db import connection_kwargs
+from worker.store.ledger import (
     SKIP_CODES,
     SUPPRESSION_REASONS,
     Claim,
@@ -30,8 +31,7 @@ from worker.ledger import (
     Status,
     Unclaimed,
 )
-from worker.migrations import discover, migrate_down, migrate_up
-from worker.settings import DatabaseSettings, RateLimit
+from worker.store.migrations import discover, migrate_down, migrate_up
 
 _ids = (f"c-{n}" for n in itertools.count())
 FIVE_PER_HOUR = RateLimit(5, 3600, "5/1h")

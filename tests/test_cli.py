@@ -20,8 +20,8 @@ import pytest
 
 from tests.harness.postgres import free_port
 from tests.harness.pubsub import PubSubNamespace
-from worker import cli
-from worker.ledger import Failure, Ledger, Reason, Status
+from worker.ops import cli
+from worker.store.ledger import Failure, Ledger, Reason, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
@@ -270,7 +270,7 @@ def test_history_newest_first(ledger: Ledger, capsys: pytest.CaptureFixture[str]
 def test_history_ignores_the_letter_case(
     ledger: Ledger, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Addresses compare case-insensitively, as the suppression list does (contract section 7)."""
+    """Addresses compare case-insensitively, as the suppression list does (docs/operating.md)."""
     spelled = [
         replayed_delivery(ledger, recipient=r) for r in ("Ada@Example.com", "ADA@example.com")
     ]
@@ -582,6 +582,9 @@ def test_real_processes(ledger: Ledger, database_url: str) -> None:
     assert done.stderr == "error: no delivery with id 'nope'\n"
 
     # The CLI (and replay, until it runs) must not pay for the Pub/Sub client library.
-    check = "import sys, worker.cli, worker.replay; print('google.cloud.pubsub_v1' in sys.modules)"
+    check = (
+        "import sys, worker.ops.cli, worker.ops.replay;"
+        " print('google.cloud.pubsub_v1' in sys.modules)"
+    )
     done = cli_process("-c", check, env={})
     assert done.stdout.strip() == "False", done.stderr

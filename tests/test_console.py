@@ -556,11 +556,11 @@ def test_unknown_paths_are_404_json_under_api(console: Console) -> None:
 
 
 def test_the_console_role_cannot_write(console_db: ConsoleDb) -> None:
-    from worker.console.app import open_console_pool
-    from worker.settings import console_database_settings
+    from worker.console.config import console_database_settings
+    from worker.store.db import open_pool
 
     settings = console_database_settings({"CONSOLE_DATABASE_URL": console_db.reader_url})
-    pool = open_console_pool(settings)
+    pool = open_pool(settings, "email-console")
     try:
         with pool.connection() as conn:
             assert conn.execute("SELECT count(*) FROM email.deliveries").fetchone()
@@ -634,7 +634,7 @@ def test_an_unexpected_failure_is_a_500_with_the_headers_and_no_traceback(
             assert "the console failed on this request" in reply.text
     failures = [line for line in logs.splitlines() if "email-console: internal error" in line]
     assert len(failures) == len(replies), logs
-    assert "on /api/stats: UndefinedTable:" in failures[0] and "store.py:" in failures[0]
+    assert "on /api/stats: UndefinedTable:" in failures[0] and "reports.py:" in failures[0]
 
 
 # --- settings ---------------------------------------------------------------------------------

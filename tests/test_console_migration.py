@@ -13,8 +13,8 @@ from psycopg import conninfo
 
 from tests.harness.console import seed
 from tests.harness.postgres import Databases
-from worker.console.store import console_query
-from worker.migrations import discover, migrate_down, migrate_up
+from worker.store.db import query
+from worker.store.migrations import discover, migrate_down, migrate_up
 
 INDEX = "suppressions_created_at_id_idx"
 ROWS = 50_000
@@ -134,7 +134,7 @@ def list_url(databases: Databases) -> Iterator[str]:
 def plan(url: str, params: dict[str, Any]) -> str:
     """As the console runs it: parameters bound by the server, nothing prepared."""
     with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
-        rows = conn.execute(f"EXPLAIN {console_query('search_suppressions')}", params).fetchall()
+        rows = conn.execute(f"EXPLAIN {query('search_suppressions')}", params).fetchall()
     return "\n".join(line for (line,) in rows)
 
 

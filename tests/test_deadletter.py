@@ -1,4 +1,4 @@
-"""Dead-letter messages against the real Pub/Sub emulator (contract section 2)."""
+"""Dead-letter messages against the real Pub/Sub emulator (docs/reference.md)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from tests.harness.pubsub import DeadPubSub, PubSubNamespace
-from worker import pubsub as worker_pubsub
-from worker.deadletter import (
+from worker.core import pubsub as worker_pubsub
+from worker.core.settings import PubSubSettings
+from worker.delivery.deadletter import (
     MAX_ERROR_MESSAGE_LENGTH,
     DeadLetterPublisher,
     dead_letter_attributes,
 )
-from worker.ledger import DEAD_LETTER_REASONS, Reason
-from worker.settings import PubSubSettings
+from worker.store.ledger import DEAD_LETTER_REASONS, Reason
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
@@ -235,7 +235,7 @@ def test_a_dead_letter_publisher_holds_its_own_client(pubsub: PubSubNamespace) -
 
 
 def test_pubsub_dead_letter_policy_forwards_to_the_same_topic(pubsub: PubSubNamespace) -> None:
-    """The emulator's own dead-letter policy (the contract's `CloudPubSubDeadLetter*` case)."""
+    """The emulator's own dead-letter policy (the documented `CloudPubSubDeadLetter*` case)."""
     emulator = pubsub.emulator
     source = emulator.create_pull_subscription(
         pubsub.delivery_topic,
@@ -265,7 +265,7 @@ def test_pubsub_dead_letter_policy_forwards_to_the_same_topic(pubsub: PubSubName
 def test_importing_worker_pubsub_does_not_import_the_client_library() -> None:
     code = (
         "import sys\n"
-        "import worker.pubsub, worker.deadletter\n"
+        "import worker.core.pubsub, worker.delivery.deadletter\n"
         "prefixes = ('google.cloud.pubsub', 'google.pubsub', 'google.api_core', 'grpc')\n"
         "loaded = [m for m in sys.modules if m.startswith(prefixes)]\n"
         "assert not loaded, loaded\n"

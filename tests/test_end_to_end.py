@@ -18,7 +18,7 @@ from tests.harness.postgres import wait_until
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.secretmanager import LocalSecretManager
 from tests.harness.smtp import SmtpTestServer
-from worker.ledger import Ledger, Status
+from worker.store.ledger import Ledger, Status
 
 PASSWORD = "smtp-pass-do-not-log-9f8e"
 SECRET = "projects/test-project/secrets/smtp-password/versions/latest"
@@ -164,11 +164,11 @@ def test_importing_main_opens_nothing_and_skips_the_pubsub_client() -> None:
         "import sys, main; "
         "heavy = [m for m in ('google.cloud.pubsub_v1', 'google.cloud.secretmanager', 'grpc') "
         "if m in sys.modules]; "
-        "from worker import pipeline, db; "
-        "print(heavy, pipeline._worker, db._pool)"
+        "from worker.delivery import pipeline; "
+        "print(heavy, pipeline.INSTANCE.built)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[] None None"
+    assert proc.stdout.strip() == "[] None"

@@ -1,4 +1,4 @@
-"""worker.events: the envelope, every field rule of contract section 1, and robustness."""
+"""worker.delivery.events: the envelope, every field rule of docs/reference.md, and robustness."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from functions_framework import event_conversion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.events import (
+from worker.delivery.events import (
     MAX_METADATA_BYTES,
     MAX_PAYLOAD_BYTES,
     DeliveryEvent,

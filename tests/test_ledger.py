@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from worker.ledger import Claim, Failure, Ledger, Reason, Status
+from worker.store.ledger import Claim, Failure, Ledger, Reason, Status
 
 STATUSES = list(Status)
 ALLOWED: dict[Status | None, set[Status]] = {

@@ -231,7 +231,7 @@ def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
 
 
 def test_signed_provider_events_move_each_sent_delivery(stack_run: Run) -> None:
-    """The webhook half (contract section 6): every provider, through functions-framework."""
+    """The webhook half (docs/webhooks.md): every provider, through functions-framework."""
     requests = stack_run.summary["provider_requests"]
     assert {r["provider"] for r in requests} == {
         "sendgrid",

@@ -155,7 +155,7 @@ def test_the_upload_is_the_function_and_nothing_else(tmp_path: Path) -> None:
     assert tops == {"main.py", "requirements.txt", "sql", "worker"}, uploaded
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in uploaded)
     # Everything the function needs at run time is there.
-    for needed in ("main.py", "requirements.txt", "sql/queries.sql", "worker/pipeline.py"):
+    for needed in ("main.py", "requirements.txt", "sql/queries.sql", "worker/delivery/pipeline.py"):
         assert needed in uploaded
     assert any(name.startswith("sql/migrations/") for name in uploaded)
-    assert any(name.startswith("worker/templates/") for name in uploaded)
+    assert any(name.startswith("worker/delivery/templates/") for name in uploaded)

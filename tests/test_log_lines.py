@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.logging import bind, bind_event, clear_event, get_logger
+from worker.core.logging import bind, bind_event, clear_event, get_logger
 
 THREADS = 8
 LINES_PER_THREAD = 300

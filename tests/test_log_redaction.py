@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests import factories
-from worker.logging import bind_event, clear_event, get_logger
+from worker.core.logging import bind_event, clear_event, get_logger
 
 ADDRESS = "ada@example.com"
 

@@ -17,15 +17,14 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from tests.harness.smtp import SmtpTestServer
-from worker.migrations import (
+from worker.store.migrations import (
     MigrationError,
     _statements,
     discover,
     migrate_down,
     migrate_up,
 )
-from worker.providers.model import Applied, EventType, ProviderEvent
-from worker.tracking import Tracking
+from worker.store.tracking import Applied, EventType, ProviderEvent, Tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_COLUMNS = {

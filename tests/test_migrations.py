@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from worker.migrations import discover, migrate_down, migrate_up
+from worker.store.migrations import discover, migrate_down, migrate_up
 
 ROOT = Path(__file__).resolve().parent.parent
 

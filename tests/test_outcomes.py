@@ -1,4 +1,4 @@
-"""The contract's outcome table (section 2) as a table, against the pure `decide`.
+"""The outcome table (docs/reference.md) as a table, against the pure `decide`.
 
 No database, no emulator, no SMTP server: milliseconds. tests/test_pipeline.py runs the same
 rows against the real components.
@@ -13,10 +13,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.ledger import DEAD_LETTER_REASONS, SUPPRESSION_REASONS, Code, Reason, Skipped, Status
-from worker.outcomes import RULES, Ending, Facts, decide, send_tries
-from worker.settings import RetrySettings
-from worker.smtp import SendResult, SmtpError
+from worker.delivery.config import RetrySettings
+from worker.delivery.outcomes import RULES, Ending, Facts, decide, send_tries
+from worker.delivery.smtp import SendResult, SmtpError
+from worker.store.ledger import (
+    DEAD_LETTER_REASONS,
+    SUPPRESSION_REASONS,
+    Code,
+    Reason,
+    Skipped,
+    Status,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX = 5  # MAX_ATTEMPTS

@@ -1,4 +1,4 @@
-"""Every row of the contract's outcome table (section 2), against real components:
+"""Every row of the outcome table (docs/reference.md), against real components:
 PostgreSQL, the Pub/Sub emulator (dead letters pulled from a subscription) and an aiosmtpd
 server that records what it accepted."""
 
@@ -22,13 +22,14 @@ from tests import factories
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
-from worker.db import connection_kwargs
-from worker.deadletter import DeadLetterPublisher
-from worker.ledger import Ledger, Status
-from worker.pipeline import RetryLater, Worker, handle
-from worker.rendering import Renderer
-from worker.settings import DatabaseSettings, SmtpSettings
-from worker.smtp import OutgoingEmail, SmtpSender
+from worker.core.settings import DatabaseSettings
+from worker.delivery.config import SmtpSettings
+from worker.delivery.deadletter import DeadLetterPublisher
+from worker.delivery.pipeline import RetryLater, Worker, handle
+from worker.delivery.rendering import Renderer
+from worker.delivery.smtp import OutgoingEmail, SmtpSender
+from worker.store.db import connection_kwargs
+from worker.store.ledger import Ledger, Status
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from tests import factories
 from tests.harness.pgbouncer import SERVER_CONNECTIONS, PgBouncer
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
-from worker.db import connection_kwargs
-from worker.ledger import Ledger, Status
-from worker.migrations import Migration, discover, migrate_up
-from worker.pipeline import handle
-from worker.settings import DatabaseSettings
+from worker.core.settings import DatabaseSettings
+from worker.delivery.pipeline import handle
+from worker.store.db import connection_kwargs
+from worker.store.ledger import Ledger, Status
+from worker.store.migrations import Migration, discover, migrate_up
 
 
 @pytest.fixture

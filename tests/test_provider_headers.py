@@ -13,14 +13,14 @@ from tests import factories
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
 from tests.provider_signing import SendGridKeys
-from worker import smtp
-from worker.ledger import Ledger, Status
-from worker.pipeline import handle
+from worker.delivery import smtp
+from worker.delivery.config import SmtpSettings
+from worker.delivery.pipeline import handle
+from worker.delivery.relay import SmtpProvider, relay_message_id, tracking_headers
 from worker.providers import sendgrid
-from worker.providers.model import Applied, WebhookRequest
-from worker.relay import SmtpProvider, relay_message_id, tracking_headers
-from worker.settings import SmtpSettings
-from worker.tracking import Tracking
+from worker.providers.model import WebhookRequest
+from worker.store.ledger import Ledger, Status
+from worker.store.tracking import Applied, Tracking
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from worker.providers import mailgun
 from worker.providers.model import Refused, WebhookRequest
 from worker.providers.registry import build_adapters, setting_reader
 from worker.providers.webhook import Webhook
-from worker.tracking import Tracking, WebhookTokens
+from worker.store.tracking import Tracking, WebhookTokens
 
 
 def payload(

@@ -1,5 +1,5 @@
-"""What operators see of provider events (contract sections 5 and 6): `status` shows the
-provider status, its times and the events; `stats` the delivered, bounced and complained
+"""What operators see of provider events (docs/reference.md and docs/webhooks.md): `status`
+shows the provider status, its times and the events; `stats` the delivered, bounced and complained
 rates per workflow and the skipped count; `prune` takes provider events with their delivery."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from worker import cli
-from worker.ledger import Ledger
-from worker.providers.model import EventType, ProviderEvent
-from worker.tracking import Tracking
+from worker.ops import cli
+from worker.store.ledger import Ledger
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 _ids = (f"rep-{n}" for n in itertools.count())

@@ -23,15 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.harness.https import SnsSigner, SnsTestServer, sns_string_to_sign
-from worker.ledger import Ledger
-from worker.providers.model import (
-    Applied,
-    Batch,
-    EventType,
-    Malformed,
-    Refused,
-    WebhookRequest,
-)
+from worker.core.settings import SettingsError
+from worker.providers.model import Batch, Malformed, Refused, WebhookRequest
 from worker.providers.ses import SesAdapter, from_env, user_agent_class
 from worker.providers.sns import (
     HostPattern,
@@ -41,8 +34,8 @@ from worker.providers.sns import (
     parse_host_patterns,
     string_to_sign,
 )
-from worker.settings import SettingsError
-from worker.tracking import Tracking
+from worker.store.ledger import Ledger
+from worker.store.tracking import Applied, EventType, Tracking
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "ses"
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"

@@ -1,5 +1,5 @@
 """Migration 007: the support console's searches and `history` read the ledger through an
-index, by recipient (compared case-insensitively, contract section 7) and newest first."""
+index, by recipient (compared case-insensitively, docs/operating.md) and newest first."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.harness.postgres import Databases
-from worker.console.store import console_query
-from worker.db import queries
-from worker.migrations import discover, migrate_down, migrate_up
+from worker.store.db import queries, query
+from worker.store.migrations import discover, migrate_down, migrate_up
 
 BY_RECIPIENT = "deliveries_lower_recipient_created_at_idx"
 NEWEST = "deliveries_created_at_idx"
@@ -73,7 +72,7 @@ def ledger_url(databases: Databases) -> Iterator[str]:
 
 def plan(url: str, sql: str, params: dict[str, Any]) -> str:
     """The plan of a query run as the console and the CLI run it: parameters bound by the
-    server, nothing prepared (worker/db.py), so planned with its values."""
+    server, nothing prepared (worker/store/db.py), so planned with its values."""
     with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
         rows = conn.execute(f"EXPLAIN {sql}", params).fetchall()
     return "\n".join(line for (line,) in rows)
@@ -108,9 +107,7 @@ def test_a_recipient_search_reads_its_index(ledger_url: str, paged: bool) -> Non
     """A recipient's few rows come from the index (then sorted, or read in order), and a
     later page's cursor bounds the index scan instead of filtering what it read."""
     after = a_cursor(ledger_url) if paged else None
-    explained = plan(
-        ledger_url, console_query("search_deliveries"), search("USER7@example.com", after)
-    )
+    explained = plan(ledger_url, query("search_deliveries"), search("USER7@example.com", after))
     assert BY_RECIPIENT in explained and "Seq Scan" not in explained, explained
     condition = "\n".join(line for line in explained.splitlines() if "Index Cond" in line)
     assert "lower(recipient) = 'user7@example.com'" in condition, explained
@@ -123,7 +120,7 @@ def test_the_newest_deliveries_are_read_in_index_order(ledger_url: str, paged: b
     """With no filter, the index gives the page's order: no scan of the ledger, no sort,
     and a later page starts where its cursor points."""
     after = a_cursor(ledger_url) if paged else None
-    explained = plan(ledger_url, console_query("search_deliveries"), search(None, after))
+    explained = plan(ledger_url, query("search_deliveries"), search(None, after))
     assert f"Index Scan Backward using {NEWEST}" in explained, explained
     assert "Seq Scan" not in explained and "Sort" not in explained, explained
     if paged:

@@ -43,10 +43,10 @@ from tests.harness.postgres import PostgresServer
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer, Stage
 from tests.harness.worker import MakeWorker
-from worker.ledger import Ledger
-from worker.pipeline import RetryLater, Worker, handle
-from worker.settings import RetrySettings
-from worker.smtp import message_id_for
+from worker.delivery.config import RetrySettings
+from worker.delivery.pipeline import RetryLater, Worker, handle
+from worker.delivery.smtp import message_id_for
+from worker.store.ledger import Ledger
 
 MESSAGE_ID_DOMAIN = "example.com"
 FIGURES_PATH = ROOT / "run" / "reliability.json"
@@ -809,7 +809,7 @@ def test_bad_input_corpus_is_rejected_in_process(
     smtp_server: SmtpTestServer,
     pubsub: PubSubNamespace,
 ) -> None:
-    """Hostile and malformed events through `worker.pipeline.handle` itself."""
+    """Hostile and malformed events through `worker.delivery.pipeline.handle` itself."""
     started = time.monotonic()
     for body in SENTINELS:
         handle(factories.cloud_event(body), worker)

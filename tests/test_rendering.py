@@ -1,4 +1,4 @@
-"""worker.rendering: the bundled templates, locale fallback, and template errors."""
+"""worker.delivery.rendering: the bundled templates, locale fallback, and template errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ from typing import Any
 
 import pytest
 
-from worker.events import DeliveryEvent, PubSubMessage, parse_delivery
-from worker.rendering import Renderer, TemplateError, locale_candidates, render
+from worker.delivery.events import DeliveryEvent, PubSubMessage, parse_delivery
+from worker.delivery.rendering import (
+    TEMPLATES_DIR,
+    Renderer,
+    TemplateError,
+    locale_candidates,
+    render,
+)
 
 CODE = "Zq9A1B2C3"
 INVITE = {
@@ -164,7 +170,7 @@ def test_locale_candidates() -> None:
 
 @pytest.mark.parametrize("workflow", ["verification-code", "invite", "password-reset"])
 def test_every_workflow_has_complete_english_templates(workflow: str) -> None:
-    folder = Path(__file__).parents[1] / "worker" / "templates" / workflow / "en"
+    folder = TEMPLATES_DIR / workflow / "en"
     assert {p.name for p in folder.iterdir()} >= {"subject.txt", "body.txt", "body.html"}
 
 
@@ -314,9 +320,7 @@ def _html_footer(html: str) -> str:
 
 
 TEMPLATE_FOLDERS = sorted(
-    (path.parent.name, path.name)
-    for path in (Path(__file__).parents[1] / "worker" / "templates").glob("*/*")
-    if path.is_dir()
+    (path.parent.name, path.name) for path in (TEMPLATES_DIR).glob("*/*") if path.is_dir()
 )
 SAMPLE_DATA: dict[str, dict[str, Any]] = {
     "verification-code": {"code": CODE, "expires_in_minutes": 5},

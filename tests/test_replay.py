@@ -23,12 +23,13 @@ from tests.harness.postgres import wait_until
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
-from worker import cli
-from worker import pubsub as worker_pubsub
-from worker import replay as worker_replay
-from worker.ledger import Ledger, Status
-from worker.pipeline import RetryLater, Worker, handle
-from worker.settings import RetrySettings, pubsub_settings
+from worker.core import pubsub as worker_pubsub
+from worker.core.settings import pubsub_settings
+from worker.delivery.config import RetrySettings
+from worker.delivery.pipeline import RetryLater, Worker, handle
+from worker.ops import cli
+from worker.ops import replay as worker_replay
+from worker.store.ledger import Ledger, Status
 
 WAIT = "0.5"  # seconds of empty pulls that end a run: the emulator answers at once
 RETRY = RetrySettings(
@@ -74,7 +75,7 @@ def as_event(received: Any) -> CloudEvent:
 def publish_dead_letter(
     pubsub: PubSubNamespace, body: dict[str, Any] | bytes, **attributes: str
 ) -> str:
-    """A dead letter as the worker writes it (contract section 2)."""
+    """A dead letter as the worker writes it (docs/reference.md)."""
     defaults = {
         "reason": "permanent_failure",
         "error_code": "SMTP_550",

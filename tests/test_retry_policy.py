@@ -10,10 +10,11 @@ import pytest
 from tests import factories
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import FAST_RETRY, MakeWorker
-from worker.ledger import Ledger, Status
-from worker.pipeline import RetryLater, handle
-from worker.settings import SettingsError, load_settings, send_window
-from worker.smtp import OutgoingEmail, SmtpSender, build_message, send_with_retry
+from worker.core.settings import SettingsError
+from worker.delivery.config import load_settings, send_window
+from worker.delivery.pipeline import RetryLater, handle
+from worker.delivery.smtp import OutgoingEmail, SmtpSender, build_message, send_with_retry
+from worker.store.ledger import Ledger, Status
 
 
 @pytest.fixture

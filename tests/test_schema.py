@@ -10,7 +10,7 @@ import pytest
 
 from tests.harness import schema
 from tests.harness.postgres import TEMPLATE, Databases
-from worker.migrations import migrate_up
+from worker.store.migrations import migrate_up
 
 
 def test_schema_file_is_the_migrated_schema(databases: Databases) -> None:

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from tests.harness.secretmanager import LocalSecretManager
-from worker import secrets
-from worker.settings import SettingsError, database_settings, smtp_settings
+from worker.core import secrets
+from worker.core.settings import SettingsError, database_settings
+from worker.delivery.config import smtp_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "projects/test-project/secrets/database-url/versions/latest"
@@ -151,7 +152,7 @@ def test_set_client_replaces_the_client(
         other.stop()
 
 
-# --- through worker.settings ----------------------------------------------------------------
+# --- through worker.core.settings ----------------------------------------------------------------
 
 
 def test_database_settings_reads_the_secret(secret_manager: LocalSecretManager) -> None:
@@ -197,7 +198,7 @@ def test_smtp_password_secret_is_not_in_repr(secret_manager: LocalSecretManager)
 def test_importing_worker_secrets_does_not_import_the_client_library() -> None:
     code = (
         "import sys\n"
-        "import worker.secrets, worker.settings\n"
+        "import worker.core.secrets, worker.core.settings\n"
         "prefixes = ('google.cloud.secretmanager', 'google.api_core', 'grpc')\n"
         "loaded = [m for m in sys.modules if m.startswith(prefixes)]\n"
         "assert not loaded, loaded\n"

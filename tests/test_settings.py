@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness.secretmanager import LocalSecretManager
-from worker import secrets
-from worker.settings import (
-    SettingsError,
-    console_settings,
-    load_settings,
-    log_level,
-    parse_rate_limits,
-)
+from worker.console.config import console_settings
+from worker.core import secrets
+from worker.core.settings import SettingsError, log_level
+from worker.delivery.config import load_settings, parse_rate_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +102,9 @@ def test_log_level(value: str | None, level: str) -> None:
     assert log_level(env) == level
 
 
-# The worker's logger, as the function gets it: configured when worker.pipeline is imported.
+# The worker's logger, as the function gets it: configured when the pipeline is imported.
 _LOG_EVERY_LEVEL = """
-from worker import pipeline
+from worker.delivery import pipeline
 pipeline.log.debug("at debug")
 pipeline.log.info("at info")
 pipeline.log.warning("at warning")
@@ -143,7 +139,7 @@ def test_log_level_is_honoured(value: str | None, shown: list[str]) -> None:
     assert [line["message"] for line in lines] == [f"at {level.lower()}" for level in shown]
 
 
-# --- RATE_LIMITS (contract section 7) ---------------------------------------------------------
+# --- RATE_LIMITS (docs/operating.md) ---------------------------------------------------------
 
 
 def test_rate_limits_by_workflow_default_none() -> None:

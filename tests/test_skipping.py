@@ -1,5 +1,5 @@
-"""Skipped on purpose (contract sections 2 and 7), end to end with real workers: a suppressed
-recipient and a per-recipient rate limit, against PostgreSQL, the Pub/Sub emulator and an
+"""Skipped on purpose (docs/reference.md and docs/operating.md), end to end with real workers:
+a suppressed recipient and a per-recipient rate limit, against PostgreSQL, the Pub/Sub emulator and an
 aiosmtpd server that records what it accepted."""
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from tests.harness.postgres import wait_until
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
 from tests.harness.worker import MakeWorker
-from worker import cli
-from worker.ledger import Ledger, Status
-from worker.pipeline import Worker, handle
-from worker.providers.model import EventType, ProviderEvent
-from worker.settings import RateLimit
-from worker.tracking import Tracking
+from worker.core.settings import RateLimit
+from worker.delivery.pipeline import Worker, handle
+from worker.ops import cli
+from worker.store.ledger import Ledger, Status
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 
 def limited(make_worker: MakeWorker, **limits: RateLimit) -> Worker:

@@ -1,4 +1,4 @@
-"""worker.smtp against a real aiosmtpd server (tests/harness/smtp.py); no mocks."""
+"""worker.delivery.smtp against a real aiosmtpd server (tests/harness/smtp.py); no mocks."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.harness.smtp import SmtpTestServer, Stage
-from worker.redact import sanitise
-from worker.settings import SmtpSettings
-from worker.smtp import (
+from worker.core.redact import sanitise
+from worker.delivery.config import SmtpSettings
+from worker.delivery.smtp import (
     OutgoingEmail,
     SendResult,
     SmtpError,
@@ -30,7 +30,7 @@ from worker.smtp import (
     message_id_for,
     send_with_retry,
 )
-from worker.smtp import _quoted as quoted_envelope_address
+from worker.delivery.smtp import _quoted as quoted_envelope_address
 
 # aiosmtpd itself warns when a login succeeds; nothing to fix on our side.
 pytestmark = pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")

@@ -1,5 +1,5 @@
 """`python -m worker suppressions list|add|remove`, the suppression state in `history`, and
-skipped rows by code in `stats` (contract section 7), against a real PostgreSQL."""
+skipped rows by code in `stats` (docs/operating.md), against a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import pytest
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from worker import cli
-from worker.ledger import Claim, Ledger, Skipped
-from worker.providers.model import EventType, ProviderEvent
-from worker.settings import RateLimit
-from worker.tracking import Tracking
+from worker.core.settings import RateLimit
+from worker.ops import cli
+from worker.store.ledger import Claim, Ledger, Skipped
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Provider events against a real PostgreSQL (contract section 6): the order enforced by the
+"""Provider events against a real PostgreSQL (docs/webhooks.md): the order enforced by the
 database for every writer, matching, the earliest times whatever the arrival order,
 duplicates, suppressions, concurrency, and each role's rights on the new tables."""
 
@@ -20,12 +20,20 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tests.harness.postgres import free_port
-from worker.db import connection_kwargs
-from worker.ledger import Ledger
-from worker.migrations import discover, migrate_down, migrate_up
-from worker.providers.model import Applied, EventType, ProviderEvent, Refused
-from worker.settings import DatabaseSettings
-from worker.tracking import ProviderStatus, Tracking, WebhookTokens, allowed
+from worker.core.settings import DatabaseSettings
+from worker.store.db import connection_kwargs
+from worker.store.ledger import Ledger
+from worker.store.migrations import discover, migrate_down, migrate_up
+from worker.store.tracking import (
+    Applied,
+    EventType,
+    ProviderEvent,
+    ProviderStatus,
+    Tracking,
+    Unreachable,
+    WebhookTokens,
+    allowed,
+)
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 P = ProviderStatus
@@ -698,14 +706,13 @@ def test_expired_tokens_are_forgotten_by_the_next_claim(
     ).fetchone() == {"n": 0}
 
 
-def test_an_unreachable_database_refuses_with_503_for_the_provider_to_retry() -> None:
+def test_an_unreachable_database_is_unreachable_never_a_first_use() -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     with (
         ConnectionPool(url, min_size=0, max_size=1, timeout=1, open=True) as pool,
-        pytest.raises(Refused) as refused,
+        pytest.raises(Unreachable),
     ):
         tokens_of(pool).first_use("mailgun", "t", 660)
-    assert refused.value.status == 503
 
 
 # --- the database down ------------------------------------------------------------------

@@ -34,10 +34,10 @@ from tests.harness.webhook import (
     webhook_server,
 )
 from tests.provider_signing import basic_auth, mailgun_signature, svix_headers
-from worker.migrations import migrate_up
-from worker.providers.model import Batch, EventType, ProviderEvent, WebhookRequest
+from worker.providers.model import Batch, WebhookRequest
 from worker.providers.webhook import Webhook
-from worker.tracking import Tracking
+from worker.store.migrations import migrate_up
+from worker.store.tracking import EventType, ProviderEvent, Tracking
 
 ADAPTER_MODULES = (
     "worker.providers.registry",
@@ -100,7 +100,7 @@ def test_the_webhook_target_needs_none_of_the_delivery_settings(
     }
     code = (
         "import main; from worker.providers import webhook; "
-        "print(sorted(webhook.configure().adapters), webhook._webhook)"
+        "print(sorted(webhook.INSTANCE.configure().adapters), webhook.INSTANCE.built)"
     )
     proc = run_import(env, code)
 

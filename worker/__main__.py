@@ -1,7 +1,7 @@
-"""`python -m worker ...`: see worker/cli.py."""
+"""`python -m worker ...`: see worker/ops/cli.py."""
 
 import sys
 
-from worker.cli import main
+from worker.ops.cli import main
 
 sys.exit(main())

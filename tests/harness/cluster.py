@@ -72,7 +72,7 @@ def worker_env(
     """The environment of a worker process against the local stack (plain SMTP, no AUTH).
 
     `extra` adds or overrides variables, e.g. `MAX_ATTEMPTS="4"`, `LEASE_SECONDS="10"`,
-    `SMTP_TIMEOUT_SECONDS="1"`, `DB_POOL_MAX_SIZE="8"` (contract section 4, worker/settings.py).
+    `SMTP_TIMEOUT_SECONDS="1"`, `DB_POOL_MAX_SIZE="8"` (docs/reference.md, worker/core/settings.py).
     """
     env = {
         "DATABASE_URL": database_url,

@@ -23,10 +23,10 @@ import pytest
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool
 
-from worker.db import connection_kwargs
-from worker.ledger import Ledger
-from worker.migrations import migrate_up
-from worker.settings import DatabaseSettings
+from worker.core.settings import DatabaseSettings
+from worker.store.db import connection_kwargs
+from worker.store.ledger import Ledger
+from worker.store.migrations import migrate_up
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 TEMPLATE = "email_template"

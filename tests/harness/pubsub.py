@@ -5,7 +5,7 @@
   and sets `PUBSUB_EMULATOR_HOST` for the session. Yields an `Emulator` helper.
 - `pubsub` (function): a per-test namespace, `PubSubNamespace`: fresh delivery and dead-letter
   topics, a pull subscription on each, `GOOGLE_CLOUD_PROJECT`/`DELIVERY_TOPIC`/
-  `DEAD_LETTER_TOPIC` set through monkeypatch, `worker.pubsub.reset_client()` before and after.
+  `DEAD_LETTER_TOPIC` set through monkeypatch, `worker.core.pubsub.reset_client()` before and after.
 - `dead_pubsub` (function): "the emulator is down" without stopping it: points
   `PUBSUB_EMULATOR_HOST` at a local port where nothing listens, sets a short
   `PUBLISH_TIMEOUT_SECONDS`, resets the cached publisher. Yields a `DeadPubSub`.
@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from worker import pubsub as worker_pubsub
-from worker.settings import PubSubSettings
+from worker.core import pubsub as worker_pubsub
+from worker.core.settings import PubSubSettings
 
 GCLOUD = os.environ.get("GCLOUD", shutil.which("gcloud") or "/usr/bin/gcloud")
 PROJECT = "test-project"

@@ -1,7 +1,7 @@
 """A local Secret Manager: a real gRPC server speaking `SecretManagerService.AccessSecretVersion`.
 
 The `secret_manager` fixture starts it on 127.0.0.1 (a free port), points
-`SECRET_MANAGER_ENDPOINT` at it and resets `worker.secrets` before and after the test, so the
+`SECRET_MANAGER_ENDPOINT` at it and resets `worker.core.secrets` before and after the test, so the
 real client library (insecure channel, anonymous credentials) talks to it:
 
     def test_x(secret_manager):
@@ -28,7 +28,7 @@ from google.cloud.secretmanager_v1.types import (
     SecretPayload,
 )
 
-from worker import secrets
+from worker.core import secrets
 
 SERVICE = "google.cloud.secretmanager.v1.SecretManagerService"
 

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from worker.settings import SmtpSettings
+from worker.delivery.config import SmtpSettings
 
 HOST = "127.0.0.1"
 Tls = Literal["none", "starttls", "ssl"]

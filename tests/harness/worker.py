@@ -11,12 +11,13 @@ import pytest
 
 from tests.harness.pubsub import PubSubNamespace
 from tests.harness.smtp import SmtpTestServer
-from worker.deadletter import DeadLetterPublisher
-from worker.ledger import Ledger
-from worker.pipeline import Worker
-from worker.rendering import Renderer
-from worker.settings import DatabaseSettings, RetrySettings, Settings, SmtpSettings
-from worker.smtp import SmtpSender
+from worker.core.settings import DatabaseSettings
+from worker.delivery.config import RetrySettings, Settings, SmtpSettings
+from worker.delivery.deadletter import DeadLetterPublisher
+from worker.delivery.pipeline import Worker
+from worker.delivery.rendering import Renderer
+from worker.delivery.smtp import SmtpSender
+from worker.store.ledger import Ledger
 
 # Millisecond backoffs: the tests exercise the retry logic, not the waiting.
 FAST_RETRY = RetrySettings(

@@ -12,9 +12,7 @@ allows none. Page cursors are signed with the deployment's CONSOLE_CURSOR_KEY
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -25,17 +23,18 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 import psycopg
-from psycopg_pool import ConnectionPool
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from worker.console import chart, views
+from worker.console.config import ConsoleSettings, console_settings
 from worker.console.cursors import Cursors
-from worker.console.store import ConsoleStore, DeliverySearch
-from worker.db import connection_kwargs
-from worker.redact import sanitise
-from worker.settings import ConsoleSettings, DatabaseSettings, console_settings
+from worker.core.instance import Instance
+from worker.core.redact import sanitise
+from worker.core.rules import is_delivery_id
+from worker.store.console import ConsoleStore, DeliverySearch
+from worker.store.db import open_pool
 
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = {
@@ -159,7 +158,7 @@ class Console:
             raise views.BadParameter("q", f"must be at most {views.MAX_ADDRESS} characters")
         after = views.cursor(params, self.cursors.delivery_after)
         context: dict[str, Any] = {"q": q, "searched": None, "suppression": None, "missing": False}
-        if q and views.DELIVERY_ID.fullmatch(q) and self.store.delivery(q) is not None:
+        if q and is_delivery_id(q) and self.store.delivery(q) is not None:
             # One search answers "what happened to delivery X": straight to its timeline.
             return Response(status=303, headers={"Location": f"/deliveries/{quote(q, safe='')}"})
         if q and "@" in q:
@@ -307,41 +306,12 @@ def _percent(value: float | None) -> str:
 
 # --- the instance's console (main.py) ---------------------------------------------------------
 
-_settings: ConsoleSettings | None = None
-_console: Console | None = None
-_lock = threading.Lock()
+
+def build(settings: ConsoleSettings) -> Console:
+    """The instance's console; its pool (the reader login's) opens in the background."""
+    pool = open_pool(settings.database, "email-console")
+    return Console(ConsoleStore(pool), Cursors(settings.cursor_key))
 
 
-def configure(env: Mapping[str, str] = os.environ) -> None:
-    """Parse the console's settings at start (a bad one stops the instance with one line)."""
-    global _settings
-    _settings = console_settings(env)
-
-
-def shared_console() -> Console:
-    """The instance's console; its pool opens on first use and is kept."""
-    global _console
-    if _console is None:
-        with _lock:
-            if _console is None:
-                if _settings is None:
-                    configure()
-                assert _settings is not None
-                pool = open_console_pool(_settings.database)
-                _console = Console(ConsoleStore(pool), Cursors(_settings.cursor_key))
-    return _console
-
-
-def open_console_pool(settings: DatabaseSettings) -> ConnectionPool:
-    pool = ConnectionPool(
-        settings.url,
-        min_size=1,
-        max_size=settings.pool_max_size,
-        kwargs={**connection_kwargs(settings), "application_name": "email-console"},
-        timeout=settings.connect_timeout_seconds,
-        max_idle=300,
-        open=False,
-        name="email-console",
-    )
-    pool.open(wait=False)
-    return pool
+# The console target's settings, parsed at import, and its console, made on first use.
+INSTANCE: Instance[ConsoleSettings, Console] = Instance(console_settings, build)

@@ -24,6 +24,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from worker.core.rules import is_delivery_id
+
 VERSION = "v1"
 MAC_BYTES = hashlib.sha256().digest_size
 # A real cursor is under 400 characters (a delivery id is at most 200); anything longer is
@@ -32,7 +34,6 @@ MAX_CURSOR = 512
 MAX_SUPPRESSION_ID = 2**63 - 1  # bigint
 _B64 = "[A-Za-z0-9_-]"
 _SHAPE = re.compile(rf"{VERSION}\.({_B64}{{4,{MAX_CURSOR}}})\.({_B64}{{43}})", re.ASCII)
-_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
 
 
 class Listing(StrEnum):
@@ -67,7 +68,7 @@ class Cursors:
 
     def delivery_after(self, text: str) -> tuple[datetime, str]:
         created_at, key = self._open(Listing.DELIVERIES, text)
-        if not isinstance(key, str) or _DELIVERY_ID.fullmatch(key) is None:
+        if not isinstance(key, str) or not is_delivery_id(key):
             raise BadCursor(Listing.DELIVERIES)
         return created_at, key
 

@@ -8,19 +8,17 @@ these functions, so a page never shows what the API would hide.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from worker.console.cursors import BadCursor, Cursors
-from worker.console.store import DeliverySearch, Page, StatsResult, SuppressionSearch
-from worker.ledger import Status
-from worker.redact import mask_addresses, mask_email
-from worker.reports import parse_duration
+from worker.core.redact import mask_addresses, mask_email
+from worker.core.rules import DELIVERY_ID_RULE, is_delivery_id
+from worker.store.console import DeliverySearch, Page, StatsResult, SuppressionSearch
+from worker.store.ledger import Status
+from worker.store.reports import parse_duration
 
-DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
-DELIVERY_ID_RULE = "must be 1..200 characters from A-Z a-z 0-9 . _ : @ -"
 MAX_ADDRESS = 254
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
@@ -60,8 +58,8 @@ def only(params: Mapping[str, str], allowed: tuple[str, ...]) -> None:
 
 
 def delivery_id(text: str, parameter: str = "delivery_id") -> str:
-    if DELIVERY_ID.fullmatch(text) is None:
-        raise BadParameter(parameter, DELIVERY_ID_RULE)
+    if not is_delivery_id(text):
+        raise BadParameter(parameter, f"must be {DELIVERY_ID_RULE}")
     return text
 
 

@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.core.redact import sanitise
+from worker.core.rules import is_delivery_id
 from worker.providers.model import Malformed, Refused
-from worker.redact import sanitise
 
 # Signed timestamps further than this from now (either way) are refused: a captured request
-# cannot be replayed later (contract section 6).
+# cannot be replayed later (docs/webhooks.md).
 TOLERANCE_SECONDS = 300
 # What `detail` keeps of a provider's diagnostic text: enough for support, never a body.
 MAX_DIAGNOSTIC = 200
@@ -36,7 +37,6 @@ MAX_TEXT = 254
 Setting = Callable[[str], str | None]
 Clock = Callable[[], float]
 
-_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
 # No NUL and no lone surrogate: PostgreSQL stores neither.
 _MESSAGE_ID = re.compile(r"<?([^<>\s\x00\ud800-\udfff]{1,500})>?")
 
@@ -149,10 +149,8 @@ def iso_time(value: Any, field: str) -> datetime:
 
 
 def delivery_id(value: Any) -> str | None:
-    """A delivery id the worker attached, if it still looks like one (contract section 1)."""
-    if isinstance(value, str) and _DELIVERY_ID.fullmatch(value):
-        return value
-    return None
+    """A delivery id the worker attached, if it still looks like one."""
+    return value if is_delivery_id(value) else None
 
 
 def message_id(value: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""Mailgun webhooks (contract section 6).
+"""Mailgun webhooks (docs/webhooks.md).
 
 Signature: https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/securing-webhooks
   The body's `signature` object holds `timestamp`, `token` and `signature`, the hex
@@ -12,7 +12,7 @@ Events: https://documentation.mailgun.com/docs/mailgun/user-manual/events/webhoo
 Replays: the HMAC covers `timestamp + token` only, not `event-data`, so a captured signature
   object would verify with any event while its timestamp is fresh. The page above advises
   caching tokens and refusing one seen before: each token is used once (`TokenLedger`; the
-  webhook hands the adapter the database's, `worker.tracking.WebhookTokens`, which every
+  webhook hands the adapter the database's, `worker.store.tracking.WebhookTokens`, which every
   instance shares).
 """
 
@@ -27,14 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worker.providers import common
-from worker.providers.model import (
-    Batch,
-    EventType,
-    Malformed,
-    ProviderEvent,
-    Refused,
-    WebhookRequest,
-)
+from worker.providers.model import Batch, Malformed, Refused, WebhookRequest
+from worker.store.tracking import EventType, ProviderEvent, Unreachable
 
 PROVIDER = "mailgun"
 KEY_SETTING = "MAILGUN_WEBHOOK_SIGNING_KEY"
@@ -48,7 +42,7 @@ REMEMBER_SECONDS = 2 * common.TOLERANCE_SECONDS + 60
 class TokenLedger(Protocol):
     def first_use(self, provider: str, token: str, remember_seconds: int) -> bool:
         """True the first time `token` is presented for `provider`, False ever after (for
-        `remember_seconds` at least). Raises `Refused(503)` when it cannot tell."""
+        `remember_seconds` at least). Raises `Unreachable` when it cannot tell."""
         ...
 
 
@@ -103,7 +97,12 @@ class MailgunAdapter:
         if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
             raise Refused(403, "signature does not verify")
         # Last, so that only a signature that holds can use up its token.
-        if not self.tokens.first_use(self.provider, token, REMEMBER_SECONDS):
+        try:
+            first = self.tokens.first_use(self.provider, token, REMEMBER_SECONDS)
+        except Unreachable:
+            # Unknown is not "first use": Mailgun retries a 503.
+            raise Refused(503, "database unavailable, retry later") from None
+        if not first:
             raise Refused(403, "signature token already used")
 
     def events(self, request: WebhookRequest) -> Batch:

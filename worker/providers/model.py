@@ -1,61 +1,20 @@
-"""What every provider adapter produces and the ledger applies (contract section 6).
-
-An adapter turns one authentic webhook request into normalised `ProviderEvent`s; the
-tracking ledger (`worker/tracking.py`) applies each one in its own transaction. The names
-here are the vocabulary shared with SQL: `EventType` values are `email.provider_events.
-event_type`, and all but `deferred` are also `email.provider_status` values.
+"""What a provider adapter is, and what it answers: the request it reads, the batch of
+normalised events it produces (`ProviderEvent`, the store's vocabulary: worker/store/tracking.py),
+and the two ways it refuses (`Refused`: not authentic; `Malformed`: authentic but not what the
+provider documents).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from enum import StrEnum
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.store.tracking import ProviderEvent
 
 # The largest body an adapter takes unless it says otherwise: SendGrid posts batches of up
 # to a few hundred events; far below Cloud Functions' 32 MB.
 MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-class EventType(StrEnum):
-    DELIVERED = "delivered"
-    OPENED = "opened"
-    CLICKED = "clicked"
-    # Hard/permanent bounce, or the provider dropped/rejected the email.
-    BOUNCED = "bounced"
-    # Soft/transient bounce or delay: recorded, no status change.
-    DEFERRED = "deferred"
-    COMPLAINED = "complained"
-
-
-class Applied(StrEnum):
-    """What applying one event did (the webhook answers 200 for each)."""
-
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"  # (provider, provider_event_id) was stored before: a no-op
-    UNMATCHED = "unmatched"  # stored with delivery_id NULL
-
-
-@dataclass(frozen=True)
-class ProviderEvent:
-    """One normalised provider event. Never holds a clicked link, a body or an envelope."""
-
-    provider: str
-    # Unique per provider; where the provider gives none, a stable digest of the event.
-    provider_event_id: str
-    event_type: EventType
-    occurred_at: datetime  # timezone-aware
-    recipient: str | None
-    # Matching keys, tried in this order (contract section 6).
-    delivery_id: str | None  # what the worker attached for this provider (SMTP_PROVIDER)
-    message_id: str | None  # the email's Message-ID as the worker wrote it: "<local@domain>"
-    relay_message_id: str | None  # the provider's own id for the message
-    bounce_type: str | None = None  # "hard"/"soft" plus the provider's own words in detail
-    # Only what support needs: bounce type/sub-type, diagnostic code, the provider's
-    # message id, user-agent class. Stored as email.provider_events.detail.
-    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Postmark webhooks (contract section 6).
+"""Postmark webhooks (docs/webhooks.md).
 
 Authenticity: Postmark signs nothing; the webhook URL carries HTTP Basic credentials
   (https://postmarkapp.com/developer/webhooks/webhooks-overview, "Protecting your webhook").
@@ -23,16 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.core.settings import SettingsError
 from worker.providers import common
-from worker.providers.model import (
-    MAX_BODY_BYTES,
-    Batch,
-    EventType,
-    ProviderEvent,
-    Refused,
-    WebhookRequest,
-)
-from worker.settings import SettingsError
+from worker.providers.model import MAX_BODY_BYTES, Batch, Refused, WebhookRequest
+from worker.store.tracking import EventType, ProviderEvent
 
 PROVIDER = "postmark"
 USERNAME_SETTING = "POSTMARK_WEBHOOK_USERNAME"

@@ -4,8 +4,9 @@ Each adapter module has `from_env(setting) -> Adapter | None`: None when its set
 absent (the route answers 404), `SettingsError` when one is malformed (the instance stops
 with one line); a provider in `ONE_USE_SIGNATURES` takes the instance's used-token ledger too.
 `setting(NAME)` is `NAME` itself or the Secret Manager version named by
-`NAME_SECRET` (contract sections 4 and 6). Modules are imported here, on the webhook path
-only, so the delivery function never loads their crypto.
+`NAME_SECRET`. Which providers there are is the table of worker/core/providers.py; their
+modules are imported here, on the webhook path only, so the delivery function never loads
+their crypto.
 """
 
 from __future__ import annotations
@@ -15,24 +16,19 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from worker.core.providers import PROVIDERS
+from worker.core.settings import secret_or_env
 from worker.providers.common import Setting
 from worker.providers.model import Adapter
-from worker.settings import secret_or_env
 
 if TYPE_CHECKING:
     from worker.providers.mailgun import TokenLedger
 
-# The last path segment -> the module that serves it.
-MODULES: Mapping[str, str] = {
-    "sendgrid": "worker.providers.sendgrid",
-    "mailgun": "worker.providers.mailgun",
-    "postmark": "worker.providers.postmark",
-    "resend": "worker.providers.resend",
-    "ses": "worker.providers.ses",
-}
+# The last path segment -> the module that serves it: `worker/providers/<name>.py`.
+MODULES: Mapping[str, str] = {p.name: f"{__package__}.{p.name}" for p in PROVIDERS}
 # Providers whose signature does not cover the event, so that each signature may be used only
 # once: their `from_env` also takes where used tokens are remembered.
-ONE_USE_SIGNATURES = frozenset({"mailgun"})
+ONE_USE_SIGNATURES = frozenset(p.name for p in PROVIDERS if p.one_use_signature)
 
 
 def setting_reader(env: Mapping[str, str] = os.environ) -> Setting:

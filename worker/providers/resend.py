@@ -1,4 +1,4 @@
-"""Resend webhooks, delivered through Svix (contract section 6).
+"""Resend webhooks, delivered through Svix (docs/webhooks.md).
 
 Signature: https://resend.com/docs/dashboard/webhooks/verify-webhooks-requests and
   https://docs.svix.com/receiving/verifying-payloads/how-manual: headers `svix-id`,
@@ -26,16 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.core.settings import SettingsError
 from worker.providers import common
-from worker.providers.model import (
-    MAX_BODY_BYTES,
-    Batch,
-    EventType,
-    ProviderEvent,
-    Refused,
-    WebhookRequest,
-)
-from worker.settings import SettingsError
+from worker.providers.model import MAX_BODY_BYTES, Batch, Refused, WebhookRequest
+from worker.store.tracking import EventType, ProviderEvent
 
 PROVIDER = "resend"
 SECRET_SETTING = "RESEND_WEBHOOK_SECRET"

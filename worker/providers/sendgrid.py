@@ -1,4 +1,4 @@
-"""SendGrid's Event Webhook (contract section 6).
+"""SendGrid's Event Webhook (docs/webhooks.md).
 
 Signature: https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/getting-started-event-webhook-security-features
   ECDSA P-256 with SHA-256 over `timestamp + raw body`, base64 in
@@ -24,17 +24,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from worker.core.settings import SettingsError
 from worker.providers import common
-from worker.providers.model import (
-    MAX_BODY_BYTES,
-    Batch,
-    EventType,
-    Malformed,
-    ProviderEvent,
-    Refused,
-    WebhookRequest,
-)
-from worker.settings import SettingsError
+from worker.providers.model import MAX_BODY_BYTES, Batch, Malformed, Refused, WebhookRequest
+from worker.store.tracking import EventType, ProviderEvent
 
 PROVIDER = "sendgrid"
 KEY_SETTING = "SENDGRID_WEBHOOK_PUBLIC_KEY"

@@ -1,4 +1,4 @@
-"""Amazon SES events carried by Amazon SNS (contract section 6, route `…/ses`).
+"""Amazon SES events carried by Amazon SNS (docs/webhooks.md, route `…/ses`).
 
 Both SES formats arrive as the `Message` of an SNS Notification:
 - event publishing through a configuration set (`eventType`), documented at
@@ -29,13 +29,13 @@ from typing import Any
 
 from worker.providers import common
 from worker.providers.common import iso_time
-from worker.providers.model import Batch, EventType, Malformed, ProviderEvent, WebhookRequest
+from worker.providers.model import Batch, Malformed, WebhookRequest
 from worker.providers.sns import MAX_ENVELOPE_BYTES, MessageType, SnsMessage, SnsVerifier
+from worker.store.tracking import EventType, ProviderEvent
 
 PROVIDER = "ses"
 DELIVERY_ID_TAG = "delivery_id"  # the worker sends `X-SES-MESSAGE-TAGS: delivery_id=<id>`
 
-_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 # RFC 5322's line length; no NUL and no lone surrogate (PostgreSQL stores neither).
 _MESSAGE_ID = re.compile(r"<?([^<>\s\x00\ud800-\udfff]{1,994})>?")
 
@@ -200,7 +200,7 @@ def _delivery_delay(record: Mapping[str, Any], mail: _Mail) -> _Handled:
 
 def _reject(record: Mapping[str, Any], mail: _Mail) -> _Handled:
     """SES refused to send (it found a virus): the provider dropped the email, which the
-    contract counts as `bounced`. The record has no timestamp of its own."""
+    service counts as `bounced` (docs/webhooks.md). The record has no timestamp of its own."""
     section = _object(record, "reject", "reject")
     detail = _texts(section, {"diagnostic": "reason"})
     if not mail.destination:
@@ -297,9 +297,7 @@ def _delivery_id(tags: object, headers: Mapping[str, str]) -> str | None:
             if equals and name.strip() == DELIVERY_ID_TAG:
                 candidate = value.strip()
                 break
-    if isinstance(candidate, str) and _DELIVERY_ID.fullmatch(candidate):
-        return candidate
-    return None
+    return common.delivery_id(candidate)
 
 
 def _message_id(value: str | None) -> str | None:

@@ -1,4 +1,4 @@
-"""Amazon SNS message authenticity for HTTPS subscriptions (contract section 6), generic:
+"""Amazon SNS message authenticity for HTTPS subscriptions (docs/webhooks.md), generic:
 the SES adapter builds on it, and any other SNS-carried provider could.
 
 What is checked, in this order (cheap and offline first, so a forged request never makes
@@ -52,8 +52,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from worker.core.settings import SettingsError
 from worker.providers.model import Refused
-from worker.settings import SettingsError
 
 DEFAULT_CERT_HOSTS = "sns.*.amazonaws.com"
 FETCH_TIMEOUT_SECONDS = 5.0
@@ -296,7 +296,7 @@ class SnsVerifier:
             raise Refused(403, "SNS signature is not base64") from None
         if message_type is MessageType.SUBSCRIPTION_CONFIRMATION:
             # Checked here, not only when visiting it: a confirmation that names a foreign
-            # host is refused by `authenticate` already (contract section 6).
+            # host is refused by `authenticate` already (docs/webhooks.md).
             self._allowed_url(fields["SubscribeURL"], "SubscribeURL")
         certificate = self._certificate(fields["SigningCertURL"])
         public_key = certificate.public_key()

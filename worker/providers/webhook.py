@@ -1,4 +1,4 @@
-"""The provider webhook: request -> adapter -> events -> ledger -> answer (contract section 6).
+"""The provider webhook: request -> adapter -> events -> ledger -> answer (docs/webhooks.md).
 
 Decide-then-act: the adapter decides (authentic? which events?), `Tracking.apply` acts, one
 transaction per event. Answers:
@@ -17,9 +17,7 @@ header value or a secret.
 
 from __future__ import annotations
 
-import os
 import re
-import threading
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,19 +25,15 @@ from typing import Any, Protocol
 
 import psycopg
 import psycopg_pool
+from psycopg_pool import ConnectionPool
 
-from worker.logging import get_logger
-from worker.providers.model import (
-    MAX_BODY_BYTES,
-    Adapter,
-    Applied,
-    Malformed,
-    ProviderEvent,
-    Refused,
-    WebhookRequest,
-)
+from worker.core.instance import Instance, Lazy
+from worker.core.logging import get_logger
+from worker.core.settings import database_settings
+from worker.providers.model import MAX_BODY_BYTES, Adapter, Malformed, Refused, WebhookRequest
 from worker.providers.registry import build_adapters, setting_reader
-from worker.settings import DatabaseSettings, database_settings
+from worker.store.db import open_pool
+from worker.store.tracking import Applied, ProviderEvent, Tracking, WebhookTokens
 
 log = get_logger()
 # The database refuses this event's values (a CHECK, a NUL, text that is not UTF-8): a retry
@@ -153,45 +147,25 @@ def _answer(status: int, reason: str, provider: str) -> Answer:
 @dataclass(frozen=True)
 class Config:
     adapters: Mapping[str, Adapter]
-    database: DatabaseSettings
+    pool: Lazy[ConnectionPool]
 
 
-_config: Config | None = None
-_webhook: Webhook | None = None
-_lock = threading.Lock()
+def parse(env: Mapping[str, str]) -> Config:
+    """The webhook's settings and adapters (raises `SettingsError`); opens no connection."""
+    database = database_settings(env)
+    pool = Lazy(lambda: open_pool(database, "email-webhook"))
+    # Used signature tokens are remembered in the database, so every instance refuses a
+    # replay; the pool is the instance's one, opened on first use.
+    tokens = WebhookTokens(pool.get)
+    return Config(adapters=build_adapters(setting_reader(env), tokens=tokens), pool=pool)
 
 
-def configure(env: Mapping[str, str] = os.environ) -> Config:
-    """Parse the webhook's settings (raises `SettingsError`); opens no connection."""
-    global _config
-    if _config is None:
-        from worker.db import shared_pool
-        from worker.tracking import WebhookTokens
-
-        database = database_settings(env)
-        # Used signature tokens are remembered in the database, so every instance refuses a
-        # replay; the pool is the instance's one, opened on first use.
-        tokens = WebhookTokens(lambda: shared_pool(database))
-        _config = Config(
-            adapters=build_adapters(setting_reader(env), tokens=tokens), database=database
-        )
-    return _config
+def build(config: Config) -> Webhook:
+    return Webhook(config.adapters, Tracking(config.pool.get()))
 
 
-def instance() -> Webhook:
-    global _webhook
-    if _webhook is None:
-        with _lock:
-            if _webhook is None:
-                import importlib
-
-                from worker.db import shared_pool
-
-                # worker/tracking.py lands from the schema branch (h3); plain import after merge.
-                tracking: Any = importlib.import_module("worker.tracking")
-                config = configure()
-                _webhook = Webhook(config.adapters, tracking.Tracking(shared_pool(config.database)))
-    return _webhook
+# The webhook target's settings, parsed at import, and its webhook, made on first use.
+INSTANCE: Instance[Config, Webhook] = Instance(parse, build)
 
 
 def request_from(

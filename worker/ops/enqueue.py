@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker import events
-from worker import pubsub as worker_pubsub
-from worker.settings import PubSubSettings, SettingsError
+from worker.core import pubsub as worker_pubsub
+from worker.core.settings import PubSubSettings, SettingsError
+from worker.delivery import events
 
 
 @dataclass(frozen=True)

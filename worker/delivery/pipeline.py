@@ -4,7 +4,7 @@ The order is what makes "one email per delivery_id" hold:
   1. the claim is durable in PostgreSQL before anything is sent (no claim, no email);
   2. the email is sent with the claim held (a lease, fenced by a claim token), and every SMTP
      attempt can end inside that lease (`settings.send_window`);
-  3. what happened is turned into an `Outcome` by a pure function (worker/outcomes.py), and
+  3. what happened is turned into an `Outcome` by a pure function (worker/delivery/outcomes.py), and
      `finish` carries it out: the dead letter published and confirmed before the ledger says
      so, one guarded ledger write (retried through dropped connections by the ledger), one
      log line, and the answer to Pub/Sub: return (ack) or raise `RetryLater` (redeliver).
@@ -12,22 +12,22 @@ The order is what makes "one email per delivery_id" hold:
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from worker import events, relay, smtp
-from worker.db import shared_pool
-from worker.deadletter import DeadLetterPublisher, dead_letter_attributes
-from worker.ledger import Claim, Code, Failure, Ledger, Reason, Skipped, Unclaimed
-from worker.logging import bind, bind_event, clear_event, get_logger
-from worker.outcomes import Ending, Facts, Outcome, decide, send_tries
-from worker.pubsub import PublishError
-from worker.redact import mask_email, sanitise
-from worker.rendering import Renderer, TemplateError
-from worker.settings import Settings, load_settings, send_window
+from worker.core.instance import Instance
+from worker.core.logging import bind, bind_event, clear_event, get_logger
+from worker.core.pubsub import PublishError
+from worker.core.redact import mask_email, sanitise
+from worker.delivery import events, relay, smtp
+from worker.delivery.config import Settings, load_settings, send_window
+from worker.delivery.deadletter import DeadLetterPublisher, dead_letter_attributes
+from worker.delivery.outcomes import Ending, Facts, Outcome, decide, send_tries
+from worker.delivery.rendering import Renderer, TemplateError
+from worker.store.db import open_pool
+from worker.store.ledger import Claim, Code, Failure, Ledger, Reason, Skipped, Unclaimed
 
 log = get_logger()
 
@@ -48,36 +48,18 @@ class Worker:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
+        """The instance's worker: its pool opens in the background, SMTP on first send."""
         return cls(
             settings=settings,
-            ledger=Ledger(shared_pool(settings.database)),
+            ledger=Ledger(open_pool(settings.database)),
             sender=smtp.SmtpSender(settings.smtp),
             renderer=Renderer(),
             dead_letters=DeadLetterPublisher(settings.pubsub),
         )
 
 
-_settings: Settings | None = None
-_worker: Worker | None = None
-_lock = threading.Lock()
-
-
-def configure() -> Settings:
-    """Parse the settings (raises `SettingsError`); opens no connection."""
-    global _settings
-    if _settings is None:
-        _settings = load_settings()
-    return _settings
-
-
-def instance() -> Worker:
-    """The instance's worker, made on first use: the pool and SMTP connect lazily."""
-    global _worker
-    if _worker is None:
-        with _lock:
-            if _worker is None:
-                _worker = Worker.from_settings(configure())
-    return _worker
+# The delivery target's settings, parsed at import, and its worker, made on first use.
+INSTANCE: Instance[Settings, Worker] = Instance(load_settings, Worker.from_settings)
 
 
 @dataclass(frozen=True)
@@ -103,7 +85,7 @@ class Subject:
 
 def handle(cloud_event: Any, worker: Worker | None = None) -> None:
     """The function body: returns when the event is finished, raises `RetryLater` if not."""
-    worker = worker or instance()
+    worker = worker or INSTANCE.get()
     try:
         try:
             event = events.decode(cloud_event)

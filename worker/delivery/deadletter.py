@@ -1,21 +1,21 @@
-"""Dead-letter messages (contract section 2): the original bytes plus fixed attributes.
+"""Dead-letter messages (docs/reference.md): the original bytes plus fixed attributes.
 
 A dead-letter message carries the event's original `data` bytes unchanged and these string
 attributes: `delivery_id` and `workflow` (only when known), `reason`, `error_code`,
 `error_message` (sanitised, at most 500 characters), `attempts`, `source_message_id`.
 `DeadLetterPublisher.publish` returns only once Pub/Sub has confirmed the message, so a
 ledger row is marked `failed`/`dead_letter` only after that. The function's worker holds one
-publisher (worker/pipeline.py), like its ledger and SMTP sender.
+publisher (worker/delivery/pipeline.py), like its ledger and SMTP sender.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from worker import pubsub
-from worker.ledger import DEAD_LETTER_REASONS, Reason
-from worker.redact import MAX_ERROR_MESSAGE, sanitise
-from worker.settings import PubSubSettings
+from worker.core import pubsub
+from worker.core.redact import MAX_ERROR_MESSAGE, sanitise
+from worker.core.settings import PubSubSettings
+from worker.store.ledger import DEAD_LETTER_REASONS, Reason
 
 __all__ = [
     "MAX_ERROR_MESSAGE_LENGTH",

@@ -23,7 +23,7 @@ the operator fixed the cause. Only an earlier copy of a dead letter for a delive
 replayed is acked as a duplicate.
 
 Any message Pub/Sub accepts (10 MB) can be pulled: the client's channel takes 20 MiB
-(worker/pubsub.py). A pull response too large for it (several big messages at once) makes the
+(worker/core/pubsub.py). A pull response too large for it (several big messages at once) makes the
 run pull one message at a time; the messages in it were leased to that lost response, so the
 run waits out the subscription's ack deadline for them to come back. One message too large
 even alone is counted (`too_large`) and the run goes on with the rest.
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from worker import events
-from worker import pubsub as worker_pubsub
-from worker.ledger import Ledger, Reason, Status
-from worker.settings import PubSubSettings, SettingsError
+from worker.core import pubsub as worker_pubsub
+from worker.core.settings import PubSubSettings, SettingsError
+from worker.delivery import events
+from worker.store.ledger import Ledger, Reason, Status
 
 __all__ = [
     "POLICY_REASON",

@@ -2,9 +2,9 @@
 
 `decide()` looks only at what happened to one event (was it valid, did the claim succeed or
 which row stopped it, did the template render, what did the SMTP sends report, how much of
-the attempt budget is left) and returns an `Outcome`. It does no I/O, so the contract's
+the attempt budget is left) and returns an `Outcome`. It does no I/O, so the documented
 outcome table (section 2) is tested as a table against it (tests/test_outcomes.py).
-`worker.pipeline.finish` is the one place that carries an outcome out: the dead letter first,
+`pipeline.finish` is the one place that carries an outcome out: the dead letter first,
 then the ledger write, the log line, and the answer to Pub/Sub (return, or `RetryLater`).
 
 Each `Ending` has one rule (`RULES`): the ledger status it writes, whether it publishes a dead
@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from worker.ledger import Code, Failure, Reason, Skipped, Status
+from worker.store.ledger import Code, Failure, Reason, Skipped, Status
 
 if TYPE_CHECKING:
-    from worker.settings import RetrySettings
-    from worker.smtp import SendResult
+    from worker.delivery.config import RetrySettings
+    from worker.delivery.smtp import SendResult
 
 
 class Ending(StrEnum):

@@ -27,9 +27,9 @@ import tenacity
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-from worker.redact import sanitise
-from worker.relay import relay_message_id
-from worker.settings import SmtpSettings
+from worker.core.redact import sanitise
+from worker.delivery.config import SmtpSettings
+from worker.delivery.relay import relay_message_id
 
 __all__ = [
     "OutgoingEmail",
@@ -75,7 +75,7 @@ class OutgoingEmail:
 
     def with_headers(self, headers: Sequence[tuple[str, str]]) -> OutgoingEmail:
         """The same email with `headers` (ASCII, one line each) added to its header block:
-        what a provider echoes back in its webhooks (worker/relay.py)."""
+        what a provider echoes back in its webhooks (worker/delivery/relay.py)."""
         if not headers:
             return self
         lines = b"".join(f"{name}: {value}\r\n".encode("ascii") for name, value in headers)
@@ -330,7 +330,7 @@ class _Connection(smtplib.SMTP):
             raise smtplib.SMTPDataError(code, text)
 
 
-# Characters that a bare addr-spec (what the worker sends to: `events.is_address`, EMAIL_FROM's
+# Characters that a bare addr-spec (what the worker sends to: `rules.is_address`, EMAIL_FROM's
 # address) never holds: anything else goes through smtplib's parser.
 _NOT_BARE = frozenset('<>"() ,;:\\[]\t\r\n')
 
@@ -404,7 +404,7 @@ class SmtpSender:
 
     def send(self, message: OutgoingEmail) -> str | None:
         """Deliver one message or raise `SmtpError`; returns the relay's own id for it when
-        its `250` reply names one (`relay_message_id`, contract section 2)."""
+        its `250` reply names one (`relay_message_id`, docs/reference.md)."""
         connection = self._take_idle()
         if connection is not None:
             try:

@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from worker.redact import mask_links_and_addresses
-from worker.settings import SettingsError, log_level
+from worker.core.redact import mask_links_and_addresses
+from worker.core.settings import SettingsError, log_level
 
 SENSITIVE_KEYS = frozenset(
     {

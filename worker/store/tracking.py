@@ -1,4 +1,4 @@
-"""What became of each email after the relay accepted it (contract section 6).
+"""What became of each email after the relay accepted it: provider events, stored and applied.
 
 `Tracking.apply` stores one normalised provider event and applies it in one transaction:
 `email.apply_provider_event()` (migration 002, revised in 008) matches the delivery (its
@@ -8,6 +8,10 @@ had is stored as the receipt time and flagged in `detail`) and suppresses the re
 bounce or complaint. The order itself is enforced by a trigger, for every writer; `allowed`
 below mirrors it for Python readers and is checked against the database by the tests.
 
+`EventType`, `Applied` and `ProviderEvent` are the vocabulary shared with SQL: `EventType`
+values are `email.provider_events.event_type`, and all but `deferred` are also
+`email.provider_status` values. The provider adapters (worker/providers/) produce them.
+
 `WebhookTokens` remembers the signature tokens of providers whose signature does not cover
 the event (Mailgun), so that a captured signature cannot carry a second event.
 """
@@ -15,20 +19,59 @@ the event (Mailgun), so that a captured signature cannot carry a second event.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from functools import cache
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from worker.db import SQL_DIR, queries
-from worker.providers.model import Applied, ProviderEvent, Refused
+from worker.store.db import UNREACHABLE, Store, query
+
+
+class Unreachable(Exception):
+    """The database could not be asked; the caller answers "retry later"."""
+
+
+class EventType(StrEnum):
+    DELIVERED = "delivered"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    # Hard/permanent bounce, or the provider dropped/rejected the email.
+    BOUNCED = "bounced"
+    # Soft/transient bounce or delay: recorded, no status change.
+    DEFERRED = "deferred"
+    COMPLAINED = "complained"
+
+
+class Applied(StrEnum):
+    """What applying one event did (the webhook answers 200 for each)."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # (provider, provider_event_id) was stored before: a no-op
+    UNMATCHED = "unmatched"  # stored with delivery_id NULL
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """One normalised provider event. Never holds a clicked link, a body or an envelope."""
+
+    provider: str
+    # Unique per provider; where the provider gives none, a stable digest of the event.
+    provider_event_id: str
+    event_type: EventType
+    occurred_at: datetime  # timezone-aware
+    recipient: str | None
+    # Matching keys, tried in this order (docs/webhooks.md).
+    delivery_id: str | None  # what the worker attached for this provider (SMTP_PROVIDER)
+    message_id: str | None  # the email's Message-ID as the worker wrote it: "<local@domain>"
+    relay_message_id: str | None  # the provider's own id for the message
+    bounce_type: str | None = None  # "hard"/"soft" plus the provider's own words in detail
+    # Only what support needs: bounce type/sub-type, diagnostic code, the provider's
+    # message id, user-agent class. Stored as email.provider_events.detail.
+    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ProviderStatus(StrEnum):
@@ -75,18 +118,8 @@ class StoredEvent:
     detail: dict[str, Any]
 
 
-@cache
-def _queries() -> dict[str, str]:
-    return queries(SQL_DIR / "tracking.sql")
-
-
-def query(name: str) -> str:
-    return _queries()[name]
-
-
-class Tracking:
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+class Tracking(Store):
+    """Provider events: applied one per transaction, and read back for `status`."""
 
     def apply(self, event: ProviderEvent) -> Applied:
         """Store and apply one event. Raises psycopg.OperationalError or PoolTimeout when the
@@ -103,15 +136,11 @@ class Tracking:
             "bounce_type": event.bounce_type,
             "detail": Jsonb(dict(event.detail)),
         }
-        with self.pool.connection() as conn:
-            row = conn.execute(query("apply_provider_event"), params).fetchone()
-        assert row is not None  # a function call always returns a row
-        return Applied(row[0])
+        return Applied(self._row("apply_provider_event", **params)["applied"])
 
     def events(self, delivery_id: str) -> list[StoredEvent]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query("provider_events_for_delivery"), {"delivery_id": delivery_id})
-            return [StoredEvent(**row) for row in cur.fetchall()]
+        rows = self._all("provider_events_for_delivery", delivery_id=delivery_id)
+        return [StoredEvent(**row) for row in rows]
 
 
 class WebhookTokens:
@@ -134,7 +163,7 @@ class WebhookTokens:
         try:
             with self._pool().connection() as conn:
                 row = conn.execute(query("claim_webhook_token"), params).fetchone()
-        except (psycopg.OperationalError, PoolTimeout):
-            # Unknown is not "first use": the provider retries a 503.
-            raise Refused(503, "database unavailable, retry later") from None
+        except UNREACHABLE:
+            # Unknown is not "first use": the caller answers so that the provider retries.
+            raise Unreachable("database unavailable, retry later") from None
         return row is not None

@@ -1,4 +1,4 @@
-"""Subject, text and HTML for a `DeliveryEvent`, from `worker/templates/<workflow>/<locale>/`.
+"""Subject, text and HTML for a `DeliveryEvent`, from `templates/<workflow>/<locale>/` beside it.
 
 Each locale folder holds `subject.txt`, `body.txt` and `body.html`. The locale used is the
 first folder that exists among the event's exact tag (`pt-BR`), its language (`pt`) and `en`;
@@ -22,8 +22,8 @@ from typing import Any
 
 import jinja2
 
-from worker.events import DEFAULT_LOCALE, DeliveryEvent
-from worker.workflows import WORKFLOWS, expiry_date
+from worker.delivery.events import DEFAULT_LOCALE, DeliveryEvent
+from worker.delivery.workflows import WORKFLOWS, expiry_date
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 FILES = ("subject.txt", "body.txt", "body.html")

@@ -1,5 +1,5 @@
 """What the worker tells the relay so provider events can be matched, and what it reads back
-(contract sections 2 and 6).
+(docs/reference.md and docs/webhooks.md).
 
 `SMTP_PROVIDER` names the email service behind `SMTP_HOST`; each echoes the delivery id back
 in its webhooks when it is attached its own way:

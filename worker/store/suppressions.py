@@ -1,7 +1,7 @@
-"""The suppression list (contract section 7): `python -m worker suppressions list|add|remove`,
+"""The suppression list (docs/operating.md): `python -m worker suppressions list|add|remove`,
 and the suppression state `history --recipient` shows.
 
-Entries come from provider events (a hard bounce or a complaint, `worker/tracking.py`) and
+Entries come from provider events (a hard bounce or a complaint, `worker/store/tracking.py`) and
 from operators (`add`, reason `manual` by default, optionally expiring). The worker checks the
 list inside its claim (`email.claim_delivery()`, migration 005): a live entry ends the
 delivery `skipped` with `SUPPRESSED`. Addresses are compared lower-cased everywhere.
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
 from typing import Any
 
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
-
-from worker.db import SQL_DIR, queries
-from worker.events import RECIPIENT_RULE, is_address
-from worker.ledger import SUPPRESSION_REASONS, Reason
+from worker.core.rules import RECIPIENT_RULE, is_address
+from worker.store.db import Store
+from worker.store.ledger import SUPPRESSION_REASONS, Reason
 
 __all__ = [
     "SUPPRESSION_REASONS",
@@ -69,17 +65,11 @@ class Listing:
     total: int  # entries that matched, before the limit
 
 
-@cache
-def _queries() -> dict[str, str]:
-    return queries(SQL_DIR / "suppressions.sql")
-
-
-class Suppressions:
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+class Suppressions(Store):
+    """The suppression list: read by the claim, fed by provider events and operators."""
 
     def listing(self, *, reason: Reason | None = None, limit: int = 100) -> Listing:
-        rows = self._fetch_all(
+        rows = self._all(
             "list_suppressions", reason=None if reason is None else reason.value, limit=limit
         )
         total = int(rows[0]["total"]) if rows else 0
@@ -87,7 +77,7 @@ class Suppressions:
 
     def get(self, address: str) -> Suppression | None:
         """The entry for `address` (any letter case), live or expired."""
-        rows = self._fetch_all("get_suppression", address=normalise(address))
+        rows = self._all("get_suppression", address=normalise(address))
         return Suppression.from_row(rows[0]) if rows else None
 
     def add(
@@ -98,7 +88,7 @@ class Suppressions:
         if reason not in SUPPRESSION_REASONS:
             raise ValueError(f"{reason!r} is not a suppression reason")
         key = normalise(address)
-        rows = self._fetch_all(
+        rows = self._all(
             "add_suppression_if_absent",
             address=key,
             reason=reason.value,
@@ -117,10 +107,5 @@ class Suppressions:
     def remove(self, address: str) -> Suppression | None:
         """Lift the suppression: the next delivery to the address is sent. None: there was
         none. Needs a role that may delete (the table's owner)."""
-        rows = self._fetch_all("remove_suppression", address=normalise(address))
+        rows = self._all("remove_suppression", address=normalise(address))
         return Suppression.from_row(rows[0]) if rows else None
-
-    def _fetch_all(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(_queries()[name], params)
-            return cur.fetchall()

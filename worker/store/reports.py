@@ -1,9 +1,9 @@
 """What operators read and clean up: `python -m worker status|history|stats|prune`.
 
-Logic only: worker/cli.py parses the arguments and formats what these return. Reads of one
-row go through `Ledger`; the aggregate and the batched delete are named queries of
-`sql/queries.sql` (section "operators' commands") run on the ledger's pool, each statement
-its own short transaction (the pool is in autocommit).
+Logic only: worker/ops/cli.py parses the arguments and formats what these return. Reads of
+one row go through `Ledger`; the aggregate and the batched delete are named queries (section
+"operators' commands" of `sql/queries.sql`, and `sql/tracking.sql`), each statement its own
+short transaction (the pool is in autocommit).
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from psycopg.rows import dict_row
-
-from worker import tracking
-from worker.db import query
-from worker.ledger import Code, Delivery, Ledger, Status, StatusChange
-from worker.tracking import StoredEvent, Tracking
+from worker.store.db import Store
+from worker.store.ledger import Code, Delivery, Ledger, Status, StatusChange
+from worker.store.tracking import StoredEvent, Tracking
 
 __all__ = [
     "DeliveryReport",
     "PruneResult",
+    "Reports",
     "WorkflowStats",
-    "delivery_report",
-    "history",
     "parse_duration",
-    "prune",
-    "stats",
 ]
 
 # Six digits keep timedelta far from overflowing; MAX_DURATION keeps `now() - interval`
@@ -63,19 +57,6 @@ class DeliveryReport:
     provider_events: list[StoredEvent]  # what providers reported, by occurred_at
 
 
-def delivery_report(ledger: Ledger, delivery_id: str) -> DeliveryReport | None:
-    delivery = ledger.get(delivery_id)
-    if delivery is None:
-        return None
-    tracked = Tracking(ledger.pool).events(delivery_id)
-    return DeliveryReport(delivery, ledger.events(delivery_id), tracked)
-
-
-def history(ledger: Ledger, recipient: str, *, limit: int) -> list[Delivery]:
-    """The recipient's deliveries (any letter case), most recently changed first."""
-    return ledger.for_recipient(recipient, limit=limit)
-
-
 # --- stats ----------------------------------------------------------------------------------
 
 
@@ -89,11 +70,11 @@ class WorkflowStats:
     mean_attempts: float | None  # over finished rows
     p50_seconds: float | None  # queued_at -> sent_at, over sent rows
     p95_seconds: float | None
-    # Sent rows by what the provider reported (contract section 6).
+    # Sent rows by what the provider reported (docs/webhooks.md).
     delivered: int = 0  # delivered, opened, clicked or complained about
     bounced: int = 0
     complained: int = 0
-    # Skipped rows by their code (contract section 7).
+    # Skipped rows by their code (docs/operating.md).
     skipped_by_code: dict[Code, int] = field(default_factory=dict)
 
     @property
@@ -168,18 +149,6 @@ class WorkflowStats:
         )
 
 
-def stats(ledger: Ledger, *, since: timedelta) -> list[WorkflowStats]:
-    """Per workflow, then the total; empty when nothing was queued in the window."""
-    rows = _fetch_all(
-        ledger,
-        "stats_by_workflow",
-        since_seconds=since.total_seconds(),
-        suppressed=Code.SUPPRESSED.value,
-        rate_limited=Code.RATE_LIMITED.value,
-    )
-    return [WorkflowStats.from_row(row) for row in rows]
-
-
 # --- prune ----------------------------------------------------------------------------------
 
 
@@ -192,61 +161,65 @@ class PruneResult:
     unmatched_events: int = 0  # provider events no delivery claimed (by received_at)
 
 
-def prune(
-    ledger: Ledger,
-    *,
-    older_than: timedelta,
-    batch_size: int,
-    dry_run: bool,
-) -> PruneResult:
-    """Delete finished deliveries (and, by cascade, their events and provider events) not
-    updated for `older_than`, then unmatched provider events received before it, `batch_size`
-    rows per transaction; with `dry_run`, only count them."""
-    seconds = older_than.total_seconds()
-    if dry_run:
-        row = _fetch_one(ledger, "count_prunable", older_than_seconds=seconds)
-        old = _fetch_tracking(ledger, "count_prunable_unmatched", older_than_seconds=seconds)
-        return PruneResult(int(row["deliveries"]), int(row["events"]), 0, True, int(old["n"]))
-    total = PruneResult(0, 0, 0, dry_run=False)
-    while True:
-        # Short transactions keep locks brief and let the worker run alongside a big prune.
-        row = _fetch_one(ledger, "prune_batch", older_than_seconds=seconds, batch_size=batch_size)
-        if row["deliveries"] == 0:
-            break
-        total = PruneResult(
-            total.deliveries + int(row["deliveries"]),
-            total.events + int(row["events"]),
-            total.batches + 1,
-            dry_run=False,
+class Reports(Store):
+    """The operators' reads and clean-up, over the ledger's pool."""
+
+    def delivery_report(self, delivery_id: str) -> DeliveryReport | None:
+        ledger = Ledger(self.pool)
+        delivery = ledger.get(delivery_id)
+        if delivery is None:
+            return None
+        tracked = Tracking(self.pool).events(delivery_id)
+        return DeliveryReport(delivery, ledger.events(delivery_id), tracked)
+
+    def history(self, recipient: str, *, limit: int) -> list[Delivery]:
+        """The recipient's deliveries (any letter case), most recently changed first."""
+        return Ledger(self.pool).for_recipient(recipient, limit=limit)
+
+    def stats(self, *, since: timedelta) -> list[WorkflowStats]:
+        """Per workflow, then the total; empty when nothing was queued in the window."""
+        rows = self._all(
+            "stats_by_workflow",
+            since_seconds=since.total_seconds(),
+            suppressed=Code.SUPPRESSED.value,
+            rate_limited=Code.RATE_LIMITED.value,
         )
-    unmatched = 0
-    while True:
-        batch = _fetch_tracking(
-            ledger, "prune_unmatched_batch", older_than_seconds=seconds, batch_size=batch_size
-        )
-        if batch["n"] == 0:
-            return PruneResult(
-                total.deliveries, total.events, total.batches, False, unmatched_events=unmatched
+        return [WorkflowStats.from_row(row) for row in rows]
+
+    def prune(
+        self,
+        *,
+        older_than: timedelta,
+        batch_size: int,
+        dry_run: bool,
+    ) -> PruneResult:
+        """Delete finished deliveries (and, by cascade, their events and provider events) not
+        updated for `older_than`, then unmatched provider events received before it, `batch_size`
+        rows per transaction; with `dry_run`, only count them."""
+        seconds = older_than.total_seconds()
+        if dry_run:
+            row = self._row("count_prunable", older_than_seconds=seconds)
+            old = self._row("count_prunable_unmatched", older_than_seconds=seconds)
+            return PruneResult(int(row["deliveries"]), int(row["events"]), 0, True, int(old["n"]))
+        total = PruneResult(0, 0, 0, dry_run=False)
+        while True:
+            # Short transactions keep locks brief and let the worker run alongside a big prune.
+            row = self._row("prune_batch", older_than_seconds=seconds, batch_size=batch_size)
+            if row["deliveries"] == 0:
+                break
+            total = PruneResult(
+                total.deliveries + int(row["deliveries"]),
+                total.events + int(row["events"]),
+                total.batches + 1,
+                dry_run=False,
             )
-        unmatched += int(batch["n"])
-
-
-def _fetch_all(ledger: Ledger, name: str, **params: Any) -> list[dict[str, Any]]:
-    with ledger.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query(name), params)
-        return cur.fetchall()
-
-
-def _fetch_one(ledger: Ledger, name: str, **params: Any) -> dict[str, Any]:
-    """The one row an aggregate query always returns."""
-    [row] = _fetch_all(ledger, name, **params)
-    return row
-
-
-def _fetch_tracking(ledger: Ledger, name: str, **params: Any) -> dict[str, Any]:
-    """The one row of an aggregate query of sql/tracking.sql."""
-    with ledger.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(tracking.query(name), params)
-        row = cur.fetchone()
-    assert row is not None
-    return row
+        unmatched = 0
+        while True:
+            batch = self._row(
+                "prune_unmatched_batch", older_than_seconds=seconds, batch_size=batch_size
+            )
+            if batch["n"] == 0:
+                return PruneResult(
+                    total.deliveries, total.events, total.batches, False, unmatched_events=unmatched
+                )
+            unmatched += int(batch["n"])

@@ -1,5 +1,5 @@
-"""The console's reads: the named queries of `sql/console.sql` (and `stats_by_workflow` of
-`sql/queries.sql`, so the page shows exactly what `python -m worker stats` prints).
+"""The console's reads: the named queries of `sql/console.sql` (and the operators' `stats`,
+so the page shows exactly what `python -m worker stats` prints).
 
 Rows come back as plain dicts with the columns each query names; shaping them for JSON or
 HTML (masking, rates) is `worker.console.views`' job. Every method is one short read.
@@ -11,23 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from worker.store.db import Store
+from worker.store.reports import Reports, WorkflowStats
 
-from worker import reports
-from worker.db import SQL_DIR, queries
-from worker.ledger import Ledger
-
-CONSOLE_SQL = SQL_DIR / "console.sql"
 # The chart's outcomes, the columns of stats_timeline.
 OUTCOMES = ("sent", "failed", "skipped", "in_flight")
-
-
-def console_query(name: str) -> str:
-    try:
-        return queries(CONSOLE_SQL)[name]
-    except KeyError:
-        raise KeyError(f"no query named {name!r} in sql/console.sql") from None
 
 
 @dataclass(frozen=True)
@@ -59,13 +47,12 @@ class SuppressionSearch:
 
 @dataclass(frozen=True)
 class StatsResult:
-    workflows: list[reports.WorkflowStats]
+    workflows: list[WorkflowStats]
     timeline: list[dict[str, int]]  # `buckets` slices of the window, oldest first
 
 
-class ConsoleStore:
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+class ConsoleStore(Store):
+    """The console's reads, each one short SELECT (run as an `email_reader` login)."""
 
     # --- one delivery ---------------------------------------------------------------------
 
@@ -115,7 +102,7 @@ class ConsoleStore:
 
     def stats(self, since: timedelta, *, buckets: int) -> StatsResult:
         seconds = since.total_seconds()
-        workflows = reports.stats(Ledger(self.pool), since=since)
+        workflows = Reports(self.pool).stats(since=since)
         slices = self._all(
             "stats_timeline",
             since_seconds=seconds,
@@ -126,15 +113,3 @@ class ConsoleStore:
         for row in slices:
             timeline[row["bucket"]] = {key: int(row[key]) for key in OUTCOMES}
         return StatsResult(workflows, timeline)
-
-    # --- plumbing -----------------------------------------------------------------------------
-
-    def _one(self, name: str, **params: Any) -> dict[str, Any] | None:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(console_query(name), params)
-            return cur.fetchone()
-
-    def _all(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(console_query(name), params)
-            return cur.fetchall()

@@ -1,4 +1,4 @@
-"""CloudEvent -> `PubSubMessage` -> `DeliveryEvent` (contract section 1). Pure: no I/O.
+"""CloudEvent -> `PubSubMessage` -> `DeliveryEvent` (docs/reference.md). Pure: no I/O.
 
 `read_message` unwraps the Pub/Sub envelope, `parse_delivery` checks the delivery fields and
 the workflow's template variables. Anything wrong raises `InvalidEvent`, never another
@@ -18,9 +18,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
-from worker.workflows import WORKFLOWS, Workflow
+from worker.core.rules import DELIVERY_ID_RULE, RECIPIENT_RULE, is_address, is_delivery_id
+from worker.core.tracing import trace_id
+from worker.delivery.workflows import WORKFLOWS, Workflow
 
 # A delivery event is a few hundred bytes; a larger one is an invalid event, dead-lettered
 # with its bytes unchanged (and `replay` does not put it back: it would fail again).
@@ -30,23 +32,7 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_DEPTH = 32
 DEFAULT_LOCALE = "en"
 
-_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}", re.ASCII)
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}", re.ASCII)
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-# TRACE_ID/SPAN_ID;o=OPTIONS, the span and options optional (Cloud Trace's legacy header).
-_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/[0-9]{1,20})?(?:;o=[0-9]+)?")
-# addr-spec with a dot-atom local part: no quoted strings, comments, domain literals or
-# display names, so the value cannot smuggle a second address or a header into SMTP.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL_PART = re.compile(rf"{_ATEXT}(\.{_ATEXT})*", re.ASCII)
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+|localhost", re.ASCII | re.IGNORECASE)
-
-RECIPIENT_RULE = (
-    "must be one address (addr-spec), at most 254 characters, no display name: "
-    "a dot-atom local part of at most 64 characters, one '@', and a domain name with a dot "
-    "(or localhost); no spaces, quotes, commas, angle brackets or line breaks"
-)
 
 
 @dataclass(frozen=True)
@@ -109,7 +95,7 @@ def read_message(cloud_event: Any) -> PubSubMessage:
     """
     envelope = getattr(cloud_event, "data", None)
     event_id = _str_or_none(_ce_attribute(cloud_event, "id")) or ""
-    trace = _trace_id(_ce_attribute(cloud_event, "traceparent"))
+    trace = trace_id(_ce_attribute(cloud_event, "traceparent"))
     if not isinstance(envelope, Mapping) or not isinstance(envelope.get("message"), Mapping):
         raw = _raw_bytes(envelope) if not isinstance(envelope, Mapping) else b""
         stub = PubSubMessage(data=raw, attributes={}, message_id=event_id, trace=trace)
@@ -156,38 +142,6 @@ def _ce_attribute(cloud_event: Any, name: str) -> Any:
         return cloud_event.get(name)
     except (AttributeError, KeyError, TypeError):
         return None
-
-
-def _trace_id(traceparent: Any) -> str | None:
-    if not isinstance(traceparent, str):
-        return None
-    match = _TRACEPARENT.fullmatch(traceparent.strip())
-    # An all-zero trace id is invalid per W3C Trace Context.
-    if match is None or set(match.group(1)) == {"0"}:
-        return None
-    return match.group(1)
-
-
-class Headers(Protocol):
-    """Request headers looked up by name (werkzeug's `Headers`, a dict)."""
-
-    def get(self, key: str, /) -> str | None: ...
-
-
-def trace_from_headers(headers: Headers) -> str | None:
-    """The trace id of the HTTP request that carried the event, when the CloudEvent has none:
-    W3C `traceparent` first, then Google's `X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=1`
-    (Cloud Run adds one or both to every request it forwards)."""
-    trace = _trace_id(headers.get("traceparent"))
-    if trace is not None:
-        return trace
-    cloud = headers.get("X-Cloud-Trace-Context")
-    if not isinstance(cloud, str):
-        return None
-    match = _CLOUD_TRACE.fullmatch(cloud.strip())
-    if match is None or set(match.group(1)) == {"0"}:
-        return None
-    return match.group(1).lower()
 
 
 def _attributes(value: Any) -> dict[str, str]:
@@ -237,11 +191,11 @@ class _Context:
 
 
 def parse_delivery(message: PubSubMessage) -> DeliveryEvent:
-    """Check every rule of contract section 1 and return the event, or raise `InvalidEvent`."""
+    """Check every rule of docs/reference.md and return the event, or raise `InvalidEvent`."""
     doc = _load_json(message)
     ctx = _Context(message, _valid_delivery_id(doc), _valid_workflow(doc))
     if ctx.delivery_id is None:
-        raise ctx.error("delivery_id", "required: 1 to 200 characters from [A-Za-z0-9._:@-]")
+        raise ctx.error("delivery_id", f"required: {DELIVERY_ID_RULE}")
     if ctx.workflow is None:
         raise ctx.error("workflow", f"required: one of {', '.join(sorted(WORKFLOWS))}")
     recipient = _recipient(doc.get("recipient"), ctx)
@@ -293,9 +247,7 @@ def _finite_float(literal: str) -> float:
 
 def _valid_delivery_id(doc: Mapping[str, Any]) -> str | None:
     value = doc.get("delivery_id")
-    if isinstance(value, str) and _DELIVERY_ID.fullmatch(value):
-        return value
-    return None
+    return value if is_delivery_id(value) else None
 
 
 def _valid_workflow(doc: Mapping[str, Any]) -> str | None:
@@ -307,19 +259,6 @@ def _recipient(value: Any, ctx: _Context) -> str:
     if not isinstance(value, str) or not is_address(value):
         raise ctx.error("recipient", RECIPIENT_RULE)
     return value
-
-
-def is_address(value: str) -> bool:
-    """One strict addr-spec (see `RECIPIENT_RULE`)."""
-    if len(value) > 254 or value.count("@") != 1:
-        return False
-    local, domain = value.split("@")
-    return (
-        len(local) <= 64
-        and len(domain) <= 253
-        and _LOCAL_PART.fullmatch(local) is not None
-        and _DOMAIN.fullmatch(domain) is not None
-    )
 
 
 def _locale(value: Any, ctx: _Context) -> str:

@@ -1,7 +1,7 @@
 """Pub/Sub publishers, each creating its client on first use.
 
 A `Publisher` is held by whatever needs one: the function's worker holds its dead-letter
-publisher (worker/deadletter.py), and the commands share the module's default one through
+publisher (worker/delivery/deadletter.py), and the commands share the module's default one through
 `publish()`. `google.cloud.pubsub_v1` is imported only when a client is made, so importing
 this module (and `main`) stays cheap; only paths that actually publish pay for the library.
 The emulator is honoured by the library itself through `PUBSUB_EMULATOR_HOST`, read when the

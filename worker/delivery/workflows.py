@@ -1,12 +1,12 @@
-"""The workflow registry (contract section 1): which template variables each workflow needs.
+"""The workflow registry (docs/reference.md): which template variables each workflow needs.
 
 Adding a workflow takes two steps:
 
-1. a template folder `worker/templates/<name>/en/` holding `subject.txt`, `body.txt` and
+1. a template folder `worker/delivery/templates/<name>/en/` holding `subject.txt`, `body.txt` and
    `body.html` (more locales beside `en` as wanted), and
 2. one `Workflow` entry in `WORKFLOWS` below, listing its required and optional variables.
 
-`worker.events.parse_delivery` checks every required variable, and every optional one that is
+`events.parse_delivery` checks every required variable, and every optional one that is
 present and not null, with the `check` given here. A `rule` is shown to the publisher when a
 check fails, so it describes what is wanted and never contains a value.
 """

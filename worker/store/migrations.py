@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from worker.db import SQL_DIR
+from worker.store.db import SQL_DIR, query
 
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 # Any constant will do; this one spells "emailmig" and stays clear of other apps' locks.
@@ -32,28 +32,10 @@ LOCK_KEY = 0x656D61696C6D6967
 _FILE = re.compile(r"^(\d{3})_(\w+)\.up\.sql$")
 NO_TRANSACTION = "-- migrate: no-transaction"
 _STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
-# Indexes of the email schema left unusable by an interrupted concurrent build.
-_INVALID_INDEXES = """
-SELECT i.indexrelid::regclass::text AS index
-FROM pg_catalog.pg_index i
-JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-WHERE NOT i.indisvalid AND c.relnamespace = 'email'::regnamespace
-"""
 
 
 class MigrationError(Exception):
     """A migration cannot go on; the message says what to do."""
-
-
-BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS email;
-CREATE TABLE IF NOT EXISTS email.schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-REVOKE ALL ON email.schema_migrations FROM PUBLIC;
-"""
 
 
 @dataclass(frozen=True)
@@ -96,10 +78,10 @@ def _locked(conn: psycopg.Connection) -> Iterator[set[int]]:
     delay = 0.02
     while True:
         with conn.transaction():
-            row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).fetchone()
+            row = conn.execute(query("try_migration_lock"), {"key": LOCK_KEY}).fetchone()
             if row is not None and row[0]:
-                conn.execute(BOOTSTRAP)
-                rows = conn.execute("SELECT version FROM email.schema_migrations").fetchall()
+                conn.execute(query("create_migrations_table"))
+                rows = conn.execute(query("applied_migrations")).fetchall()
                 yield {version for (version,) in rows}
                 return
         time.sleep(delay)
@@ -135,7 +117,7 @@ def _statements(sql: str) -> list[str]:
 
 def _check_indexes(conn: psycopg.Connection) -> None:
     """Refuse an index an interrupted concurrent build left invalid (IF NOT EXISTS keeps it)."""
-    invalid = [name for (name,) in conn.execute(_INVALID_INDEXES).fetchall()]
+    invalid = [name for (name,) in conn.execute(query("invalid_indexes")).fetchall()]
     if invalid:
         raise MigrationError(
             f"index {invalid[0]} is invalid (an interrupted CREATE INDEX CONCURRENTLY): "
@@ -157,15 +139,8 @@ def _run(url: str, conn: psycopg.Connection, migration: Migration, path: Path, u
                 _check_indexes(worker)
         else:
             conn.execute(_sql(path))
-        if up:
-            conn.execute(
-                "INSERT INTO email.schema_migrations (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
-            )
-        else:
-            conn.execute(
-                "DELETE FROM email.schema_migrations WHERE version = %s", (migration.version,)
-            )
+        record = {"version": migration.version, "name": migration.name}
+        conn.execute(query("record_migration" if up else "forget_migration"), record)
     return True
 
 

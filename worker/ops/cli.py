@@ -1,8 +1,8 @@
 """The operators' command line: `python -m worker COMMAND` (`--help` on each command).
 
 Exit codes: 0 success, 1 failure (one clear line on stderr), 2 bad usage (argparse).
-This module parses arguments and formats output; the logic lives in worker/replay.py and
-worker/reports.py. Nothing here imports google.cloud.pubsub: only a replay or a publish does.
+This module parses arguments and formats output; the logic lives in worker/ops/replay.py and
+worker/store/reports.py. Nothing here imports google.cloud.pubsub: only a replay or a publish does.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ from typing import Any, TextIO
 
 import psycopg
 
-from worker import enqueue, events, migrations, replay, reports
-from worker.db import connection_kwargs, open_pool
-from worker.ledger import (
+from worker.core.pubsub import PublishError
+from worker.core.settings import (
+    PubSubSettings,
+    SettingsError,
+    database_settings,
+    pubsub_settings,
+)
+from worker.delivery import events
+from worker.ops import enqueue, replay
+from worker.store import migrations, reports
+from worker.store.db import connection_kwargs, open_pool
+from worker.store.ledger import (
     SKIP_CODES,
     SUPPRESSION_REASONS,
     Delivery,
@@ -30,14 +39,8 @@ from worker.ledger import (
     Status,
     StatusChange,
 )
-from worker.pubsub import PublishError
-from worker.settings import (
-    PubSubSettings,
-    SettingsError,
-    database_settings,
-    pubsub_settings,
-)
-from worker.suppressions import InvalidAddress, Suppression, Suppressions, normalise
+from worker.store.reports import Reports
+from worker.store.suppressions import InvalidAddress, Suppression, Suppressions, normalise
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -93,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """A delivery's ledger row, its status history and what providers reported about it
     (needs DATABASE_URL)."""
     with _ledger() as ledger:
-        report = reports.delivery_report(ledger, args.delivery_id)
+        report = Reports(ledger.pool).delivery_report(args.delivery_id)
     if report is None:
         raise CommandError(f"no delivery with id {args.delivery_id!r}")
     if args.json:
@@ -164,7 +167,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     except InvalidAddress as error:
         raise CommandError(str(error)) from None
     with _ledger() as ledger:
-        rows = reports.history(ledger, args.recipient, limit=args.limit)
+        rows = Reports(ledger.pool).history(args.recipient, limit=args.limit)
         suppression = Suppressions(ledger.pool).get(args.recipient)
     if args.json:
         _print_json(
@@ -195,7 +198,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     queued to sent (needs DATABASE_URL)."""
     since: _Duration = args.since
     with _ledger() as ledger:
-        rows = reports.stats(ledger, since=since.delta)
+        rows = Reports(ledger.pool).stats(since=since.delta)
     if args.json:
         _print_json(
             {
@@ -220,8 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     the table owner)."""
     older_than: _Duration = args.older_than
     with _ledger() as ledger:
-        result = reports.prune(
-            ledger, older_than=older_than.delta, batch_size=args.batch_size, dry_run=args.dry_run
+        result = Reports(ledger.pool).prune(
+            older_than=older_than.delta, batch_size=args.batch_size, dry_run=args.dry_run
         )
     scope = f"finished, last updated more than {older_than.text} ago"
     if result.dry_run:

@@ -17,15 +17,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Self
 
-import psycopg
-import psycopg_pool
 import tenacity
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
-from worker.db import query
-from worker.settings import RateLimit
+from worker.core.settings import RateLimit
+from worker.store.db import UNREACHABLE, Store
 
 
 class Status(StrEnum):
@@ -78,7 +74,7 @@ class Delivery(_Row):
     metadata: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
-    # What the provider reported after the send (migration 002, contract section 6).
+    # What the provider reported after the send (migration 002, docs/webhooks.md).
     provider_status: str | None
     delivered_at: datetime | None
     opened_at: datetime | None
@@ -117,7 +113,7 @@ class Reason(StrEnum):
     """Why a delivery is in its status: one vocabulary for `email.deliveries.status_reason`,
     the audit payload's `reason`, a dead letter's `reason` attribute and the logs.
 
-    The worker's outcomes (worker/outcomes.py) set the first five; the SQL statements that
+    The worker's outcomes (worker/delivery/outcomes.py) set the first five; the SQL statements that
     set the others get them as parameters from here, so no reason is spelled twice, except the
     skipped ones, which email.claim_delivery() writes itself (tests/test_claim.py checks that
     SQL and this enum agree).
@@ -133,7 +129,7 @@ class Reason(StrEnum):
     REPLAY = "replay"  # queued: an operator's replay gave it a fresh attempt budget
     # dead_letter: replay closed a row whose message Pub/Sub's dead-letter policy forwarded
     PUBSUB_DEAD_LETTER_POLICY = "pubsub_dead_letter_policy"
-    # skipped (contract section 7), set by the claim (email.claim_delivery(), migration 005):
+    # skipped (docs/operating.md), set by the claim (email.claim_delivery(), migration 005):
     # the suppression entry's reason (also the values of `email.suppressions.reason`)...
     HARD_BOUNCE = "hard_bounce"
     COMPLAINT = "complaint"
@@ -142,7 +138,7 @@ class Reason(StrEnum):
     RATE_LIMIT = "rate_limit"
 
 
-# The reasons a dead-letter message may carry (contract section 2).
+# The reasons a dead-letter message may carry (docs/reference.md).
 DEAD_LETTER_REASONS = frozenset(
     {Reason.RETRIES_EXHAUSTED, Reason.PERMANENT_FAILURE, Reason.INVALID_EVENT}
 )
@@ -154,13 +150,13 @@ SUPPRESSION_REASONS = (Reason.HARD_BOUNCE, Reason.COMPLAINT, Reason.MANUAL)
 
 class Code(StrEnum):
     """The `last_error_code`s the worker gives itself; SMTP failures bring their own
-    (`SMTP_550`, `TIMEOUT`, ... from worker/smtp.py). Here beside `Reason` because the claim
-    (SQL) writes the skipped ones; worker/outcomes.py re-exports it."""
+    (`SMTP_550`, `TIMEOUT`, ... from worker/delivery/smtp.py). Here beside `Reason` because the
+    claim (SQL) writes the skipped ones; worker/delivery/outcomes.py re-exports it."""
 
     INVALID_EVENT = "INVALID_EVENT"
     TEMPLATE_ERROR = "TEMPLATE_ERROR"
     ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
-    # skipped (contract section 2), written by email.claim_delivery():
+    # skipped (docs/reference.md), written by email.claim_delivery():
     SUPPRESSED = "SUPPRESSED"  # the recipient has a live suppression entry
     RATE_LIMITED = "RATE_LIMITED"  # the recipient's limit for the workflow is reached
 
@@ -209,9 +205,8 @@ class Failure:
     reason: Reason
 
 
-class Ledger:
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+class Ledger(Store):
+    """The deliveries and their audit trail: the worker's and the operators' transitions."""
 
     # --- the worker's transitions -------------------------------------------------
 
@@ -234,7 +229,7 @@ class Ledger:
         Not retried: nothing has been sent yet, so a failure raises and Pub/Sub redelivers
         (a claim committed just before its connection dropped is taken over after its lease).
         """
-        row = self._fetch_one(
+        row = self._one(
             "claim",
             delivery_id=delivery_id,
             workflow=workflow,
@@ -348,19 +343,19 @@ class Ledger:
     # --- reads -----------------------------------------------------------------------
 
     def get(self, delivery_id: str) -> Delivery | None:
-        row = self._fetch_one("get_delivery", delivery_id=delivery_id)
+        row = self._one("get_delivery", delivery_id=delivery_id)
         return None if row is None else Delivery.from_row(row)
 
     def events(self, delivery_id: str) -> list[StatusChange]:
-        rows = self._fetch_all("list_events", delivery_id=delivery_id)
+        rows = self._all("list_events", delivery_id=delivery_id)
         return [StatusChange.from_row(row) for row in rows]
 
     def for_recipient(self, recipient: str, *, limit: int = 50) -> list[Delivery]:
-        rows = self._fetch_all("deliveries_for_recipient", recipient=recipient, limit=limit)
+        rows = self._all("deliveries_for_recipient", recipient=recipient, limit=limit)
         return [Delivery.from_row(row) for row in rows]
 
     def stuck(self, *, idle_seconds: int = 3600, limit: int = 100) -> list[Delivery]:
-        rows = self._fetch_all("stuck_deliveries", idle_seconds=idle_seconds, limit=limit)
+        rows = self._all("stuck_deliveries", idle_seconds=idle_seconds, limit=limit)
         return [Delivery.from_row(row) for row in rows]
 
     # --- plumbing --------------------------------------------------------------------
@@ -384,33 +379,22 @@ class Ledger:
         committed), and it narrows the window in which an email has gone out but the ledger
         cannot say so.
         """
-        return _durably(lambda: self._fetch_one(name, **params) is not None)
-
-    def _fetch_one(self, name: str, **params: Any) -> dict[str, Any] | None:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query(name), params)
-            return cur.fetchone()
-
-    def _fetch_all(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query(name), params)
-            return cur.fetchall()
+        return _durably(lambda: self._one(name, **params) is not None)
 
     # --- operators' reads (python -m worker replay) -------------------------------------
 
     def lease_expired(self, delivery_id: str) -> bool:
         """In progress under a lease that has run out, by the database's clock."""
-        return self._fetch_one("lease_expired", delivery_id=delivery_id) is not None
+        return self._one("lease_expired", delivery_id=delivery_id) is not None
 
 
-_RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # After a first failure: three more tries, 0.25 s, then 0.5 s and 1 s apart (the first wait
 # is `_durably`'s own).
 _FIRST_WAIT_SECONDS = 0.25
 _RETRIES = tenacity.Retrying(
     stop=tenacity.stop_after_attempt(3),
     wait=tenacity.wait_exponential(multiplier=2 * _FIRST_WAIT_SECONDS, max=2),
-    retry=tenacity.retry_if_exception_type(_RETRYABLE),
+    retry=tenacity.retry_if_exception_type(UNREACHABLE),
     reraise=True,
 )
 
@@ -424,6 +408,6 @@ def _durably(statement: Callable[[], bool]) -> bool:
     """
     try:
         return statement()
-    except _RETRYABLE:
+    except UNREACHABLE:
         time.sleep(_FIRST_WAIT_SECONDS)
     return _RETRIES(statement)

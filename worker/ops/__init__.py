@@ -1,0 +1,1 @@
+"""The operators' side: `python -m worker …` (cli), dead-letter replay and publishing."""
