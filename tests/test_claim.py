@@ -1,5 +1,6 @@
 """The claim as one decision in the database (migrations 004 and 005; docs/reference.md and
-docs/operating.md): claim, or end the row `skipped` (suppressed recipient, rate limit reached), or nothing."""
+docs/operating.md): claim, or end the row `skipped` (suppressed recipient, rate limit reached),
+or nothing."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Skipped on purpose (docs/reference.md and docs/operating.md), end to end with real workers:
-a suppressed recipient and a per-recipient rate limit, against PostgreSQL, the Pub/Sub emulator and an
-aiosmtpd server that records what it accepted."""
+a suppressed recipient and a per-recipient rate limit, against PostgreSQL, the Pub/Sub emulator
+and an aiosmtpd server that records what it accepted."""
 
 from __future__ import annotations
 
