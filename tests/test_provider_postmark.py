@@ -1,4 +1,6 @@
-"""Postmark webhooks through functions-framework against PostgreSQL."""
+"""Postmark webhooks through functions-framework against PostgreSQL: what is particular to
+Postmark (its record types, the parts of its Basic credentials). What every provider does is
+held by tests/test_provider_contract.py."""
 
 from __future__ import annotations
 
@@ -96,30 +98,15 @@ def test_matched_by_postmarks_message_id_as_the_relay_id(
     assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
 
 
-def test_an_authentic_malformed_body_is_400_and_stores_nothing(
-    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
-) -> None:
-    before = count_provider_events(webhook_db)
-    no_time = payload("delivery", new_id("pm"))
-    del no_time["DeliveredAt"]
-    auth = basic_auth(provider_keys.postmark_user, provider_keys.postmark_password)
-
-    assert send(webhook, provider_keys, no_time).status == 400
-    assert send(webhook, provider_keys, [no_time]).status == 400
-    assert post(webhook, "postmark", b"<xml/>", auth).status == 400
-    assert count_provider_events(webhook_db) == before
-
-
 def _credentials(keys: ProviderKeys, case: str) -> dict[str, str]:
-    """Authorization headers that are right in every part but the one `case` names."""
+    """Authorization headers that are right in every part but the one `case` names. None at
+    all, and a wrong password: tests/test_provider_contract.py."""
     user, password = keys.postmark_user, keys.postmark_password
 
     def basic(text: str, scheme: str = "Basic") -> dict[str, str]:
         return {"Authorization": f"{scheme} {base64.b64encode(text.encode()).decode()}"}
 
     return {
-        "none": {},
-        "right user, wrong password": basic_auth(user, "wrong"),
         "wrong user, right password": basic_auth("someone", password),
         "both wrong": basic_auth("someone", "wrong"),
         "user in other case": basic_auth(user.upper(), password),
@@ -143,8 +130,6 @@ def _credentials(keys: ProviderKeys, case: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     "case",
     [
-        "none",
-        "right user, wrong password",
         "wrong user, right password",
         "both wrong",
         "user in other case",
@@ -211,22 +196,18 @@ def test_the_colon_is_required_even_where_the_password_is_empty() -> None:
     assert refused.value.status == 401
 
 
-# --- values the ledger cannot store ------------------------------------------------------------
+# --- values the ledger cannot store (addresses: tests/test_provider_contract.py) ---------------
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("Email", "victim" + "x" * 282 + "@example.com"),
-        ("Email", "victim\x00@example.com"),
         ("ID", "9" * 600),
         ("MessageID", "m" * 501),
         ("Type", "HardBounce\x00"),
         ("RecordType", "Bounce\x00"),
     ],
     ids=[
-        "address of 300",
-        "NUL in address",
         "id of 600",
         "message id of 501",
         "NUL in type",
@@ -245,4 +226,4 @@ def test_an_event_the_ledger_cannot_store_is_400_and_stores_nothing(
 
     assert response.status == 400, response.body
     assert count_provider_events(webhook_db) == before
-    assert "victim" not in webhook.logs()
+    assert delivery(webhook_db, delivery_id)["provider_status"] is None

@@ -1,4 +1,6 @@
-"""Resend (Svix-signed) webhooks through functions-framework against PostgreSQL."""
+"""Resend (Svix-signed) webhooks through functions-framework against PostgreSQL: what is
+particular to Resend and Svix (its event types, Svix's headers, rotated secrets). What every
+provider does is held by tests/test_provider_contract.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from tests.harness.webhook import (
     delivery,
     fixture,
     new_id,
-    now_unix,
     post,
     provider_events,
     seed_delivery,
@@ -84,45 +85,34 @@ def test_matched_by_resends_email_id_as_the_relay_id(
     assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
 
 
-def test_an_authentic_malformed_body_is_400_and_stores_nothing(
-    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys
-) -> None:
-    before = count_provider_events(webhook_db)
-    no_data = {"type": "email.delivered", "created_at": datetime.now(UTC).isoformat()}
-
-    assert send(webhook, provider_keys.resend_secret, no_data).status == 400
-    assert send(webhook, provider_keys.resend_secret, ["x"]).status == 400
-    assert count_provider_events(webhook_db) == before
-
-
 @pytest.mark.parametrize(
     ("case", "status"),
     [
         ("no headers", 401),
-        ("no signature", 401),
-        ("another secret", 403),
+        ("no id", 401),
+        ("no timestamp", 401),
         ("another id", 403),
-        ("stale timestamp", 403),
-        ("future timestamp", 403),
+        ("timestamp not a number", 403),
         ("v2 only", 403),
     ],
 )
 def test_an_unproven_request_is_refused_and_stores_nothing(
     webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, case: str, status: int
 ) -> None:
+    """Svix's own ways to fail; no signature, another secret and a time outside the window:
+    tests/test_provider_contract.py."""
     delivery_id = new_id("re")
     seed_delivery(webhook_db, delivery_id)
     raw = json.dumps(payload("email.delivered", delivery_id)).encode()
     secret = provider_keys.resend_secret
     headers = {
         "no headers": {},
-        "no signature": {
-            k: v for k, v in svix_headers(secret, raw).items() if k != "svix-signature"
+        "no id": {k: v for k, v in svix_headers(secret, raw).items() if k != "svix-id"},
+        "no timestamp": {
+            k: v for k, v in svix_headers(secret, raw).items() if k != "svix-timestamp"
         },
-        "another secret": svix_headers(svix_secret(), raw),
         "another id": {**svix_headers(secret, raw), "svix-id": "msg_forged"},
-        "stale timestamp": svix_headers(secret, raw, timestamp=now_unix() - 301),
-        "future timestamp": svix_headers(secret, raw, timestamp=now_unix() + 301),
+        "timestamp not a number": {**svix_headers(secret, raw), "svix-timestamp": "soon"},
         "v2 only": {
             **svix_headers(secret, raw),
             "svix-signature": svix_headers(secret, raw)["svix-signature"].replace("v1,", "v2,"),
@@ -151,23 +141,17 @@ def test_a_rotated_secret_still_verifies_among_several_signatures(
     assert delivery(webhook_db, delivery_id)["provider_status"] == "delivered"
 
 
-# --- values the ledger cannot store ------------------------------------------------------------
+# --- values the ledger cannot store (addresses: tests/test_provider_contract.py) ---------------
 
 
 @pytest.mark.parametrize(
     ("change", "svix_id"),
     [
-        ({"to": ["victim" + "x" * 282 + "@example.com"]}, None),
-        ({"to": ["victim\x00@example.com"]}, None),
-        ({"to": ["victim\ud800@example.com"]}, None),
         ({"email_id": "e" * 501}, None),
         ({"bounce": {"type": "Permanent\x00"}}, None),
         ({}, "msg_" + "m" * 600),
     ],
     ids=[
-        "address of 300",
-        "NUL in address",
-        "lone surrogate in address",
         "email id of 501",
         "NUL in bounce type",
         "svix-id of 604",
@@ -191,4 +175,3 @@ def test_an_event_the_ledger_cannot_store_is_400_and_stores_nothing(
     assert response.status == 400, response.body
     assert count_provider_events(webhook_db) == before
     assert delivery(webhook_db, delivery_id)["provider_status"] is None
-    assert "victim" not in webhook.logs()

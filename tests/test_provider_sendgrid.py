@@ -1,4 +1,6 @@
-"""SendGrid's Event Webhook through functions-framework against PostgreSQL."""
+"""SendGrid's Event Webhook through functions-framework against PostgreSQL: what is particular
+to SendGrid (its event types, batches, the raw bytes it signs). What every provider does is
+held by tests/test_provider_contract.py."""
 
 from __future__ import annotations
 
@@ -134,48 +136,25 @@ def test_one_malformed_event_in_a_batch_loses_none_of_the_others(
     assert {row["provider_event_id"] for row in stored} == {e["sg_event_id"] for e in good}
 
 
-@pytest.mark.parametrize(
-    "body", [b"not json", b'{"event": "delivered"}', b"[1, 2]"], ids=["text", "object", "numbers"]
-)
-def test_an_authentic_malformed_body_is_400_and_stores_nothing(
-    webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, body: bytes
-) -> None:
-    before = count_provider_events(webhook_db)
-
-    response = post(webhook, "sendgrid", body, provider_keys.sendgrid.headers(body))
-
-    assert response.status == 400
-    assert count_provider_events(webhook_db) == before
-
-
 def refusals(keys: ProviderKeys, body: bytes) -> dict[str, tuple[dict[str, str], int]]:
+    """SendGrid's own ways to fail; a missing signature, another key and a time outside the
+    window: tests/test_provider_contract.py."""
     good = keys.sendgrid.headers(body)
     signature = "X-Twilio-Email-Event-Webhook-Signature"
     return {
-        "missing signature": ({k: v for k, v in good.items() if k != signature}, 401),
         "no headers": ({}, 401),
+        "missing timestamp": ({signature: good[signature]}, 401),
         "another body's signature": (
             {**good, signature: keys.sendgrid.headers(body + b" ")[signature]},
             403,
         ),
-        "another key": (SendGridKeys().headers(body), 403),
-        "stale timestamp": (keys.sendgrid.headers(body, now_unix() - 301), 403),
-        "future timestamp": (keys.sendgrid.headers(body, now_unix() + 301), 403),
         "signature not base64": ({**good, signature: "!!!"}, 403),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    [
-        "missing signature",
-        "no headers",
-        "another body's signature",
-        "another key",
-        "stale timestamp",
-        "future timestamp",
-        "signature not base64",
-    ],
+    ["no headers", "missing timestamp", "another body's signature", "signature not base64"],
 )
 def test_an_unproven_request_is_refused_and_stores_nothing(
     webhook: FunctionServer, webhook_db: str, provider_keys: ProviderKeys, case: str

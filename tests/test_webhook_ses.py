@@ -1,5 +1,8 @@
 """Amazon SES through SNS, end to end: `handle_provider_event` under functions-framework,
-SNS signatures checked against a certificate served over HTTPS by the test CA (h4's harness)."""
+SNS signatures checked against a certificate served over HTTPS by the test CA
+(tests/harness/https.py). What is particular to SNS: topics, the subscription handshake,
+certificate URLs. A signed event applied, a forged or unsigned one refused, and what every
+provider does: tests/test_provider_contract.py."""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ from tests.harness.function import FunctionServer
 from tests.harness.https import SnsTestServer
 from tests.harness.webhook import (
     FIXTURES,
-    count_provider_events,
     delivery,
     new_id,
     post,
@@ -61,38 +63,6 @@ def ses_webhook(
 def send(server: FunctionServer, signed: dict[str, str]) -> Any:
     headers = {"x-amz-sns-message-type": signed["Type"], "Content-Type": "text/plain"}
     return post(server, "ses", json.dumps(signed).encode(), headers)
-
-
-@pytest.mark.parametrize(
-    ("name", "status"),
-    [("event-delivery", "delivered"), ("event-open", "opened"), ("event-click", "clicked")],
-)
-def test_a_signed_ses_event_moves_its_delivery(
-    ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer, name: str, status: str
-) -> None:
-    delivery_id = new_id("ses")
-    seed_delivery(webhook_db, delivery_id, recipient=RECIPIENT)
-
-    response = send(ses_webhook, sns_https.signer.sign(envelope(record(name, delivery_id))))
-
-    assert response.status == 200, response.body
-    assert delivery(webhook_db, delivery_id)["provider_status"] == status
-
-
-def test_a_tampered_ses_message_is_refused_and_stores_nothing(
-    ses_webhook: FunctionServer, webhook_db: str, sns_https: SnsTestServer
-) -> None:
-    delivery_id = new_id("ses")
-    seed_delivery(webhook_db, delivery_id, recipient=RECIPIENT)
-    signed = sns_https.signer.sign(envelope(record("event-delivery", delivery_id)))
-    signed["Message"] = signed["Message"].replace("Delivery", "Bounce", 1)
-    before = count_provider_events(webhook_db)
-
-    response = send(ses_webhook, signed)
-
-    assert response.status in (401, 403)
-    assert count_provider_events(webhook_db) == before
-    assert delivery(webhook_db, delivery_id)["provider_status"] is None
 
 
 def test_another_topic_is_refused(

@@ -185,7 +185,8 @@ def user_agent_class(user_agent: Any) -> str | None:
     if not isinstance(user_agent, str) or not user_agent:
         return None
     lowered = user_agent.lower()
-    if "googleimageproxy" in lowered or "yahoomailproxy" in lowered or "proxy" in lowered:
+    # An image proxy fetched it (Gmail's from ggpht.com): the open says little of the reader.
+    if "proxy" in lowered or "ggpht.com" in lowered:
         return "proxy"
     if any(word in lowered for word in ("iphone", "ipad", "android", "mobile")):
         return "mobile"

@@ -228,7 +228,7 @@ def _engaged(section: Mapping[str, Any], mail: _Mail) -> _Recipient:
     """Opens and clicks do not say which recipient acted: the sole recipient, if one."""
     address = mail.destination[0] if len(mail.destination) == 1 else None
     agent = section.get("userAgent")
-    detail = {"user_agent_class": user_agent_class(agent)} if isinstance(agent, str) else {}
+    detail = {"user_agent_class": common.user_agent_class(agent)} if isinstance(agent, str) else {}
     return _Recipient(address, detail)
 
 
@@ -367,19 +367,3 @@ def _event_id(sns_message_id: str, address: str | None) -> str:
         return f"{sns_message_id}:-"
     digest = hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:16]
     return f"{sns_message_id}:{digest}"
-
-
-# --- user agents: a class, never the string -----------------------------------------------------
-
-
-def user_agent_class(agent: str) -> str:
-    """proxy (an image proxy fetched it: the open says little of the reader), mobile, bot or
-    desktop: the same classes as the other adapters."""
-    lowered = agent.lower()
-    if "proxy" in lowered or "ggpht.com" in lowered:
-        return "proxy"
-    if any(word in lowered for word in ("iphone", "ipad", "android", "mobile")):
-        return "mobile"
-    if any(word in lowered for word in ("bot", "crawler", "spider", "scanner")):
-        return "bot"
-    return "desktop"
