@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from worker.core.instance import Lazy
 from worker.core.redact import mask_links_and_addresses
 from worker.core.settings import SettingsError, log_level
 
@@ -151,20 +152,22 @@ def _redact(line: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
-_logger: Logger | None = None
+def _make_logger() -> Logger:
+    """Its level is `LOG_LEVEL`, read once; a malformed `LOG_LEVEL` means `INFO` here, and
+    `load_settings` stops the instance with one line naming it."""
+    try:
+        level = log_level()
+    except SettingsError:
+        level = "INFO"
+    return Logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+
+
+_LOGGER = Lazy(_make_logger)
 
 
 def get_logger() -> Logger:
-    """The process's logger. Its level is `LOG_LEVEL`, read once; a malformed `LOG_LEVEL`
-    means `INFO` here, and `load_settings` stops the instance with one line naming it."""
-    global _logger
-    if _logger is None:
-        try:
-            level = log_level()
-        except SettingsError:
-            level = "INFO"
-        _logger = Logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
-    return _logger
+    """The process's logger."""
+    return _LOGGER.get()
 
 
 def bind_event(*, project: str | None = None, trace: str | None = None, **fields: Any) -> None:

@@ -29,39 +29,75 @@ _NAME = re.compile(
     r"/versions/(?P<version>[A-Za-z0-9_-]{1,63})"  # latest, a number or an alias
 )
 
-_lock = threading.Lock()
-_client: Any = None  # SecretManagerServiceClient, created lazily
-_client_is_ours = False
-_cache: dict[str, str] = {}
-
 
 class SecretError(Exception):
     """A secret could not be read. `str(error)` is one line naming the secret, not its value."""
 
 
-def set_client(client: Any | None) -> None:
-    """Use `client` (anything with `access_secret_version`) from now on; None: the default.
+class SecretReader:
+    """One client and one cache of values per process (the instance's settings read their
+    secrets through it once, at start)."""
 
-    The value cache is cleared too, so the next read goes to the new client.
-    """
-    global _client, _client_is_ours
-    with _lock:
-        _close_owned_client()
-        _client, _client_is_ours = client, False
-        _cache.clear()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: Any = None  # SecretManagerServiceClient, created lazily
+        self._client_is_ours = False
+        self._cache: dict[str, str] = {}
+
+    def set_client(self, client: Any | None) -> None:
+        """Use `client` (anything with `access_secret_version`) from now on; None: the
+        default. The value cache is cleared too, so the next read goes to the new client."""
+        with self._lock:
+            self._close_owned_client()
+            self._client, self._client_is_ours = client, False
+            self._cache.clear()
+
+    def _close_owned_client(self) -> None:
+        if self._client is not None and self._client_is_ours:
+            with contextlib.suppress(Exception):  # best effort; dropped either way
+                self._client.transport.close()
+        self._client, self._client_is_ours = None, False
+
+    def access(self, name: str) -> str:
+        """The value of the secret version `projects/P/secrets/S/versions/V`, read once.
+
+        The payload is decoded as UTF-8 and one trailing newline is stripped (values written
+        with `echo ... | gcloud secrets versions add` end with one).
+        """
+        if _NAME.fullmatch(name) is None:
+            raise SecretError(
+                f"{name!r} is not a secret version name like projects/P/secrets/S/versions/latest"
+            )
+        with self._lock:  # held across the read: concurrent first reads make one call
+            cached = self._cache.get(name)
+            if cached is not None:
+                return cached
+            try:
+                if self._client is None:
+                    self._client, self._client_is_ours = _make_client(), True
+                response = self._client.access_secret_version(
+                    request={"name": name},
+                    retry=_retry(),
+                    timeout=min(RPC_TIMEOUT_SECONDS, TOTAL_TIMEOUT_SECONDS),
+                )
+            except Exception as error:
+                # The cause is kept for tracebacks: it carries the name and status, never a
+                # value.
+                raise SecretError(f"secret {name}: {_describe(error)}") from error
+            value = _payload_text(name, bytes(response.payload.data))
+            self._cache[name] = value
+            return value
+
+
+# The process's reader: settings call `access_secret`, tests `set_client` and `reset`.
+READER = SecretReader()
+access_secret = READER.access
+set_client = READER.set_client
 
 
 def reset() -> None:
     """Forget cached values and the client (tests; a changed `SECRET_MANAGER_ENDPOINT`)."""
-    set_client(None)
-
-
-def _close_owned_client() -> None:
-    global _client, _client_is_ours
-    if _client is not None and _client_is_ours:
-        with contextlib.suppress(Exception):  # best effort; the client is dropped either way
-            _client.transport.close()
-    _client, _client_is_ours = None, False
+    READER.set_client(None)
 
 
 def _make_client() -> Any:
@@ -132,34 +168,3 @@ def _payload_text(name: str, data: bytes) -> str:
     if text.endswith("\n"):
         return text[:-1]
     return text
-
-
-def access_secret(name: str) -> str:
-    """The value of the secret version `projects/P/secrets/S/versions/V`, read once per process.
-
-    The payload is decoded as UTF-8 and one trailing newline is stripped (values written with
-    `echo ... | gcloud secrets versions add` end with one).
-    """
-    if _NAME.fullmatch(name) is None:
-        raise SecretError(
-            f"{name!r} is not a secret version name like projects/P/secrets/S/versions/latest"
-        )
-    global _client, _client_is_ours
-    with _lock:  # held across the read: concurrent first reads make one call, not several
-        cached = _cache.get(name)
-        if cached is not None:
-            return cached
-        try:
-            if _client is None:
-                _client, _client_is_ours = _make_client(), True
-            response = _client.access_secret_version(
-                request={"name": name},
-                retry=_retry(),
-                timeout=min(RPC_TIMEOUT_SECONDS, TOTAL_TIMEOUT_SECONDS),
-            )
-        except Exception as error:
-            # The cause is kept for tracebacks: it carries the name and status, never a value.
-            raise SecretError(f"secret {name}: {_describe(error)}") from error
-        value = _payload_text(name, bytes(response.payload.data))
-        _cache[name] = value
-        return value
