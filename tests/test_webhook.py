@@ -1,4 +1,6 @@
-"""`handle_provider_event` as a whole: per-target configuration, routes, outages, secrecy."""
+"""`handle_provider_event` as a whole: per-target configuration, routes, outages, secrecy.
+What each provider's adapter must do behind it (signatures, bodies, repeats, matching):
+tests/test_provider_contract.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from tests.harness.function import ROOT, FunctionServer
-from tests.harness.https import SnsTestServer
 from tests.harness.postgres import PostgresServer
 from tests.harness.secretmanager import LocalSecretManager
 from tests.harness.webhook import (
@@ -356,63 +357,6 @@ def until(call: Callable[[], Any], done: Callable[[Any], bool], tries: int = 10)
             return result
         assert result.status == 503, result
     raise AssertionError(f"no success in {tries} retries: {result}")
-
-
-# --- bodies parsed before they can be verified (Mailgun, SES) -------------------------------
-# Signed hostile bodies at every provider: tests/test_provider_contract.py.
-
-TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
-HOSTILE = {
-    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
-    "a number of a million digits": b"1" + b"0" * 999_999,
-    "a number of 100000 digits": b"1" + b"0" * 99_999,
-}
-
-
-@pytest.fixture(scope="module")
-def every_provider(
-    webhook_db: str,
-    provider_keys: ProviderKeys,
-    sns_https: SnsTestServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[FunctionServer]:
-    """The four providers and SES (its certificates from the test's HTTPS server)."""
-    server = webhook_server(
-        {"DATABASE_URL": webhook_db, **provider_keys.env(), **sns_https.settings(TOPIC)},
-        log_path=tmp_path_factory.mktemp("every-provider") / "function.log",
-    )
-    yield server
-    server.stop()
-
-
-@pytest.mark.parametrize("provider", ["mailgun", "ses"])
-@pytest.mark.parametrize(
-    ("kind", "status"),
-    [
-        ("nested 100000 deep", 401),
-        ("a number of a million digits", 413),
-        ("a number of 100000 digits", 401),
-    ],
-)
-def test_an_unsigned_body_too_deep_or_too_long_to_read_is_refused(
-    every_provider: FunctionServer, provider: str, kind: str, status: int
-) -> None:
-    """Mailgun's and SNS's bodies are parsed before they can be verified."""
-    response = post(every_provider, provider, HOSTILE[kind], {})
-
-    assert response.status == status, response
-    assert "Traceback" not in every_provider.logs()
-
-
-@pytest.mark.parametrize(("provider", "cap"), [("mailgun", 256 * 1024), ("ses", 832 * 1024)])
-def test_mailgun_and_ses_take_no_body_larger_than_the_provider_sends(
-    every_provider: FunctionServer, provider: str, cap: int
-) -> None:
-    at_cap = post(every_provider, provider, b" " * cap, {})
-    over = post(every_provider, provider, b" " * (cap + 1), {})
-
-    assert at_cap.status == 401  # read, and not a signed request
-    assert over.status == 413
 
 
 # --- values the database refuses (an address no adapter lets through: the contract suite) ---

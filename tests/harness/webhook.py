@@ -12,6 +12,7 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,8 +99,23 @@ def new_id(prefix: str = "wh") -> str:
     return f"{prefix}_{secrets.token_hex(6)}"
 
 
+# A database URL, or a connection to reuse (autocommit): a suite of many short tests saves
+# a connection per look.
+Database = str | psycopg.Connection[Any]
+
+
+@contextmanager
+def connected(db: Database) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to `db`: the one given, or a new one closed after use."""
+    if not isinstance(db, str):
+        yield db
+        return
+    with psycopg.connect(db, autocommit=True) as conn:
+        yield conn
+
+
 def seed_delivery(
-    url: str,
+    db: Database,
     delivery_id: str,
     *,
     recipient: str = "ada@example.com",
@@ -107,7 +123,7 @@ def seed_delivery(
     relay_message_id: str | None = None,
 ) -> None:
     """A delivery the worker sent (status `sent`), as the pipeline leaves it."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connected(db) as conn:
         conn.execute(
             """INSERT INTO email.deliveries (delivery_id, workflow, recipient, status, attempts,
                    claim_token, lease_expires_at, last_attempted_at)
@@ -123,27 +139,27 @@ def seed_delivery(
         )
 
 
-def delivery(url: str, delivery_id: str) -> dict[str, Any]:
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        row = conn.execute(
+def delivery(db: Database, delivery_id: str) -> dict[str, Any]:
+    with connected(db) as conn, conn.cursor(row_factory=dict_row) as cursor:
+        row = cursor.execute(
             "SELECT * FROM email.deliveries WHERE delivery_id = %s", (delivery_id,)
         ).fetchone()
     assert row is not None, delivery_id
     return row
 
 
-def provider_events(url: str, provider: str, **where: Any) -> list[dict[str, Any]]:
+def provider_events(db: Database, provider: str, **where: Any) -> list[dict[str, Any]]:
     clauses = "".join(f" AND {column} = %({column})s" for column in where)
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(
+    with connected(db) as conn, conn.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(
             f"SELECT * FROM email.provider_events WHERE provider = %(provider)s{clauses} "
             "ORDER BY id",
             {"provider": provider, **where},
         ).fetchall()
 
 
-def count_provider_events(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
+def count_provider_events(db: Database) -> int:
+    with connected(db) as conn:
         row = conn.execute("SELECT count(*) FROM email.provider_events").fetchone()
     assert row is not None
     return int(row[0])
