@@ -57,7 +57,8 @@ def _event(delivery_id: str) -> Any:
                 "data": base64.b64encode(json.dumps(body).encode()).decode(),
                 "attributes": {},
                 "messageId": f"cold-{delivery_id}",
-                "publishTime": "2026-11-22T00:00:00Z",
+                # Now: a code's validity runs from its publish time.
+                "publishTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "subscription": "projects/bench-project/subscriptions/eventarc-sub",
         },

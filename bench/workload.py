@@ -79,7 +79,7 @@ def _message(body: dict[str, Any], message_id: str) -> dict[str, Any]:
         "data": base64.b64encode(factories.encode(body)).decode(),
         "attributes": {},
         "messageId": message_id,
-        "publishTime": "2026-11-22T00:00:00Z",
+        "publishTime": factories.publish_time(),
     }
 
 

@@ -32,6 +32,8 @@ SCRIPT_NAME=$(basename "$0")
 # Secret Manager secret ids, always read at `latest`.
 : "${DATABASE_URL_SECRET_ID:=email-database-url}"
 : "${SMTP_PASSWORD_SECRET_ID:=email-smtp-password}"
+# The fallback relay's password, mounted only when FALLBACK_SMTP_USERNAME is set.
+: "${FALLBACK_SMTP_PASSWORD_SECRET_ID:=email-fallback-smtp-password}"
 # How the function gets them:
 #   env     (default) --set-secrets: Cloud Run resolves each secret when an instance starts and
 #           hands it over as the plain DATABASE_URL / SMTP_PASSWORD environment variables, so
@@ -49,6 +51,16 @@ SCRIPT_NAME=$(basename "$0")
 # The email service behind SMTP_HOST (ses, sendgrid, mailgun, postmark, resend, none): which
 # header carries the delivery id back in its webhooks (README, "Provider webhooks").
 : "${SMTP_PROVIDER:=}"
+# An optional second relay (docs/reliability.md): FALLBACK_SMTP_HOST enables it; a different
+# provider from SMTP_HOST's, with the domain's SPF and DKIM set up for it too.
+: "${FALLBACK_SMTP_HOST:=}"
+: "${FALLBACK_SMTP_PORT:=}"
+: "${FALLBACK_SMTP_SECURITY:=}"
+: "${FALLBACK_SMTP_USERNAME:=}"  # when set, FALLBACK_SMTP_PASSWORD_SECRET is passed too
+: "${FALLBACK_SMTP_PROVIDER:=}"
+# The relays' shared circuit breaker; the worker's defaults (5 failures, 30 s) when empty.
+: "${RELAY_TRIP_AFTER:=}"
+: "${RELAY_COOLDOWN_SECONDS:=}"
 : "${EMAIL_FROM:=}"
 : "${EMAIL_REPLY_TO:=}"
 # Send attempts, across invocations, before the worker dead-letters a delivery itself.
@@ -200,7 +212,7 @@ load_config() {
     matches "$name" "$ID_RE" "a service account id (6-30 lowercase letters, digits, hyphens)"
   done
   [[ $RUNTIME_SA != "$TRIGGER_SA" ]] || die_config "TRIGGER_SA must differ from RUNTIME_SA"
-  for name in DATABASE_URL_SECRET_ID SMTP_PASSWORD_SECRET_ID; do
+  for name in DATABASE_URL_SECRET_ID SMTP_PASSWORD_SECRET_ID FALLBACK_SMTP_PASSWORD_SECRET_ID; do
     matches "$name" "$SECRET_RE" "a secret id (letters, digits, _ and -)"
   done
   int_in MAX_ATTEMPTS 1 100
@@ -259,6 +271,11 @@ load_function_config() {
   [[ -z $SMTP_PORT ]] || int_in SMTP_PORT 1 65535
   [[ -z $SMTP_SECURITY ]] || matches SMTP_SECURITY '^(starttls|ssl|none)$' "starttls, ssl or none"
   [[ -z $SMTP_PROVIDER ]] || matches SMTP_PROVIDER '^(ses|sendgrid|mailgun|postmark|resend|none)$' "ses, sendgrid, mailgun, postmark, resend or none"
+  [[ -z $FALLBACK_SMTP_PORT ]] || int_in FALLBACK_SMTP_PORT 1 65535
+  [[ -z $FALLBACK_SMTP_SECURITY ]] || matches FALLBACK_SMTP_SECURITY '^(starttls|ssl|none)$' "starttls, ssl or none"
+  [[ -z $FALLBACK_SMTP_PROVIDER ]] || matches FALLBACK_SMTP_PROVIDER '^(ses|sendgrid|mailgun|postmark|resend|none)$' "ses, sendgrid, mailgun, postmark, resend or none"
+  [[ -z $RELAY_TRIP_AFTER ]] || int_in RELAY_TRIP_AFTER 1 1000
+  [[ -z $RELAY_COOLDOWN_SECONDS ]] || int_in RELAY_COOLDOWN_SECONDS 1 86400
   local name
   for name in EMAIL_FROM EMAIL_REPLY_TO; do
     [[ -z ${!name} ]] || matches "$name" '^[^[:cntrl:]]*@[^[:cntrl:]]*$' "an email address"

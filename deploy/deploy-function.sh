@@ -49,7 +49,9 @@ env_vars=(
   # functions-framework adds the execution id (labels) and span id to every JSON line.
   "LOG_EXECUTION_ID=true"
 )
-for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS SMTP_PROVIDER EMAIL_FROM EMAIL_REPLY_TO; do
+for name in SMTP_HOST SMTP_PORT SMTP_SECURITY SMTP_USERNAME SMTP_TIMEOUT_SECONDS SMTP_PROVIDER EMAIL_FROM EMAIL_REPLY_TO \
+  FALLBACK_SMTP_HOST FALLBACK_SMTP_PORT FALLBACK_SMTP_SECURITY FALLBACK_SMTP_USERNAME FALLBACK_SMTP_PROVIDER \
+  RELAY_TRIP_AFTER RELAY_COOLDOWN_SECONDS; do
   if [[ -n ${!name} ]]; then
     env_vars+=("$name=${!name}")
   fi
@@ -61,6 +63,10 @@ secret_vars=(DATABASE_URL)
 if [[ -n $SMTP_USERNAME ]]; then
   secret_ids+=("$SMTP_PASSWORD_SECRET_ID")
   secret_vars+=(SMTP_PASSWORD)
+fi
+if [[ -n $FALLBACK_SMTP_HOST && -n $FALLBACK_SMTP_USERNAME ]]; then
+  secret_ids+=("$FALLBACK_SMTP_PASSWORD_SECRET_ID")
+  secret_vars+=(FALLBACK_SMTP_PASSWORD)
 fi
 mount_secrets
 

@@ -183,6 +183,45 @@ BURST = tuple(
 )
 
 
+# The fallback relay (docs/reliability.md): the primary goes down, the fallback takes over,
+# the primary's circuit opens after RELAY_TRIP_AFTER failures and closes after one trial once
+# it is back; and a code published with a validity end already passed is skipped.
+RELAY_TRIP_AFTER = 2
+RELAY_COOLDOWN_SECONDS = 2
+OUTAGE = tuple(
+    Sample(
+        f"code {n} while the primary is down",
+        _event(
+            f"relay-demo-{n}", "verification-code", f"user{n}@example.com", {"code": f"71{n}903"}
+        ),
+        f"relay-demo-{n}",
+        f"user{n}@example.com",
+    )
+    for n in range(1, RELAY_TRIP_AFTER + 3)
+)
+TRIAL = Sample(
+    "code after the cool-down (the trial)",
+    _event("relay-demo-trial", "verification-code", "trial@example.com", {"code": "552901"}),
+    "relay-demo-trial",
+    "trial@example.com",
+)
+EXPIRED = Sample(
+    "code whose validity ended long ago (not_after)",
+    json.dumps(
+        {
+            **json.loads(
+                _event(
+                    "expired-demo-1", "verification-code", "late@example.com", {"code": "118822"}
+                )
+            ),
+            "not_after": "2000-01-01T00:00:00Z",
+        }
+    ).encode(),
+    "expired-demo-1",
+    "late@example.com",
+)
+
+
 # --- output ---------------------------------------------------------------------------------
 
 
@@ -263,6 +302,7 @@ class Stack:
     emulator_process: EmulatorProcess | None = None
     emulator: Emulator | None = None
     sink: EmlSink | None = None
+    fallback: EmlSink | None = None
     function: FunctionServer | None = None
     console: FunctionServer | None = None
 
@@ -282,12 +322,17 @@ class Stack:
         }
 
     def function_env(self) -> dict[str, str]:
-        assert self.sink is not None
+        assert self.sink is not None and self.fallback is not None
         return {
             **self.env(),
             "SMTP_HOST": self.sink.host,
             "SMTP_PORT": str(self.sink.port),
             "SMTP_SECURITY": "none",
+            "FALLBACK_SMTP_HOST": self.fallback.host,
+            "FALLBACK_SMTP_PORT": str(self.fallback.port),
+            "FALLBACK_SMTP_SECURITY": "none",
+            "RELAY_TRIP_AFTER": str(RELAY_TRIP_AFTER),
+            "RELAY_COOLDOWN_SECONDS": str(RELAY_COOLDOWN_SECONDS),
             "SMTP_TIMEOUT_SECONDS": "5",
             "EMAIL_FROM": EMAIL_FROM,
             "MAX_ATTEMPTS": "3",
@@ -307,6 +352,8 @@ class Stack:
             found["pubsub_emulator"] = self.emulator_process.port
         if self.sink is not None:
             found["smtp"] = self.sink.port
+        if self.fallback is not None:
+            found["smtp_fallback"] = self.fallback.port
         if self.function is not None:
             found["function"] = self.function.port
         if self.console is not None:
@@ -401,6 +448,11 @@ def start_smtp(stack: Stack, stop: Stopper) -> None:
     sink.start()
     say(f"  smtp      {sink.host}:{sink.port}, no TLS, no AUTH")
     say(f"  emails    {stack.emails_dir}/")
+    fallback = EmlSink(stack.emails_dir / "relays")
+    stack.fallback = fallback
+    stop.callback("the fallback SMTP server", fallback.stop)
+    fallback.start()
+    say(f"  fallback  {fallback.host}:{fallback.port} (FALLBACK_SMTP_HOST), emails in relays/")
     for address, reply in REFUSED.items():
         say(f"  refuses   {address} with `{reply}`")
 
@@ -798,6 +850,116 @@ def demonstrate_skipping(stack: Stack, timeout: float) -> tuple[list[str], str]:
     return found, summary
 
 
+def read_relay_demo(database_url: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    ids = [str(s.delivery_id) for s in (*OUTAGE, TRIAL, EXPIRED)]
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, status::text AS status, relay, last_error_code"
+            " FROM email.deliveries WHERE delivery_id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+        circuits = conn.execute(
+            "SELECT relay, CASE WHEN reopens_at IS NULL THEN 'closed' WHEN reopens_at > now()"
+            " THEN 'open' ELSE 'half-open' END AS state, consecutive_failures,"
+            " last_error_code FROM email.relay_circuits ORDER BY relay = 'fallback'"
+        ).fetchall()
+    return {row["delivery_id"]: row for row in rows}, circuits
+
+
+def _wait_for(
+    stack: Stack, timeout: float, done: Callable[[dict[str, dict[str, Any]], list[Any]], bool]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    deadline = time.monotonic() + timeout
+    rows, circuits = read_relay_demo(stack.database_url)
+    while time.monotonic() < deadline and not done(rows, circuits):
+        time.sleep(0.25)
+        rows, circuits = read_relay_demo(stack.database_url)
+    return rows, circuits
+
+
+def _print_circuits(circuits: list[dict[str, Any]]) -> None:
+    headers = ("relay", "state", "consecutive_failures", "last_error_code")
+    printed = [
+        (c["relay"], c["state"], str(c["consecutive_failures"]), c["last_error_code"] or "-")
+        for c in circuits
+    ]
+    for line in table(headers, printed):
+        say(line)
+
+
+def demonstrate_failover(stack: Stack, timeout: float, stop: Stopper) -> list[str]:
+    """The primary relay refuses connections; the fallback takes over and the primary's
+    circuit opens; the primary comes back, one trial closes the circuit. Problems found."""
+    assert stack.sink is not None
+    section("Fallback relay: the primary goes down (connections refused)")
+    port = stack.sink.port
+    stack.sink.stop()
+    publish_samples((*OUTAGE, EXPIRED), "Fallback relay: publishing while the primary is down")
+    ids = [str(s.delivery_id) for s in OUTAGE]
+    rows, circuits = _wait_for(
+        stack, timeout, lambda r, c: all(r.get(i, {}).get("status") == "sent" for i in ids)
+    )
+    section("Fallback relay: python -m worker relays")
+    _print_circuits(circuits)
+    opened = circuits[0]["state"]
+    # The primary back (its later emails go to relays/ too), and the cool-down over.
+    primary = EmlSink(stack.emails_dir / "relays", port=port)
+    stop.callback("the primary SMTP server, back", primary.stop)
+    primary.start()
+    say(
+        f"  primary back on port {port};"
+        f" waiting out RELAY_COOLDOWN_SECONDS={RELAY_COOLDOWN_SECONDS}"
+    )
+    _wait_for(stack, timeout, lambda r, c: c[0]["state"] == "half-open")
+    publish_samples((TRIAL,), "Fallback relay: one delivery tries the primary again")
+    rows, circuits = _wait_for(
+        stack,
+        timeout,
+        lambda r, c: (
+            r.get(str(TRIAL.delivery_id), {}).get("status") == "sent" and c[0]["state"] == "closed"
+        ),
+    )
+    section("Fallback relay: the ledger")
+    headers = ("delivery_id", "status", "relay", "last_error_code")
+    printed = [
+        (i, row["status"], row["relay"] or "-", row["last_error_code"] or "-")
+        for i, row in sorted(rows.items())
+    ]
+    for line in table(headers, printed):
+        say(line)
+    _print_circuits(circuits)
+    logged = collections.Counter(
+        str(line.get("message")) for line in read_function_log(stack.function_log)
+    )
+    for message in ("relay failover", "relay circuit opened", "relay circuit closed"):
+        say(f"  log: {message!r} x{logged[message]}")
+
+    found: list[str] = []
+    outage = [rows.get(i, {}) for i in ids]
+    if any((r.get("status"), r.get("relay")) != ("sent", "fallback") for r in outage):
+        found.append(f"every code sent during the outage should be sent by the fallback: {outage}")
+    if opened != "open":
+        found.append(f"the primary's circuit should have opened, it was {opened}")
+    trial = rows.get(str(TRIAL.delivery_id), {})
+    if (trial.get("status"), trial.get("relay"), circuits[0]["state"]) != (
+        "sent",
+        "primary",
+        "closed",
+    ):
+        found.append(f"the trial should be sent by the primary and close its circuit: {trial}")
+    expired = rows.get(str(EXPIRED.delivery_id), {})
+    if (expired.get("status"), expired.get("last_error_code")) != ("skipped", "EXPIRED"):
+        found.append(f"{EXPIRED.delivery_id} should be skipped with EXPIRED, is {expired}")
+    missing = [
+        m
+        for m in ("relay failover", "relay circuit opened", "relay circuit closed")
+        if not logged[m]
+    ]
+    if missing:
+        found.append(f"the function did not log {missing}")
+    return found
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -872,6 +1034,7 @@ def run(args: argparse.Namespace) -> int:
             found.insert(0, f"not every delivery finished within {args.timeout:g} s")
         skip_problems, skip_summary = demonstrate_skipping(stack, args.timeout)
         found += skip_problems
+        found += demonstrate_failover(stack, args.timeout, stop)
         result = {
             "ok": not found,
             "summary": f"{summary_line(observed)}; {skip_summary}",

@@ -3,12 +3,23 @@
 -- guard did not hold (another worker won, or the claim went stale): an answer, not an error.
 
 -- name: claim
--- Claim for sending, or end the row `skipped` (suppressed recipient, rate limit reached), or
--- nothing (finished, or leased by a live worker): email.claim_delivery(), migration 005, in
--- one round trip. Its guard is the one upsert inside: a new row, or one that is queued,
+-- Claim for sending, or end the row `skipped` (validity end passed, suppressed recipient, rate
+-- limit reached), or nothing (finished, or leased by a live worker): email.claim_delivery(),
+-- migrations 005 and 010, in one round trip. Its guard is the one upsert inside: a new row, or one that is queued,
 -- retrying, or in progress with an expired lease; concurrent claims of one id serialise on
 -- the row, and the loser re-checks the guard against the winner's row and changes nothing.
-SELECT outcome, token, attempt, lease_until, code, reason, message, current_status
+-- A claim also reads every relay's circuit (migration 012) in the same statement, so a
+-- healthy delivery learns that all is well without a second round trip.
+SELECT outcome, token, attempt, lease_until, code, reason, message, current_status,
+       CASE WHEN outcome = 'claimed' THEN (
+           SELECT json_agg(json_build_object(
+               'relay', r.relay,
+               'state', CASE WHEN r.reopens_at IS NULL THEN 'closed'
+                             WHEN r.reopens_at > now() THEN 'open'
+                             ELSE 'half-open' END,
+               'failures', r.consecutive_failures,
+               'probing', coalesce(r.probe_until > now(), false)))
+           FROM email.relay_circuits r) END AS relays
 FROM email.claim_delivery(
     delivery_id => %(delivery_id)s,
     workflow => %(workflow)s,
@@ -19,11 +30,13 @@ FROM email.claim_delivery(
     lease_seconds => %(lease_seconds)s,
     rate_limit => %(rate_limit)s,
     rate_window_seconds => %(rate_window_seconds)s,
-    takeover_reason => %(takeover_reason)s
+    takeover_reason => %(takeover_reason)s,
+    published_at => %(published_at)s,
+    not_after => %(not_after)s
 );
 
 -- name: set_sent_if_claimed
--- The guarded UPDATE is inside email.set_sent_if_claimed() (migration 006), so the server
+-- The guarded UPDATE is inside email.set_sent_if_claimed() (migrations 006, 012), so the server
 -- plans it once per connection; no row back: the claim no longer holds the row.
 SELECT sent AS delivery_id
 FROM email.set_sent_if_claimed(
@@ -31,7 +44,9 @@ FROM email.set_sent_if_claimed(
     claim_token => %(claim_token)s,
     attempts => %(attempts)s,
     provider_message_id => %(provider_message_id)s,
-    relay_message_id => %(relay_message_id)s
+    relay_message_id => %(relay_message_id)s,
+    relay => %(relay)s,
+    smtp_ms => %(smtp_ms)s
 ) AS sent;
 
 -- name: set_unsent_if_claimed
@@ -125,10 +140,21 @@ LIMIT %(limit)s;
 SELECT delivery_id FROM email.deliveries
 WHERE delivery_id = %(delivery_id)s AND status = 'in_progress' AND lease_expires_at < now();
 
+-- name: validity_ended
+-- Replay: a dead letter whose delivery's validity end has passed is not republished. The
+-- earlier of the row's not_after and the message's own (least() ignores a NULL; no row, or
+-- neither known: not ended), by the database's clock, the one the claim decides with.
+SELECT coalesce(least(
+    (SELECT d.not_after FROM email.deliveries d WHERE d.delivery_id = %(delivery_id)s),
+    %(not_after)s::timestamptz
+) <= now(), false) AS ended;
+
 -- name: stats_by_workflow
 -- One row per workflow plus a total (is_total). Success rate and mean attempts are over
 -- rows whose sending finished (sent, failed, dead_letter: `skipped` was never attempted);
--- the percentiles over sent rows (percentile_cont skips the NULLs of the rest).
+-- the percentiles over sent rows (percentile_cont skips the NULLs of the rest). Time to send
+-- runs from the first copy's publish time to the relay's acceptance (migration 010; rows
+-- written before it have no published_at and are left out).
 SELECT
     coalesce(workflow, '(none)') AS workflow,
     grouping(workflow) = 1 AS is_total,
@@ -145,6 +171,8 @@ SELECT
         AS skipped_suppressed,
     count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(rate_limited)s)
         AS skipped_rate_limited,
+    count(*) FILTER (WHERE status = 'skipped' AND last_error_code = %(expired)s)
+        AS skipped_expired,
     -- What providers reported about the sent ones (migration 002). An open, a click or a
     -- complaint implies the email arrived; a bounce after a delivery report counts as bounced.
     count(*) FILTER (WHERE status = 'sent'
@@ -158,7 +186,13 @@ SELECT
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - queued_at))
         AS p50_seconds,
     percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - queued_at))
-        AS p95_seconds
+        AS p95_seconds,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - published_at))
+        AS send_p50_seconds,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - published_at))
+        AS send_p95_seconds,
+    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - published_at))
+        AS send_p99_seconds
 FROM email.deliveries
 WHERE queued_at >= now() - %(since_seconds)s * interval '1 second'
 GROUP BY GROUPING SETS ((workflow), ())

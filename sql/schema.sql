@@ -206,7 +206,9 @@ BEGIN
             'provider_message_id', NEW.provider_message_id,
             'source_message_id', NEW.source_message_id,
             'lease_expires_at', NEW.lease_expires_at,
-            'replays', NULLIF(NEW.replays, 0)
+            'replays', NULLIF(NEW.replays, 0),
+            'relay', CASE WHEN NEW.status = 'sent' THEN NEW.relay END,
+            'smtp_ms', CASE WHEN NEW.status = 'sent' THEN NEW.smtp_ms END
         ))
     );
     RETURN NULL;
@@ -236,10 +238,10 @@ END
 $$;
 
 --
--- Name: claim_delivery(text, text, text, text, jsonb, text, integer, integer, integer, text); Type: FUNCTION; Schema: email; Owner: -
+-- Name: claim_delivery(text, text, text, text, jsonb, text, integer, integer, integer, text, timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: email; Owner: -
 --
 
-CREATE FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer DEFAULT NULL::integer, rate_window_seconds integer DEFAULT NULL::integer, takeover_reason text DEFAULT 'lease_expired'::text, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) RETURNS record
+CREATE FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer DEFAULT NULL::integer, rate_window_seconds integer DEFAULT NULL::integer, takeover_reason text DEFAULT 'lease_expired'::text, published_at timestamp with time zone DEFAULT NULL::timestamp with time zone, not_after timestamp with time zone DEFAULT NULL::timestamp with time zone, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) RETURNS record
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog'
     AS $$
@@ -248,44 +250,60 @@ DECLARE
     since timestamptz;
     recent integer;
     new_status email.delivery_status;
+    valid_until timestamptz;
 BEGIN
-    -- 1. A live suppression entry (a bounce, a complaint, an operator's `suppressions add`).
-    SELECT s.reason, format('recipient suppressed: %s since %s', s.reason,
-                            to_char(s.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"'))
-      INTO reason, message
-      FROM email.suppressions s
-     WHERE s.address = rcpt AND (s.expires_at IS NULL OR s.expires_at > now());
-    IF FOUND THEN
-        code := 'SUPPRESSED';
-    ELSIF claim_delivery.rate_limit IS NOT NULL THEN
-        -- 2. The rate limit. The lock's first key names this use; the second is the
-        -- recipient's hash (a collision only serialises two recipients' claims).
-        PERFORM pg_advisory_xact_lock(1701669996, hashtext(rcpt));
-        since := now() - claim_delivery.rate_window_seconds * interval '1 second';
-        SELECT count(*) INTO recent
-          FROM email.deliveries d
-         WHERE lower(d.recipient) = rcpt
-           AND d.workflow = claim_delivery.workflow
-           AND d.status IN ('sent', 'in_progress')
-           AND coalesce(d.sent_at, d.lease_expires_at) > since
-           AND d.delivery_id <> claim_delivery.delivery_id;
-        IF recent >= claim_delivery.rate_limit THEN
-            code := 'RATE_LIMITED';
-            reason := 'rate_limit';
-            message := format('rate limit: %s %s emails to this recipient per %s s',
-                                   claim_delivery.rate_limit, claim_delivery.workflow,
-                                   claim_delivery.rate_window_seconds);
+    -- 0. The validity end. The row is locked from this read to the upsert below (which
+    -- would lock it anyway), so no concurrent copy can change it in between; a row that does
+    -- not exist yet has only this copy's.
+    SELECT d.not_after INTO valid_until FROM email.deliveries d
+     WHERE d.delivery_id = claim_delivery.delivery_id
+       FOR UPDATE;
+    valid_until := least(valid_until, claim_delivery.not_after);
+    IF valid_until <= now() THEN
+        code := 'EXPIRED';
+        reason := 'expired';
+        message := format('expired: valid until %s',
+                          to_char(valid_until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
+    ELSE
+        -- 1. A live suppression entry (a bounce, a complaint, an operator's `suppressions add`).
+        SELECT s.reason, format('recipient suppressed: %s since %s', s.reason,
+                                to_char(s.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"'))
+          INTO reason, message
+          FROM email.suppressions s
+         WHERE s.address = rcpt AND (s.expires_at IS NULL OR s.expires_at > now());
+        IF FOUND THEN
+            code := 'SUPPRESSED';
+        ELSIF claim_delivery.rate_limit IS NOT NULL THEN
+            -- 2. The rate limit. The lock's first key names this use; the second is the
+            -- recipient's hash (a collision only serialises two recipients' claims).
+            PERFORM pg_advisory_xact_lock(1701669996, hashtext(rcpt));
+            since := now() - claim_delivery.rate_window_seconds * interval '1 second';
+            SELECT count(*) INTO recent
+              FROM email.deliveries d
+             WHERE lower(d.recipient) = rcpt
+               AND d.workflow = claim_delivery.workflow
+               AND d.status IN ('sent', 'in_progress')
+               AND coalesce(d.sent_at, d.lease_expires_at) > since
+               AND d.delivery_id <> claim_delivery.delivery_id;
+            IF recent >= claim_delivery.rate_limit THEN
+                code := 'RATE_LIMITED';
+                reason := 'rate_limit';
+                message := format('rate limit: %s %s emails to this recipient per %s s',
+                                       claim_delivery.rate_limit, claim_delivery.workflow,
+                                       claim_delivery.rate_window_seconds);
+            END IF;
         END IF;
     END IF;
 
     -- 3. One guarded upsert, the claim's guard of before: a new row, or one that is queued,
     -- retrying, or in progress under an expired lease. Concurrent claims of one id serialise
     -- on the row; the loser re-checks the guard against the winner's row and changes nothing.
+    -- published_at and not_after only ever move earlier (least() ignores a NULL).
     new_status := CASE WHEN code IS NULL THEN 'in_progress' ELSE 'skipped' END;
     INSERT INTO email.deliveries AS d (
         delivery_id, workflow, recipient, locale, metadata, source_message_id,
         status, status_reason, attempts, claim_token, lease_expires_at, last_attempted_at,
-        last_error_code, last_error_message
+        last_error_code, last_error_message, published_at, not_after
     ) VALUES (
         claim_delivery.delivery_id, claim_delivery.workflow, claim_delivery.recipient,
         claim_delivery.locale, claim_delivery.metadata, claim_delivery.source_message_id,
@@ -294,7 +312,7 @@ BEGIN
         CASE WHEN code IS NULL THEN gen_random_uuid() END,
         CASE WHEN code IS NULL THEN now() + claim_delivery.lease_seconds * interval '1 second' END,
         CASE WHEN code IS NULL THEN now() END,
-        code, message
+        code, message, claim_delivery.published_at, claim_delivery.not_after
     )
     ON CONFLICT ON CONSTRAINT deliveries_pkey DO UPDATE SET
         workflow = excluded.workflow,
@@ -315,7 +333,9 @@ BEGIN
         last_error_code = coalesce(excluded.last_error_code, d.last_error_code),
         last_error_message = CASE WHEN excluded.status = 'skipped'
                                   THEN excluded.last_error_message
-                                  ELSE d.last_error_message END
+                                  ELSE d.last_error_message END,
+        published_at = least(d.published_at, excluded.published_at),
+        not_after = least(d.not_after, excluded.not_after)
     WHERE d.status IN ('queued', 'retrying')
        OR (d.status = 'in_progress' AND d.lease_expires_at < now())
     RETURNING d.claim_token, d.attempts, d.lease_expires_at INTO token, attempt, lease_until;
@@ -332,6 +352,23 @@ BEGIN
     message := NULL;
     SELECT d.status INTO current_status FROM email.deliveries d
      WHERE d.delivery_id = claim_delivery.delivery_id;
+END
+$$;
+
+--
+-- Name: claim_relay_probe(text, integer); Type: FUNCTION; Schema: email; Owner: -
+--
+
+CREATE FUNCTION email.claim_relay_probe(relay text, seconds integer) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE email.relay_circuits AS c
+       SET probe_until = now() + claim_relay_probe.seconds * interval '1 second'
+     WHERE c.relay = claim_relay_probe.relay
+       AND c.reopens_at <= now()
+       AND (c.probe_until IS NULL OR c.probe_until <= now());
+    RETURN FOUND;
 END
 $$;
 
@@ -406,10 +443,84 @@ CREATE FUNCTION email.provider_status_allowed(from_status email.provider_status,
 $$;
 
 --
--- Name: set_sent_if_claimed(text, uuid, integer, text, text); Type: FUNCTION; Schema: email; Owner: -
+-- Name: record_send_failure(text, uuid, text, integer, text, text, boolean, boolean, integer, integer); Type: FUNCTION; Schema: email; Owner: -
 --
 
-CREATE FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text DEFAULT NULL::text) RETURNS SETOF text
+CREATE FUNCTION email.record_send_failure(delivery_id text, claim_token uuid, relay text, attempt integer, error_code text, error_message text, transient boolean, counts boolean, trip_after integer, cooldown_seconds integer) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    failures integer;
+    open_until timestamptz;
+    trips boolean;
+BEGIN
+    INSERT INTO email.delivery_events
+        (delivery_id, status, attempt, error_code, error_message, payload)
+    SELECT d.delivery_id, d.status, record_send_failure.attempt,
+           record_send_failure.error_code, left(record_send_failure.error_message, 500),
+           jsonb_build_object('relay', record_send_failure.relay,
+                              'attempt_failed', true,
+                              'transient', record_send_failure.transient)
+      FROM email.deliveries d
+     WHERE d.delivery_id = record_send_failure.delivery_id
+       AND d.status = 'in_progress'
+       AND d.claim_token = record_send_failure.claim_token;
+    IF NOT record_send_failure.counts THEN
+        RETURN false;
+    END IF;
+    -- The row lock serialises instances failing at once: each reads the other's count.
+    SELECT c.consecutive_failures + 1, c.reopens_at INTO failures, open_until
+      FROM email.relay_circuits c
+     WHERE c.relay = record_send_failure.relay
+       FOR UPDATE;
+    trips := failures >= record_send_failure.trip_after
+             AND (open_until IS NULL OR open_until <= now());
+    UPDATE email.relay_circuits AS c SET
+        consecutive_failures = failures,
+        last_error_code = left(record_send_failure.error_code, 100),
+        last_error_message = left(record_send_failure.error_message, 500),
+        opened_at = CASE WHEN trips THEN now() ELSE c.opened_at END,
+        reopens_at = CASE WHEN trips
+                          THEN now() + record_send_failure.cooldown_seconds * interval '1 second'
+                          ELSE c.reopens_at END,
+        probe_until = CASE WHEN trips THEN NULL ELSE c.probe_until END,
+        updated_at = now()
+     WHERE c.relay = record_send_failure.relay;
+    RETURN coalesce(trips, false);
+END
+$$;
+
+--
+-- Name: record_send_success(text); Type: FUNCTION; Schema: email; Owner: -
+--
+
+CREATE FUNCTION email.record_send_success(relay text) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    was_open boolean;
+BEGIN
+    SELECT c.reopens_at IS NOT NULL INTO was_open
+      FROM email.relay_circuits c
+     WHERE c.relay = record_send_success.relay
+       FOR UPDATE;
+    UPDATE email.relay_circuits AS c SET
+        consecutive_failures = 0,
+        opened_at = NULL,
+        reopens_at = NULL,
+        probe_until = NULL,
+        updated_at = now()
+     WHERE c.relay = record_send_success.relay
+       AND (c.consecutive_failures > 0 OR c.reopens_at IS NOT NULL);
+    RETURN coalesce(was_open, false);
+END
+$$;
+
+--
+-- Name: set_sent_if_claimed(text, uuid, integer, text, text, text, integer); Type: FUNCTION; Schema: email; Owner: -
+--
+
+CREATE FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text DEFAULT NULL::text, relay text DEFAULT NULL::text, smtp_ms integer DEFAULT NULL::integer) RETURNS SETOF text
     LANGUAGE plpgsql
     AS $$
 BEGIN
@@ -420,9 +531,9 @@ BEGIN
         sent_at = now(),
         attempts = greatest(d.attempts, set_sent_if_claimed.attempts),
         provider_message_id = set_sent_if_claimed.provider_message_id,
-        -- The relay's own id from its 250 reply (contract section 2): provider events may
-        -- name it.
         relay_message_id = set_sent_if_claimed.relay_message_id,
+        relay = set_sent_if_claimed.relay,
+        smtp_ms = set_sent_if_claimed.smtp_ms,
         last_error_code = NULL,
         last_error_message = NULL,
         claim_token = NULL,
@@ -511,14 +622,20 @@ CREATE TABLE email.deliveries (
     complained_at timestamp with time zone,
     bounce_type text,
     relay_message_id text,
+    published_at timestamp with time zone,
+    not_after timestamp with time zone,
+    relay text,
+    smtp_ms integer,
     CONSTRAINT addressable_unless_failed CHECK (((status = ANY (ARRAY['failed'::email.delivery_status, 'dead_letter'::email.delivery_status, 'queued'::email.delivery_status])) OR ((workflow IS NOT NULL) AND (recipient IS NOT NULL)))),
     CONSTRAINT deliveries_attempts_check CHECK ((attempts >= 0)),
     CONSTRAINT deliveries_bounce_type_check CHECK ((length(bounce_type) <= 100)),
     CONSTRAINT deliveries_delivery_id_check CHECK ((delivery_id ~ '^[A-Za-z0-9._:@-]{1,200}$'::text)),
     CONSTRAINT deliveries_last_error_message_check CHECK ((length(last_error_message) <= 500)),
     CONSTRAINT deliveries_recipient_check CHECK ((length(recipient) <= 254)),
+    CONSTRAINT deliveries_relay_check CHECK ((relay = ANY (ARRAY['primary'::text, 'fallback'::text]))),
     CONSTRAINT deliveries_relay_message_id_check CHECK ((length(relay_message_id) <= 500)),
     CONSTRAINT deliveries_replays_check CHECK ((replays >= 0)),
+    CONSTRAINT deliveries_smtp_ms_check CHECK ((smtp_ms >= 0)),
     CONSTRAINT lease_only_in_progress CHECK ((((status = 'in_progress'::email.delivery_status) = (claim_token IS NOT NULL)) AND ((claim_token IS NULL) = (lease_expires_at IS NULL)))),
     CONSTRAINT sent_exactly_when_sent_at CHECK (((status = 'sent'::email.delivery_status) = (sent_at IS NOT NULL))),
     CONSTRAINT sent_has_no_error CHECK (((status <> 'sent'::email.delivery_status) OR ((last_error_code IS NULL) AND (last_error_message IS NULL))))
@@ -600,6 +717,26 @@ CREATE SEQUENCE email.provider_events_id_seq
 --
 
 ALTER SEQUENCE email.provider_events_id_seq OWNED BY email.provider_events.id;
+
+--
+-- Name: relay_circuits; Type: TABLE; Schema: email; Owner: -
+--
+
+CREATE TABLE email.relay_circuits (
+    relay text NOT NULL,
+    consecutive_failures integer DEFAULT 0 NOT NULL,
+    opened_at timestamp with time zone,
+    reopens_at timestamp with time zone,
+    probe_until timestamp with time zone,
+    last_error_code text,
+    last_error_message text,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT open_since_when CHECK (((opened_at IS NULL) = (reopens_at IS NULL))),
+    CONSTRAINT relay_circuits_consecutive_failures_check CHECK ((consecutive_failures >= 0)),
+    CONSTRAINT relay_circuits_last_error_code_check CHECK ((length(last_error_code) <= 100)),
+    CONSTRAINT relay_circuits_last_error_message_check CHECK ((length(last_error_message) <= 500)),
+    CONSTRAINT relay_circuits_relay_check CHECK ((relay = ANY (ARRAY['primary'::text, 'fallback'::text])))
+);
 
 --
 -- Name: schema_migrations; Type: TABLE; Schema: email; Owner: -
@@ -690,6 +827,13 @@ ALTER TABLE ONLY email.provider_events
 
 ALTER TABLE ONLY email.provider_events
     ADD CONSTRAINT provider_events_pkey PRIMARY KEY (id);
+
+--
+-- Name: relay_circuits relay_circuits_pkey; Type: CONSTRAINT; Schema: email; Owner: -
+--
+
+ALTER TABLE ONLY email.relay_circuits
+    ADD CONSTRAINT relay_circuits_pkey PRIMARY KEY (relay);
 
 --
 -- Name: schema_migrations schema_migrations_pkey; Type: CONSTRAINT; Schema: email; Owner: -
@@ -878,10 +1022,22 @@ CREATE POLICY reader_select ON email.delivery_events FOR SELECT TO email_reader 
 CREATE POLICY reader_select ON email.provider_events FOR SELECT TO email_reader USING (true);
 
 --
+-- Name: relay_circuits reader_select; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY reader_select ON email.relay_circuits FOR SELECT TO email_reader USING (true);
+
+--
 -- Name: suppressions reader_select; Type: POLICY; Schema: email; Owner: -
 --
 
 CREATE POLICY reader_select ON email.suppressions FOR SELECT TO email_reader USING (true);
+
+--
+-- Name: relay_circuits; Type: ROW SECURITY; Schema: email; Owner: -
+--
+
+ALTER TABLE email.relay_circuits ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: suppressions; Type: ROW SECURITY; Schema: email; Owner: -
@@ -944,6 +1100,12 @@ CREATE POLICY worker_select ON email.deliveries FOR SELECT TO email_worker USING
 CREATE POLICY worker_select ON email.provider_events FOR SELECT TO email_worker USING (true);
 
 --
+-- Name: relay_circuits worker_select; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY worker_select ON email.relay_circuits FOR SELECT TO email_worker USING (true);
+
+--
 -- Name: suppressions worker_select; Type: POLICY; Schema: email; Owner: -
 --
 
@@ -960,6 +1122,12 @@ CREATE POLICY worker_select ON email.webhook_tokens FOR SELECT TO email_worker U
 --
 
 CREATE POLICY worker_update ON email.deliveries FOR UPDATE TO email_worker USING (true) WITH CHECK (true);
+
+--
+-- Name: relay_circuits worker_update; Type: POLICY; Schema: email; Owner: -
+--
+
+CREATE POLICY worker_update ON email.relay_circuits FOR UPDATE TO email_worker USING (true) WITH CHECK (true);
 
 --
 -- Name: suppressions worker_update; Type: POLICY; Schema: email; Owner: -
@@ -994,11 +1162,18 @@ REVOKE ALL ON FUNCTION email.audit_delivery_transition() FROM PUBLIC;
 REVOKE ALL ON FUNCTION email.audit_provider_status() FROM PUBLIC;
 
 --
--- Name: FUNCTION claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status); Type: ACL; Schema: email; Owner: -
+-- Name: FUNCTION claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, published_at timestamp with time zone, not_after timestamp with time zone, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status); Type: ACL; Schema: email; Owner: -
 --
 
-REVOKE ALL ON FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) FROM PUBLIC;
-GRANT ALL ON FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) TO email_worker;
+REVOKE ALL ON FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, published_at timestamp with time zone, not_after timestamp with time zone, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) FROM PUBLIC;
+GRANT ALL ON FUNCTION email.claim_delivery(delivery_id text, workflow text, recipient text, locale text, metadata jsonb, source_message_id text, lease_seconds integer, rate_limit integer, rate_window_seconds integer, takeover_reason text, published_at timestamp with time zone, not_after timestamp with time zone, OUT outcome text, OUT token uuid, OUT attempt integer, OUT lease_until timestamp with time zone, OUT code text, OUT reason text, OUT message text, OUT current_status email.delivery_status) TO email_worker;
+
+--
+-- Name: FUNCTION claim_relay_probe(relay text, seconds integer); Type: ACL; Schema: email; Owner: -
+--
+
+REVOKE ALL ON FUNCTION email.claim_relay_probe(relay text, seconds integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION email.claim_relay_probe(relay text, seconds integer) TO email_worker;
 
 --
 -- Name: FUNCTION guard_delivery_transition(); Type: ACL; Schema: email; Owner: -
@@ -1021,11 +1196,25 @@ GRANT ALL ON FUNCTION email.provider_status_allowed(from_status email.provider_s
 GRANT ALL ON FUNCTION email.provider_status_allowed(from_status email.provider_status, to_status email.provider_status) TO email_reader;
 
 --
--- Name: FUNCTION set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text); Type: ACL; Schema: email; Owner: -
+-- Name: FUNCTION record_send_failure(delivery_id text, claim_token uuid, relay text, attempt integer, error_code text, error_message text, transient boolean, counts boolean, trip_after integer, cooldown_seconds integer); Type: ACL; Schema: email; Owner: -
 --
 
-REVOKE ALL ON FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text) FROM PUBLIC;
-GRANT ALL ON FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text) TO email_worker;
+REVOKE ALL ON FUNCTION email.record_send_failure(delivery_id text, claim_token uuid, relay text, attempt integer, error_code text, error_message text, transient boolean, counts boolean, trip_after integer, cooldown_seconds integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION email.record_send_failure(delivery_id text, claim_token uuid, relay text, attempt integer, error_code text, error_message text, transient boolean, counts boolean, trip_after integer, cooldown_seconds integer) TO email_worker;
+
+--
+-- Name: FUNCTION record_send_success(relay text); Type: ACL; Schema: email; Owner: -
+--
+
+REVOKE ALL ON FUNCTION email.record_send_success(relay text) FROM PUBLIC;
+GRANT ALL ON FUNCTION email.record_send_success(relay text) TO email_worker;
+
+--
+-- Name: FUNCTION set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text, relay text, smtp_ms integer); Type: ACL; Schema: email; Owner: -
+--
+
+REVOKE ALL ON FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text, relay text, smtp_ms integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION email.set_sent_if_claimed(delivery_id text, claim_token uuid, attempts integer, provider_message_id text, relay_message_id text, relay text, smtp_ms integer) TO email_worker;
 
 --
 -- Name: FUNCTION set_unsent_if_claimed(delivery_id text, claim_token uuid, status email.delivery_status, reason text, attempts integer, error_code text, error_message text); Type: ACL; Schema: email; Owner: -
@@ -1076,6 +1265,13 @@ GRANT SELECT ON TABLE email.provider_events TO email_reader;
 GRANT USAGE ON SEQUENCE email.provider_events_id_seq TO email_worker;
 
 --
+-- Name: TABLE relay_circuits; Type: ACL; Schema: email; Owner: -
+--
+
+GRANT SELECT,UPDATE ON TABLE email.relay_circuits TO email_worker;
+GRANT SELECT ON TABLE email.relay_circuits TO email_reader;
+
+--
 -- Name: TABLE suppressions; Type: ACL; Schema: email; Owner: -
 --
 
@@ -1101,4 +1297,7 @@ INSERT INTO email.schema_migrations (version, name) VALUES
     (6, 'transition_functions'),
     (7, 'recipient_search_indexes'),
     (8, 'webhook_hardening'),
-    (9, 'suppression_ids');
+    (9, 'suppression_ids'),
+    (10, 'freshness'),
+    (11, 'idn_addresses'),
+    (12, 'relays');

@@ -85,7 +85,7 @@ class Case:
         keys, as the emulator and Eventarc send), or `envelope`."""
         if self.envelope is not None:
             return dict(self.envelope)
-        published = "2026-11-22T00:00:00Z"
+        published = factories.publish_time()
         return {
             "message": {
                 "data": self.message_data(),

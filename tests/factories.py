@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from cloudevents.http import CloudEvent
@@ -43,8 +44,10 @@ def cloud_event(
     message_id: str | None = None,
     attributes: dict[str, str] | None = None,
     traceparent: str | None = None,
+    published: datetime | str | None = None,
 ) -> CloudEvent:
-    """The Eventarc shape of a Pub/Sub `messagePublished` event."""
+    """The Eventarc shape of a Pub/Sub `messagePublished` event, published `published` (by
+    default now: a code's validity runs from its publish time)."""
     message_id = message_id or str(uuid.uuid4().int)[:16]
     headers = {
         "type": "google.cloud.pubsub.topic.v1.messagePublished",
@@ -58,8 +61,16 @@ def cloud_event(
             "data": base64.b64encode(encode(body)).decode(),
             "attributes": attributes or {},
             "messageId": message_id,
-            "publishTime": "2026-11-22T00:00:00Z",
+            "publishTime": publish_time(published),
         },
         "subscription": "projects/test-project/subscriptions/eventarc-sub",
     }
     return CloudEvent(headers, data)
+
+
+def publish_time(published: datetime | str | None = None) -> str:
+    """Pub/Sub's `publishTime` form (RFC 3339, UTC, `Z`), of `published` or now."""
+    if isinstance(published, str):
+        return published
+    moment = (published or datetime.now(UTC)).astimezone(UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

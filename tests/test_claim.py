@@ -1,6 +1,6 @@
-"""The claim as one decision in the database (migrations 004 and 005; docs/reference.md and
-docs/operating.md): claim, or end the row `skipped` (suppressed recipient, rate limit reached),
-or nothing."""
+"""The claim as one decision in the database (migrations 004, 005 and 010; docs/reference.md
+and docs/operating.md): claim, or end the row `skipped` (validity end passed, suppressed
+recipient, rate limit reached), or nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -51,6 +52,8 @@ def claim(
     workflow: str = "verification-code",
     delivery_id: str | None = None,
     limit: RateLimit | None = None,
+    published_at: datetime | None = None,
+    not_after: datetime | None = None,
 ) -> ClaimResult:
     return ledger.claim_or_skip(
         delivery_id=delivery_id or next(_ids),
@@ -61,6 +64,8 @@ def claim(
         source_message_id="m-1",
         lease_seconds=60,
         rate_limit=limit,
+        published_at=published_at,
+        not_after=not_after,
     )
 
 
@@ -318,6 +323,154 @@ def test_the_count_uses_its_index(admin: psycopg.Connection[Any]) -> None:
     assert any("deliveries_rate_limit_idx" in str(line) for line in plan), plan
 
 
+# --- freshness (migration 010) -----------------------------------------------------------------
+
+
+def db_now(admin: psycopg.Connection[Any]) -> datetime:
+    row = admin.execute("SELECT now() AS now").fetchone()
+    assert row is not None
+    return row["now"]  # type: ignore[no-any-return]
+
+
+def age(admin: psycopg.Connection[Any], delivery_id: str, by: timedelta) -> None:
+    """Time passes for one row: its publish time and validity end move `by` into the past."""
+    admin.execute(
+        "UPDATE email.deliveries SET published_at = published_at - %s,"
+        " not_after = not_after - %s WHERE delivery_id = %s",
+        (by, by, delivery_id),
+    )
+
+
+def test_a_claim_after_the_validity_end_ends_the_row_skipped_expired(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
+    now = db_now(admin)
+    published, end = now - timedelta(minutes=11), now - timedelta(minutes=1)
+    result = claim(ledger, published_at=published, not_after=end)
+    assert isinstance(result, Skipped)
+    assert (result.code, result.reason) == (Code.EXPIRED, Reason.EXPIRED)
+    assert result.message == f"expired: valid until {end:%Y-%m-%d %H:%M:%S} UTC"
+    row = ledger.get(result.delivery_id)
+    assert row is not None
+    assert (row.status, row.status_reason, row.last_error_code, row.attempts) == (
+        Status.SKIPPED,
+        "expired",
+        "EXPIRED",
+        0,
+    )
+    assert (row.published_at, row.not_after) == (published, end)
+    assert (row.claim_token, row.sent_at) == (None, None)
+    [event] = ledger.events(result.delivery_id)
+    assert (event.status, event.error_code) == (Status.SKIPPED, "EXPIRED")
+
+
+def test_a_claim_exactly_at_the_validity_end_is_expired_a_microsecond_before_is_not(
+    admin: psycopg.Connection[Any],
+) -> None:
+    """now() is the transaction's start: inside one transaction, a validity end equal to it is
+    the boundary itself."""
+    call = (
+        "SELECT outcome, code FROM email.claim_delivery(delivery_id => %s,"
+        " workflow => 'verification-code', recipient => 'ada@example.com', locale => 'en',"
+        " metadata => NULL, source_message_id => NULL, lease_seconds => 60,"
+        " not_after => now() + %s)"
+    )
+    with admin.transaction():
+        at = admin.execute(call, ("at-the-end", timedelta(0))).fetchone()
+        before = admin.execute(call, ("just-before", timedelta(microseconds=1))).fetchone()
+    assert at == {"outcome": "skipped", "code": "EXPIRED"}
+    assert before == {"outcome": "claimed", "code": None}
+
+
+def test_a_later_copy_never_moves_the_publish_time_or_the_end_later(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
+    now = db_now(admin)
+    first = claim(ledger, published_at=now, not_after=now + timedelta(minutes=10))
+    assert isinstance(first, Claim)
+    failure = Failure("SMTP_451", "later", Reason.TRANSIENT_FAILURE)
+    assert ledger.set_retrying_if_claimed(first, attempts=1, failure=failure)
+    later = now + timedelta(minutes=5)
+    again = claim(
+        ledger,
+        delivery_id=first.delivery_id,
+        published_at=later,
+        not_after=later + timedelta(minutes=10),
+    )
+    assert isinstance(again, Claim)
+    row = ledger.get(first.delivery_id)
+    assert row is not None
+    assert (row.published_at, row.not_after) == (now, now + timedelta(minutes=10))
+    # An earlier end does move it (a copy that says the email is pointless sooner).
+    assert ledger.set_retrying_if_claimed(again, attempts=2, failure=failure)
+    sooner = now + timedelta(minutes=3)
+    assert isinstance(claim(ledger, delivery_id=first.delivery_id, not_after=sooner), Claim)
+    row = ledger.get(first.delivery_id)
+    assert row is not None and (row.published_at, row.not_after) == (now, sooner)
+
+
+@pytest.mark.parametrize("way_back", ["retrying", "lease_taken_over", "replayed"])
+def test_every_way_back_after_the_end_is_expired(
+    admin: psycopg.Connection[Any], ledger: Ledger, way_back: str
+) -> None:
+    """Whatever brings the delivery back after its validity end: a redelivery after a
+    transient failure, a take-over of an expired lease, a replay; the copy that comes back
+    carries a fresh publish time, and its own later end does not count."""
+    now = db_now(admin)
+    first = claim(ledger, published_at=now, not_after=now + timedelta(minutes=10))
+    assert isinstance(first, Claim)
+    failure = Failure("SMTP_451", "later", Reason.TRANSIENT_FAILURE)
+    if way_back == "retrying":
+        assert ledger.set_retrying_if_claimed(first, attempts=1, failure=failure)
+    elif way_back == "lease_taken_over":
+        admin.execute(
+            "UPDATE email.deliveries SET lease_expires_at = now() - interval '1 second'"
+            " WHERE delivery_id = %s",
+            (first.delivery_id,),
+        )
+    else:
+        assert ledger.set_dead_letter_if_claimed(first, attempts=5, failure=failure)
+        assert ledger.set_queued_if_finished(first.delivery_id)
+    age(admin, first.delivery_id, timedelta(minutes=11))
+    fresh = db_now(admin)
+    result = claim(
+        ledger,
+        delivery_id=first.delivery_id,
+        published_at=fresh,
+        not_after=fresh + timedelta(minutes=10),
+    )
+    assert isinstance(result, Skipped) and result.code == Code.EXPIRED
+    row = ledger.get(first.delivery_id)
+    assert row is not None
+    assert (row.status, row.last_error_code, row.claim_token) == (Status.SKIPPED, "EXPIRED", None)
+
+
+def test_an_expired_delivery_that_is_sent_or_held_is_left_alone(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
+    now = db_now(admin)
+    done = claim(ledger, not_after=now + timedelta(minutes=10))
+    send(ledger, done)
+    live = claim(ledger, not_after=now + timedelta(minutes=10))
+    assert isinstance(live, Claim)
+    for delivery_id in (done.delivery_id, live.delivery_id):
+        age(admin, delivery_id, timedelta(minutes=11))
+    assert claim(ledger, delivery_id=done.delivery_id) == Unclaimed(done.delivery_id, Status.SENT)
+    assert claim(ledger, delivery_id=live.delivery_id) == Unclaimed(
+        live.delivery_id, Status.IN_PROGRESS
+    )
+    send(ledger, live)  # the claim that was already sending finishes normally
+
+
+def test_expiry_comes_before_the_suppression_and_the_rate_limit(
+    admin: psycopg.Connection[Any], ledger: Ledger
+) -> None:
+    suppress(admin, "ada@example.com")
+    gone = db_now(admin) - timedelta(seconds=1)
+    result = claim(ledger, limit=FIVE_PER_HOUR, not_after=gone)
+    assert isinstance(result, Skipped) and result.code == Code.EXPIRED
+
+
 # --- the vocabulary, the roles, the pooler ----------------------------------------------------
 
 
@@ -341,7 +494,8 @@ def test_the_words_of_the_claim_are_the_python_enums(admin: psycopg.Connection[A
         return {word for text in assignments for word in re.findall(r"'(\w+)'", text)}
 
     assert spelled("code") == {code.value for code in SKIP_CODES}
-    assert spelled("reason") == {Reason.RATE_LIMIT.value}  # the others come from the entry
+    # The others come from the suppression entry.
+    assert spelled("reason") == {Reason.RATE_LIMIT.value, Reason.EXPIRED.value}
     assert spelled("outcome") == {o.value for o in ClaimOutcome}
 
 
@@ -406,16 +560,19 @@ def test_migrations_004_and_005_go_down_and_up_again(empty_database_url: str) ->
     assert objects() == (1, 1)
     with psycopg.connect(url, autocommit=True) as conn:
         suppress(conn, "ada@example.com")
-        with ConnectionPool(url, kwargs={"autocommit": True}) as pool:
-            skipped = claim(Ledger(pool))
-        assert isinstance(skipped, Skipped)
+        # 005's own call (today's Ledger passes migration 010's parameters too).
+        [(outcome, skipped_id)] = conn.execute(
+            "SELECT outcome, 'c-005' FROM email.claim_delivery('c-005', 'invite',"
+            " 'ada@example.com', 'en', NULL, NULL, 60)"
+        ).fetchall()
+        assert outcome == ClaimOutcome.SKIPPED
     assert [m.version for m in migrate_down(url, migrations=through_005, report=quiet)] == [5]
     assert objects() == (0, 1)
     assert [m.version for m in migrate_down(url, migrations=through_005, report=quiet)] == [4]
     assert objects() == (0, 0)
     with psycopg.connect(url) as conn:
         row = conn.execute(
-            "SELECT status FROM email.deliveries WHERE delivery_id = %s", (skipped.delivery_id,)
+            "SELECT status FROM email.deliveries WHERE delivery_id = %s", (skipped_id,)
         ).fetchone()
     assert row == ("skipped",)  # kept, and still final
     assert [m.version for m in migrate_up(url, through_005, report=quiet)] == [4, 5]

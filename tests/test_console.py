@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -506,6 +507,77 @@ def test_stats_match_the_cli_and_count_the_window(
         shown = total if printed["is_total"] else rows[printed["workflow"]]
         assert {key: shown[key] for key in printed} == printed
     assert bad(console, "/api/stats", "since", since="forever")
+
+
+def test_stats_show_the_time_to_send_from_the_publish_time(
+    console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    """Only these rows have a publish time (the seeds of the other tests have none), so the
+    percentiles are theirs, interpolated between 4 s and 14 s."""
+    for lag in (4, 14):
+        delivery_id = seed(admin_conn, workflow="verification-code", recipient="tts@example.com")
+        admin_conn.execute(
+            "UPDATE email.deliveries SET published_at = sent_at - %s * interval '1 second'"
+            " WHERE delivery_id = %s",
+            (lag, delivery_id),
+        )
+    doc = ok(console, "/api/stats")
+    rows = {row["workflow"]: row for row in doc["workflows"]}
+    expected = {"p50_seconds": 9.0, "p95_seconds": 13.5, "p99_seconds": 13.9}
+    for row in (rows["verification-code"], rows["all"]):
+        assert row["time_to_send"] == {k: pytest.approx(v) for k, v in expected.items()}
+    page = console.get("/stats")
+    assert page.status == 200
+    workflows_table = page.text.split("<h2>Relays</h2>")[0]
+    headers = re.findall(r"<th>([^<]*)</th>", workflows_table)
+    assert headers[-3:] == ["Time to send p50", "Time to send p95", "Time to send p99"]
+    [row_html] = [r for r in page.text.split("<tr") if "<td>verification-code</td>" in r]
+    assert re.findall(r'<td class="num">([^<]*)</td>', row_html)[-3:] == [
+        "9.0 s",
+        "13.5 s",
+        "13.9 s",
+    ]
+
+
+def test_stats_show_each_relay_like_the_cli(
+    console_db: ConsoleDb, console: Console, admin_conn: psycopg.Connection[Any]
+) -> None:
+    for relay, smtp_ms in [("primary", 20), ("fallback", 120), ("fallback", 140)]:
+        delivery_id = seed(admin_conn, workflow="invite", recipient="relay@example.com")
+        admin_conn.execute(
+            "UPDATE email.deliveries SET relay = %s, smtp_ms = %s WHERE delivery_id = %s",
+            (relay, smtp_ms, delivery_id),
+        )
+    admin_conn.execute(
+        "INSERT INTO email.delivery_events (delivery_id, status, attempt, error_code, payload)"
+        " VALUES (%s, 'in_progress', 1, 'CONN_REFUSED', '{\"relay\": \"primary\","
+        ' "attempt_failed": true, "transient": true}\')',
+        (delivery_id,),
+    )
+    doc = ok(console, "/api/stats", since="7d")
+    relays = {r["relay"]: r for r in doc["relays"]}
+    assert (relays["primary"]["sent"], relays["primary"]["transient_failures"]) == (1, 1)
+    assert relays["fallback"]["sent"] == 2
+    assert relays["fallback"]["smtp_p50_ms"] == pytest.approx(130.0)
+    cli = subprocess.run(
+        [sys.executable, "-m", "worker", "stats", "--since", "7d", "--json"],
+        env={**os.environ, "DATABASE_URL": console_db.reader_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(cli.stdout)["relays"] == doc["relays"]
+    page = console.get("/stats?since=7d")
+    [relay_table] = re.findall(r"<h2>Relays</h2>(.*?)</table>", page.text, re.S)
+    [fallback_row] = [r for r in relay_table.split("<tr") if "<td>fallback</td>" in r]
+    assert re.findall(r'<td class="num">([^<]*)</td>', fallback_row) == [
+        "2",
+        "0",
+        "0",
+        "130 ms",
+        "139 ms",
+    ]
 
 
 # --- hostile stored text, headers, no write path -----------------------------------------------

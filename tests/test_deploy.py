@@ -346,6 +346,43 @@ def test_deploy_function_passes_optional_smtp_settings_and_password_secret(
     assert not any(key.endswith("_SECRET") or key == "SMTP_PASSWORD" for key in env)
 
 
+def test_deploy_function_passes_the_fallback_relay_and_its_password(deploy: Deploy) -> None:
+    settings = {
+        "FALLBACK_SMTP_HOST": "smtp.backup.example",
+        "FALLBACK_SMTP_PORT": "2525",
+        "FALLBACK_SMTP_SECURITY": "starttls",
+        "FALLBACK_SMTP_USERNAME": "backup",
+        "FALLBACK_SMTP_PROVIDER": "mailgun",
+        "RELAY_TRIP_AFTER": "3",
+        "RELAY_COOLDOWN_SECONDS": "60",
+    }
+    result = deploy.dry("deploy-function.sh", env={"SMTP_USERNAME": "apikey", **settings})
+    argv = result.one("gcloud", "functions", "deploy")
+    env = env_vars(argv)
+    for key, value in settings.items():
+        assert env[key] == value
+    assert flag(argv, "set-secrets") == (
+        "DATABASE_URL=email-database-url:latest,SMTP_PASSWORD=email-smtp-password:latest,"
+        "FALLBACK_SMTP_PASSWORD=email-fallback-smtp-password:latest"
+    )
+    checked = [a[5] for a in result.find("gcloud", "secrets", "versions", "describe")]
+    assert "--secret=email-fallback-smtp-password" in checked
+    assert "FALLBACK_SMTP_PASSWORD" not in env
+
+    worker = deploy.dry("deploy-function.sh", env={"SECRETS_VIA": "worker", **settings}).one(
+        "gcloud", "functions", "deploy"
+    )
+    assert env_vars(worker)["FALLBACK_SMTP_PASSWORD_SECRET"] == (
+        f"projects/{PROJECT}/secrets/email-fallback-smtp-password/versions/latest"
+    )
+
+
+def test_deploy_function_without_a_fallback_passes_none_of_its_settings(deploy: Deploy) -> None:
+    argv = deploy.dry("deploy-function.sh").one("gcloud", "functions", "deploy")
+    assert not any(key.startswith(("FALLBACK_", "RELAY_")) for key in env_vars(argv))
+    assert "fallback" not in flag(argv, "set-secrets")
+
+
 def test_deploy_function_can_leave_the_secrets_to_the_worker(deploy: Deploy) -> None:
     """SECRETS_VIA=worker: the slower path, for deployments that want the *_SECRET names."""
     argv = deploy.dry(
@@ -606,6 +643,11 @@ def test_deploying_needs_smtp_host_and_sender(deploy: Deploy, script: str, missi
         ({"DEAD_LETTER_TOPIC": "email-deliveries"}, "DEAD_LETTER_TOPIC"),
         ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY"),
         ({"SMTP_PORT": "99999"}, "SMTP_PORT"),
+        ({"FALLBACK_SMTP_PORT": "99999"}, "FALLBACK_SMTP_PORT"),
+        ({"FALLBACK_SMTP_SECURITY": "tls"}, "FALLBACK_SMTP_SECURITY"),
+        ({"FALLBACK_SMTP_PROVIDER": "gmail"}, "FALLBACK_SMTP_PROVIDER"),
+        ({"RELAY_TRIP_AFTER": "0"}, "RELAY_TRIP_AFTER"),
+        ({"RELAY_COOLDOWN_SECONDS": "forever"}, "RELAY_COOLDOWN_SECONDS"),
         ({"CONCURRENCY": "0"}, "CONCURRENCY"),
         ({"CONCURRENCY": "8", "CPU": "0.583"}, "CPU"),
         ({"CPU": "lots"}, "CPU"),

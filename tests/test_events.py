@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import flask
@@ -316,13 +317,29 @@ def test_unknown_workflow(value: Any) -> None:
         "Ada.Lovelace+tag@mail.example.co.uk",
         "o'brien@example.org",
         "x@localhost",
-        "a!#$%&'*+/=?^_`{|}~-@xn--bcher-kva.example",
+        "a!#$%&'*+/=?^_`{|}~-@bücher.example",
         "l" * 64 + "@example.com",
         "a@" + ".".join(["d" * 63] * 3) + ".com",
     ],
 )
 def test_recipient_accepted(value: str) -> None:
     assert parse_delivery(message(delivery(recipient=value))).recipient == value
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("a!#$%&'*+/=?^_`{|}~-@xn--bcher-kva.example", "a!#$%&'*+/=?^_`{|}~-@bücher.example"),
+        ("Ada@XN--BCHER-KVA.example", "Ada@bücher.example"),
+        ("Ada@BÜCHER.Example", "Ada@bücher.example"),
+        ("adé@example.com", "adé@example.com"),
+        ("ade\u0301@example.com", "adé@example.com"),  # NFC
+        ("ADÉ@exämple.com", "adé@exämple.com"),  # a non-ASCII local part is lower-cased
+        ("用户@例子.广告", "用户@例子.广告"),
+    ],
+)
+def test_an_international_recipient_is_stored_normalised(value: str, stored: str) -> None:
+    assert parse_delivery(message(delivery(recipient=value))).recipient == stored
 
 
 @pytest.mark.parametrize(
@@ -350,8 +367,15 @@ def test_recipient_accepted(value: str) -> None:
         "ada@example-.com",
         "ada@example..com",
         "ada@[127.0.0.1]",
-        "adé@example.com",
-        "ada@exämple.com",
+        "adé@example.com\r\nBcc: eve@example.com",
+        "adé @example.com",
+        '"adé"@example.com',
+        "Adé <adé@example.com>",
+        "adé@[127.0.0.1]",
+        "adé@localhost",  # localhost: plain ASCII addresses only
+        "adé@exämple",
+        "ada@xn--zz.example",  # not a valid A-label
+        "adé..l@example.com",
         "l" * 65 + "@example.com",
         "a@" + "d" * 64 + ".com",
         "a@" + ".".join(["d" * 60] * 5) + ".com",  # over 254 characters
@@ -753,3 +777,106 @@ def test_errors_never_show_data_values(
         assert SENTINEL not in err.field + err.rule
     else:
         assert SENTINEL not in repr(event)
+
+
+# --- freshness: not_after, the publish time, the validity end ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2030-01-31T12:00:00Z", datetime(2030, 1, 31, 12, tzinfo=UTC)),
+        ("2030-01-31t12:00:00.250z", datetime(2030, 1, 31, 12, 0, 0, 250000, tzinfo=UTC)),
+        ("2030-01-31T13:30:00+01:30", datetime(2030, 1, 31, 12, tzinfo=UTC)),
+        ("2030-01-31T07:00:00-05:00", datetime(2030, 1, 31, 12, tzinfo=UTC)),
+        (None, None),
+    ],
+)
+def test_not_after_accepted(value: str | None, expected: datetime | None) -> None:
+    event = parse_delivery(message(delivery(not_after=value)))
+    assert event.not_after == expected
+    if expected is not None:
+        assert event.valid_until == expected  # wins over expires_in_minutes
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2030-01-31",  # a date is not a moment
+        "2030-01-31T12:00:00",  # no offset: ambiguous
+        "2030-01-31 12:00:00Z",
+        "2030-02-30T12:00:00Z",
+        "2030-01-31T25:00:00Z",
+        "2030-01-31T12:00:00+24:00",
+        "tomorrow",
+        "",
+        1893456000,
+        True,
+        [],
+        {},
+    ],
+)
+def test_not_after_rejected(value: Any) -> None:
+    error = rejected(delivery(not_after=value))
+    assert error.field == "not_after"
+    assert error.delivery_id == "del_1"
+    assert "RFC 3339" in error.rule
+
+
+def published(raw: bytes, publish_time: str | None, time: str | None = None) -> DeliveryEvent:
+    """A message with this `publishTime` (None: none) in a CloudEvent with this `time` (the
+    SDK would otherwise set it to now)."""
+    body: dict[str, Any] = {"data": b64(raw), "messageId": "111"}
+    if publish_time is not None:
+        body["publishTime"] = publish_time
+    attributes: dict[str, Any] = {**CE_ATTRIBUTES, "time": time}
+    return decode(CloudEvent(attributes, {"message": body}))
+
+
+def test_the_publish_time_is_read_from_the_message_then_the_cloudevent_time() -> None:
+    raw = json.dumps(delivery()).encode()
+    at = datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    assert published(raw, "2024-05-01T10:00:00.123456789Z").message.published_at == at
+    ce_time = "2024-05-01T09:00:00Z"
+    assert published(raw, None, time=ce_time).message.published_at == at - timedelta(
+        hours=1, microseconds=123456
+    )
+    assert published(raw, "2024-05-01T10:00:00Z", time=ce_time).message.published_at == at.replace(
+        microsecond=0
+    )
+    # Pub/Sub's field, not the publisher's: unreadable is unknown, never an invalid event.
+    assert published(raw, "not a time").message.published_at is None
+    assert decode(pushed_event(raw)).message.published_at == datetime(2024, 5, 1, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("workflow", "minutes"), [("verification-code", 10), ("password-reset", 30)]
+)
+def test_a_code_or_link_is_valid_its_minutes_after_the_publish_time(
+    workflow: str, minutes: int
+) -> None:
+    raw = json.dumps(delivery(workflow)).encode()
+    event = published(raw, "2024-05-01T10:00:00Z")
+    assert event.valid_until == datetime(2024, 5, 1, 10, minutes, tzinfo=UTC)
+    # No publish time known: no end derived from it.
+    assert published(raw, None).valid_until is None
+    doc = delivery(workflow, data={**VALID_DATA[workflow]})
+    doc["data"].pop("expires_in_minutes")
+    assert published(json.dumps(doc).encode(), "2024-05-01T10:00:00Z").valid_until is None
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "end"),
+    [
+        ("2030-01-31", datetime(2030, 2, 1, tzinfo=UTC)),  # the end of that day, UTC
+        ("2030-12-31", datetime(2031, 1, 1, tzinfo=UTC)),
+        ("2030-01-31T18:00:00+02:00", datetime(2030, 1, 31, 16, tzinfo=UTC)),  # as given
+        ("9999-12-31", None),  # no end a datetime can hold
+        (None, None),
+    ],
+)
+def test_an_invite_is_valid_until_its_expires_at(
+    expires_at: str | None, end: datetime | None
+) -> None:
+    doc = delivery("invite", data={**VALID_DATA["invite"], "expires_at": expires_at})
+    assert parse_delivery(message(doc)).valid_until == end

@@ -435,6 +435,7 @@ def test_roles_are_nologin_and_row_level_security_is_on(admin: psycopg.Connectio
         {"relname": "deliveries", "relrowsecurity": True},
         {"relname": "delivery_events", "relrowsecurity": True},
         {"relname": "provider_events", "relrowsecurity": True},
+        {"relname": "relay_circuits", "relrowsecurity": True},
         {"relname": "suppressions", "relrowsecurity": True},
         {"relname": "webhook_tokens", "relrowsecurity": True},
     ]

@@ -204,7 +204,14 @@ def _command_lines() -> list[str]:
 
 def test_nothing_it_started_is_left_running(stack_run: Run) -> None:
     ports: dict[str, int] = stack_run.summary["ports"]
-    assert sorted(ports) == ["console", "function", "postgres", "pubsub_emulator", "smtp"]
+    assert sorted(ports) == [
+        "console",
+        "function",
+        "postgres",
+        "pubsub_emulator",
+        "smtp",
+        "smtp_fallback",
+    ]
     for name, port in ports.items():
         with socket.socket() as sock:
             sock.settimeout(2)

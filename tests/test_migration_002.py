@@ -162,10 +162,17 @@ for line in sys.stdin:
 """
 
 
-def previous_release_commit() -> str:
-    """The commit before migration 002 was added (HEAD while it is not committed yet)."""
+def previous_release_commit(migration: str = "002") -> str:
+    """The commit before `migration` was added (HEAD while it is not committed yet)."""
     added = subprocess.run(
-        ["git", "log", "--diff-filter=A", "--format=%H", "--", "sql/migrations/002_*.up.sql"],
+        [
+            "git",
+            "log",
+            "--diff-filter=A",
+            "--format=%H",
+            "--",
+            f"sql/migrations/{migration}_*.up.sql",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -176,20 +183,30 @@ def previous_release_commit() -> str:
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tree = tmp_path_factory.mktemp("previous-release")
+    tree = release_tree(tmp_path_factory.mktemp("previous-release"), previous_release_commit())
+    assert not list((tree / "sql" / "migrations").glob("002_*"))
+    return tree
+
+
+def release_tree(tree: Path, commit: str) -> Path:
+    """The release's worker, tests and sql, as of `commit`, unpacked in `tree`."""
     archive = subprocess.run(
-        ["git", "archive", previous_release_commit(), "worker", "tests", "sql"],
+        ["git", "archive", commit, "worker", "tests", "sql"],
         cwd=ROOT,
         capture_output=True,
         check=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    assert not list((tree / "sql" / "migrations").glob("002_*"))
     return tree
 
 
 class OldWorker:
-    def __init__(self, tree: Path, url: str, smtp: SmtpTestServer) -> None:
+    """A previous release's worker in its own process, driven one command per line by
+    `script` (OLD_WORKER for the release before migration 002)."""
+
+    def __init__(
+        self, tree: Path, url: str, smtp: SmtpTestServer, script: str = OLD_WORKER
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(
             DATABASE_URL=url,
@@ -202,7 +219,7 @@ class OldWorker:
             PUBSUB_EMULATOR_HOST="127.0.0.1:9",  # never used: nothing is dead-lettered
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", OLD_WORKER],
+            [sys.executable, "-c", script],
             cwd=tree,
             env=env,
             stdin=subprocess.PIPE,

@@ -9,6 +9,7 @@ import threading
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def test_valid_event_sends_exactly_one_email(
     assert pubsub.dead_letters(timeout=1) == []
 
 
-@pytest.mark.parametrize("expires_at", ["2026-12-01", "2026-12-01T12:00:00Z"])
+@pytest.mark.parametrize("expires_at", ["2030-12-01", "2030-12-01T12:00:00Z"])
 def test_an_invite_expiry_as_a_date_or_an_rfc3339_date_time_is_sent(
     worker: Worker, smtp_server: SmtpTestServer, ledger: Ledger, expires_at: str
 ) -> None:
@@ -74,7 +75,7 @@ def test_an_invite_expiry_as_a_date_or_an_rfc3339_date_time_is_sent(
     handle(factories.cloud_event(body), worker)
     [received] = smtp_server.messages
     text = received.message.get_body(("plain",))
-    assert text is not None and "expires on December 1, 2026." in text.get_content()
+    assert text is not None and "expires on December 1, 2030." in text.get_content()
     row = ledger.get(body["delivery_id"])
     assert row is not None and row.status is Status.SENT
 
@@ -144,8 +145,20 @@ def test_transient_failure_retries_then_asks_pubsub_to_redeliver(
     row = ledger.get(body["delivery_id"])
     assert row is not None and row.status is Status.SENT and row.attempts == 3
     assert row.last_error_code is None and len(smtp_server.messages) == 1
-    statuses = [e.status for e in ledger.events(body["delivery_id"])]
-    assert statuses == [Status.IN_PROGRESS, Status.RETRYING, Status.IN_PROGRESS, Status.SENT]
+    events = ledger.events(body["delivery_id"])
+    changes = [e.status for e in events if not e.payload.get("attempt_failed")]
+    assert changes == [Status.IN_PROGRESS, Status.RETRYING, Status.IN_PROGRESS, Status.SENT]
+    # Each failed send attempt leaves its own row: the status at the time, the error, the relay.
+    failed = [
+        (e.status, e.attempt, e.error_code, e.payload["relay"])
+        for e in events
+        if e.payload.get("attempt_failed")
+    ]
+    assert failed == [
+        (Status.IN_PROGRESS, 1, "SMTP_451", "primary"),
+        (Status.IN_PROGRESS, 2, "SMTP_451", "primary"),
+    ]
+    assert events[-1].payload["relay"] == "primary" and row.relay == "primary"
 
 
 @pytest.mark.parametrize("fault", ["421", "drop", "timeout", "refused"])
@@ -639,3 +652,169 @@ def _closed_port() -> int:
     from tests.harness.postgres import free_port
 
     return free_port()
+
+
+# --- freshness: a time-limited email is never sent late --------------------------------------
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def assert_expired(
+    ledger: Ledger, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, delivery_id: str
+) -> None:
+    """Skipped with EXPIRED: no email, no dead letter (the handler returned: acked)."""
+    row = ledger.get(delivery_id)
+    assert row is not None
+    assert (row.status, row.status_reason, row.last_error_code) == (
+        Status.SKIPPED,
+        "expired",
+        "EXPIRED",
+    )
+    assert smtp_server.messages == []
+    assert pubsub.dead_letters(timeout=1) == []
+
+
+def test_an_event_past_its_not_after_is_skipped_expired_and_acked(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    end = datetime.now(UTC) - timedelta(seconds=1)
+    body = factories.payload("invite", not_after=rfc3339(end))
+    handle(factories.cloud_event(body), worker)  # returns: acked
+    assert_expired(ledger, smtp_server, pubsub, body["delivery_id"])
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and row.not_after == end
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "{" in line]
+    [line] = [line for line in lines if line.get("message") == "delivery skipped"]
+    assert (line["reason"], line["error_code"]) == ("expired", "EXPIRED")
+
+
+def test_a_not_after_in_the_future_is_sent_and_kept(
+    worker: Worker, smtp_server: SmtpTestServer, ledger: Ledger
+) -> None:
+    end = datetime(2030, 1, 31, 12, tzinfo=UTC)
+    body = factories.payload("verification-code", not_after="2030-01-31T13:30:00+01:30")
+    published = datetime.now(UTC).replace(microsecond=0)
+    handle(factories.cloud_event(body, published=published), worker)
+    assert len(smtp_server.messages) == 1
+    row = ledger.get(body["delivery_id"])
+    # The event's own end wins over the one its minutes would give.
+    assert row is not None and (row.status, row.published_at, row.not_after) == (
+        Status.SENT,
+        published,
+        end,
+    )
+
+
+@pytest.mark.parametrize("workflow", ["verification-code", "password-reset"])
+def test_a_code_or_link_expires_its_minutes_after_its_publish_time(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    workflow: str,
+) -> None:
+    minutes = factories.DATA[workflow]["expires_in_minutes"]
+    now = datetime.now(UTC).replace(microsecond=0)
+    late = factories.payload(workflow)
+    handle(
+        factories.cloud_event(late, published=now - timedelta(minutes=minutes, seconds=1)), worker
+    )
+    assert_expired(ledger, smtp_server, pubsub, late["delivery_id"])
+
+    fresh = factories.payload(workflow)
+    published = now - timedelta(minutes=minutes - 1)
+    handle(factories.cloud_event(fresh, published=published), worker)
+    assert len(smtp_server.messages) == 1
+    row = ledger.get(fresh["delivery_id"])
+    assert row is not None and (row.status, row.published_at, row.not_after) == (
+        Status.SENT,
+        published,
+        published + timedelta(minutes=minutes),
+    )
+
+
+def test_the_cloudevent_time_is_the_publish_time_when_the_message_has_none(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    body = factories.payload()
+    event = factories.cloud_event(body)
+    del event.data["message"]["publishTime"]
+    event["time"] = rfc3339(datetime.now(UTC) - timedelta(minutes=11))
+    handle(event, worker)
+    assert_expired(ledger, smtp_server, pubsub, body["delivery_id"])
+
+
+def age(ledger: Ledger, delivery_id: str, by: timedelta) -> None:
+    """Time passes for one row: its publish time and validity end move `by` into the past."""
+    with ledger.pool.connection() as conn:
+        conn.execute(
+            "UPDATE email.deliveries SET published_at = published_at - %s,"
+            " not_after = not_after - %s WHERE delivery_id = %s",
+            (by, by, delivery_id),
+        )
+
+
+def test_a_redelivery_after_the_end_is_expired_and_a_later_copy_does_not_extend_it(
+    worker: Worker, smtp_server: SmtpTestServer, pubsub: PubSubNamespace, ledger: Ledger
+) -> None:
+    """A code fails transiently; Pub/Sub brings it back after its 10 minutes (the same
+    message), and upstream publishes the same delivery again (a copy with a fresh publish
+    time, which would give it 10 more minutes): neither sends."""
+    body = factories.payload()
+    published = datetime.now(UTC).replace(microsecond=0)
+    smtp_server.fail_next(2, 451, "4.3.0 try again later")
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(body, message_id="m-1", published=published), worker)
+    age(ledger, body["delivery_id"], timedelta(minutes=11))
+    published -= timedelta(minutes=11)
+
+    handle(factories.cloud_event(body, message_id="m-1", published=published), worker)
+    assert_expired(ledger, smtp_server, pubsub, body["delivery_id"])
+    row = ledger.get(body["delivery_id"])
+    assert row is not None and (row.attempts, row.published_at) == (2, published)
+
+    copy = {**body, "delivery_id": f"{body['delivery_id']}-copy"}
+    smtp_server.fail_next(2, 451, "4.3.0 try again later")
+    with pytest.raises(RetryLater):
+        handle(factories.cloud_event(copy, message_id="m-2"), worker)
+    age(ledger, copy["delivery_id"], timedelta(minutes=11))
+    handle(factories.cloud_event(copy, message_id="m-3"), worker)  # published just now
+    assert_expired(ledger, smtp_server, pubsub, copy["delivery_id"])
+
+
+@pytest.mark.parametrize("form", ["date", "date-time"])
+def test_an_invite_expires_at_its_expires_at(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    form: str,
+) -> None:
+    """A date alone ends at the end of that day, UTC; a date-time where it says."""
+    today = datetime.now(UTC).date()
+    if form == "date":
+        past, future = (
+            (today - timedelta(days=1)).isoformat(),
+            (today + timedelta(days=1)).isoformat(),
+        )
+        future_end = datetime.combine(today + timedelta(days=2), datetime.min.time(), UTC)
+    else:
+        now = datetime.now(UTC).replace(microsecond=0)
+        past = (now - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=-5))).isoformat()
+        future_end = now + timedelta(hours=1)
+        future = future_end.astimezone(timezone(timedelta(hours=9))).isoformat()
+    gone = factories.payload("invite", data={**factories.DATA["invite"], "expires_at": past})
+    handle(factories.cloud_event(gone), worker)
+    assert_expired(ledger, smtp_server, pubsub, gone["delivery_id"])
+
+    live = factories.payload("invite", data={**factories.DATA["invite"], "expires_at": future})
+    handle(factories.cloud_event(live), worker)
+    assert len(smtp_server.messages) == 1
+    row = ledger.get(live["delivery_id"])
+    assert row is not None and (row.status, row.not_after) == (Status.SENT, future_end)

@@ -11,6 +11,7 @@ import select
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -262,7 +263,7 @@ def test_an_invalid_event_dead_letter_valid_by_todays_rules_is_replayed(
 ) -> None:
     """A dead letter the worker refused under older rules (an RFC 3339 `expires_at`) is
     valid now: replay puts it back and it is sent."""
-    data = dict(factories.DATA["invite"], expires_at="2026-12-01T12:00:00Z")
+    data = dict(factories.DATA["invite"], expires_at="2030-12-01T12:00:00Z")
     body = factories.payload("invite", data=data)
     publish_dead_letter(
         pubsub,
@@ -277,7 +278,7 @@ def test_an_invalid_event_dead_letter_valid_by_todays_rules_is_replayed(
     handle(as_event(republished), worker)
     [email] = smtp_server.messages
     text = email.message.get_body(("plain",))
-    assert text is not None and "expires on December 1, 2026" in text.get_content()
+    assert text is not None and "expires on December 1, 2030" in text.get_content()
 
 
 # --- dead letters of any size Pub/Sub allows ----------------------------------------------------
@@ -641,7 +642,7 @@ def test_a_dead_letter_of_this_runs_own_republish_is_left_for_the_next_run(
 
     def on_item(item: worker_replay.Item) -> None:
         items.append(item)
-        if item.outcome is worker_replay.Outcome.REPLAYED:
+        if item.outcome is worker_replay.ItemResult.REPLAYED:
             # Hold the run until the function failed the republished copy again: the row is
             # marked `failed` only once its new dead letter is confirmed on the topic, so the
             # run's next pulls find it.
@@ -653,8 +654,8 @@ def test_a_dead_letter_of_this_runs_own_republish_is_left_for_the_next_run(
     run = worker_replay.replay(ledger, pubsub_settings(), options, on_item=on_item)
     assert (run.replayed, run.skipped, run.failed, run.left) == (1, 0, 0, 1)
     assert [(i.action, i.outcome) for i in items] == [
-        (worker_replay.Action.REQUEUE, worker_replay.Outcome.REPLAYED),
-        (worker_replay.Action.FAILED_AGAIN, worker_replay.Outcome.LEFT),
+        (worker_replay.Action.REQUEUE, worker_replay.ItemResult.REPLAYED),
+        (worker_replay.Action.FAILED_AGAIN, worker_replay.ItemResult.LEFT),
     ]
     assert items[1].letter.attributes["source_message_id"] == items[0].detail.split()[-1]
 
@@ -683,7 +684,7 @@ def test_a_policy_forwarded_copy_of_this_runs_republish_is_left_for_the_next_run
 
     def on_item(item: worker_replay.Item) -> None:
         items.append(item)
-        if item.outcome is worker_replay.Outcome.REPLAYED:
+        if item.outcome is worker_replay.ItemResult.REPLAYED:
             [republished] = pubsub.deliveries(timeout=5)
             pubsub.emulator.publish(
                 pubsub.dead_letter_topic,
@@ -720,3 +721,76 @@ def test_a_skipped_row_is_final_its_dead_letter_acked(
     assert "deliberately not sent" in out
     assert pubsub.deliveries(timeout=0.5) == []
     assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"
+
+
+# --- freshness: expired dead letters are never republished ------------------------------------
+
+
+def test_an_expired_dead_letter_is_left_counted_and_acked_only_with_drop_expired(
+    worker: Worker,
+    smtp_server: SmtpTestServer,
+    pubsub: PubSubNamespace,
+    ledger: Ledger,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Expired by its ledger row (a code dead-lettered more than its 10 minutes ago) or, with
+    no row, by its own `not_after` or an invite's `expires_at`; a fresh one beside them is
+    replayed as before."""
+    smtp_server.fail_recipient("gone@example.com", 550, "5.1.1 no such user")
+    old, fresh = (factories.payload(recipient="gone@example.com") for _ in range(2))
+    for body in (old, fresh):
+        handle(factories.cloud_event(body), worker)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE email.deliveries SET published_at = published_at - interval '11 minutes',"
+            " not_after = not_after - interval '11 minutes' WHERE delivery_id = %s",
+            (old["delivery_id"],),
+        )
+    gone = datetime.now(UTC) - timedelta(seconds=1)
+    unrecorded = factories.payload("invite", not_after=gone.isoformat())
+    publish_dead_letter(pubsub, unrecorded, reason="pubsub_dead_letter_policy")
+    yesterday = (gone - timedelta(days=1)).date().isoformat()
+    invite = factories.payload("invite", data={**factories.DATA["invite"], "expires_at": yesterday})
+    publish_dead_letter(pubsub, invite, reason="pubsub_dead_letter_policy")
+    smtp_server.reset()
+    expired_ids = {old["delivery_id"], unrecorded["delivery_id"], invite["delivery_id"]}
+
+    out = replay(capsys, pubsub, "--dry-run")
+    assert summary(out) == (
+        "would replay 1, skipped 0, failed 0, left for later 0, expired 3 (left)"
+        " (dry run: nothing changed)"
+    )
+    out = replay(capsys, pubsub, "--drop-expired", "--dry-run")  # a dry run acks nothing
+    assert "expired 3 (left)" in summary(out)
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 1, skipped 0, failed 0, left for later 0, expired 3 (left)"
+    expired_lines = [line for line in out.splitlines() if line.startswith("expired")]
+    assert {line.split()[1] for line in expired_lines} == expired_ids
+    assert all("not republished" in line and "--drop-expired" in line for line in expired_lines)
+    assert delivery_ids(pubsub.deliveries(timeout=5)) == [fresh["delivery_id"]]
+    row = ledger.get(old["delivery_id"])
+    assert row is not None and (row.status, row.replays) == (Status.FAILED, 0)  # untouched
+    assert ledger.get(unrecorded["delivery_id"]) is None
+
+    # Left on the subscription: the next run finds them again, and drops them when told to.
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 0, skipped 0, failed 0, left for later 0, expired 3 (left)"
+    out = replay(capsys, pubsub, "--drop-expired")
+    assert summary(out) == "replayed 0, skipped 0, failed 0, left for later 0, expired 3 (dropped)"
+    assert summary(replay(capsys, pubsub)) == "replayed 0, skipped 0, failed 0, left for later 0"
+    assert pubsub.deliveries(timeout=1) == []
+    assert smtp_server.messages == []
+
+
+def test_an_expired_dead_letter_of_a_sent_delivery_is_acked_as_sent(
+    worker: Worker, pubsub: PubSubNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only what would be republished is asked about its validity end."""
+    body = factories.payload()
+    handle(factories.cloud_event(body), worker)
+    gone = datetime.now(UTC) - timedelta(seconds=1)
+    publish_dead_letter(pubsub, {**body, "not_after": gone.isoformat()})
+    out = replay(capsys, pubsub)
+    assert summary(out) == "replayed 0, skipped 1, failed 0, left for later 0"
+    assert "already sent" in out

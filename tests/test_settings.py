@@ -288,3 +288,96 @@ def test_the_cursor_key_from_secret_manager(secret_manager: LocalSecretManager) 
         "CONSOLE_CURSOR_KEY_SECRET's secret must be at least 32 bytes, got 20"
         " (e.g. `openssl rand -base64 48`)"
     )
+
+
+# --- the fallback relay and its breaker ---------------------------------------------------------
+
+
+def test_no_fallback_unless_its_host_is_set() -> None:
+    settings = load_settings(BASE)
+    assert settings.fallback is None
+    assert (settings.breaker.trip_after, settings.breaker.cooldown_seconds) == (5, 30)
+
+
+def test_the_fallback_relay_has_its_own_connection_and_the_primarys_sender() -> None:
+    settings = load_settings(
+        {
+            **BASE,
+            "SMTP_PROVIDER": "ses",
+            "FALLBACK_SMTP_HOST": "smtp.backup.example",
+            "FALLBACK_SMTP_SECURITY": "ssl",
+            "FALLBACK_SMTP_USERNAME": "backup",
+            "FALLBACK_SMTP_PASSWORD": "backup-password",
+            "FALLBACK_SMTP_PROVIDER": "mailgun",
+            "RELAY_TRIP_AFTER": "3",
+            "RELAY_COOLDOWN_SECONDS": "60",
+        }
+    )
+    fallback = settings.fallback
+    assert fallback is not None
+    assert (fallback.host, fallback.port, fallback.security) == ("smtp.backup.example", 587, "ssl")
+    assert (fallback.username, fallback.password) == ("backup", "backup-password")
+    assert (settings.smtp.provider, fallback.provider) == ("ses", "mailgun")
+    assert (fallback.sender, fallback.message_id_domain) == (
+        settings.smtp.sender,
+        settings.smtp.message_id_domain,
+    )
+    assert fallback.timeout_seconds == settings.smtp.timeout_seconds  # one lease rule
+    assert (settings.breaker.trip_after, settings.breaker.cooldown_seconds) == (3, 60)
+    assert "backup-password" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"FALLBACK_SMTP_PORT": "0"},
+            "FALLBACK_SMTP_PORT must be an integer 1..65535, got '0'",
+        ),
+        (
+            {"FALLBACK_SMTP_SECURITY": "tls"},
+            "FALLBACK_SMTP_SECURITY must be starttls, ssl or none, got 'tls'",
+        ),
+        (
+            {"FALLBACK_SMTP_PASSWORD": "pw"},
+            "FALLBACK_SMTP_PASSWORD is set but FALLBACK_SMTP_USERNAME is not",
+        ),
+        (
+            {
+                "FALLBACK_SMTP_USERNAME": "u",
+                "FALLBACK_SMTP_PASSWORD": "pw",
+                "FALLBACK_SMTP_PASSWORD_SECRET": "projects/p/secrets/s/versions/1",
+            },
+            "set FALLBACK_SMTP_PASSWORD or FALLBACK_SMTP_PASSWORD_SECRET, not both",
+        ),
+        (
+            {"FALLBACK_SMTP_PROVIDER": "postfix"},
+            "FALLBACK_SMTP_PROVIDER must be one of none, ses, sendgrid, mailgun, postmark,"
+            " resend, got 'postfix'",
+        ),
+        ({"RELAY_TRIP_AFTER": "0"}, "RELAY_TRIP_AFTER must be an integer 1..1000, got '0'"),
+        (
+            {"RELAY_COOLDOWN_SECONDS": "soon"},
+            "RELAY_COOLDOWN_SECONDS must be seconds 1..86400, got 'soon'",
+        ),
+    ],
+)
+def test_a_bad_fallback_setting_is_one_line_naming_it(change: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({**BASE, "FALLBACK_SMTP_HOST": "smtp.backup.example", **change})
+    assert str(error.value) == message
+
+
+def test_the_fallback_password_from_secret_manager(secret_manager: LocalSecretManager) -> None:
+    version = "projects/acme-mail/secrets/fallback-smtp-password/versions/1"
+    secret_manager.secrets[version] = "from-secret-manager"
+    settings = load_settings(
+        {
+            **BASE,
+            "FALLBACK_SMTP_HOST": "smtp.backup.example",
+            "FALLBACK_SMTP_USERNAME": "backup",
+            "FALLBACK_SMTP_PASSWORD_SECRET": version,
+        }
+    )
+    assert settings.fallback is not None
+    assert settings.fallback.password == "from-secret-manager"

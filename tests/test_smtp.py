@@ -22,6 +22,7 @@ from worker.core.redact import sanitise
 from worker.delivery.config import SmtpSettings
 from worker.delivery.smtp import (
     OutgoingEmail,
+    Phase,
     SendResult,
     SmtpError,
     SmtpSender,
@@ -512,3 +513,73 @@ def test_classify(exc: BaseException, code: str, transient: bool) -> None:
     assert (error.code, error.transient) == (code, transient)
     assert error.message
     assert classify(error) is error
+
+
+# --- how far a failed exchange got: what decides a failover (worker/delivery/relays.py) --------
+
+
+@pytest.mark.parametrize(
+    ("cue", "phase", "fails_over", "may_have_it"),
+    [
+        (("mail", 451), Phase.MAIL, True, False),
+        (("mail", 550), Phase.MAIL, True, False),  # the relay's own sender policy
+        (("rcpt", 452), Phase.RCPT, True, False),
+        (("rcpt", 550), Phase.RCPT, False, False),  # about the recipient
+        (("data", 451), Phase.REPLY, True, False),  # a 4xx to the message: it does not have it
+        (("data", 554), Phase.REPLY, False, False),  # about the message
+        (("drop", 0), Phase.REPLY, False, True),  # lost after the final `.`: it may have it
+    ],
+    ids=lambda value: "-".join(map(str, value)) if isinstance(value, tuple) else None,
+)
+def test_each_failure_knows_its_phase_and_whether_another_relay_may_take_it(
+    smtp_server: SmtpTestServer,
+    cue: tuple[str, int],
+    phase: Phase,
+    fails_over: bool,
+    may_have_it: bool,
+) -> None:
+    stage, code = cue
+    if stage == "drop":
+        smtp_server.drop_next(1)
+    else:
+        smtp_server.fail_next(1, code, "scripted", at=stage)  # type: ignore[arg-type]
+    sender = SmtpSender(smtp_server.settings())
+    try:
+        with pytest.raises(SmtpError) as caught:
+            sender.send(make_message(sender.settings))
+    finally:
+        sender.close()
+    error = caught.value
+    assert (error.phase, error.fails_over, error.may_have_message) == (
+        phase,
+        fails_over,
+        may_have_it,
+    )
+
+
+def test_a_refused_connection_and_a_failed_login_fail_over(
+    make_smtp_server: Callable[..., SmtpTestServer],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    refused = SmtpSender(
+        SmtpSettings(host="127.0.0.1", port=port, security="none", timeout_seconds=2)
+    )
+    with pytest.raises(SmtpError) as caught:
+        refused.send(make_message(refused.settings))
+    assert (caught.value.code, caught.value.phase, caught.value.fails_over) == (
+        "CONN_REFUSED",
+        Phase.CONNECT,
+        True,
+    )
+    server = make_smtp_server(username="u", password="right")
+    login = SmtpSender(server.settings(password="wrong"))
+    with pytest.raises(SmtpError) as caught:
+        login.send(make_message(login.settings))
+    assert (caught.value.code, caught.value.phase, caught.value.fails_over) == (
+        "SMTP_535",
+        Phase.AUTH,
+        True,
+    )
+    assert caught.value.transient  # as before: the credentials, not the message

@@ -3,6 +3,9 @@
 `smtp_server` is a plain server without AUTH; `make_smtp_server(tls=..., username=...,
 password=...)` makes others (STARTTLS or implicit TLS with a throwaway CA whose bundle is
 `server.ca_file`). `server.settings()` gives matching `SmtpSettings` for a client.
+`make_smtp_server(smtputf8=True)` advertises SMTPUTF8 (RFC 6531) and takes UTF-8 envelopes;
+without it the server answers non-ASCII commands `500 strict ASCII mode`, as a relay
+without the extension would refuse them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class ReceivedMessage:
     rcpt_tos: tuple[str, ...]
     message: EmailMessage
     raw: bytes
+    mail_options: tuple[str, ...] = ()  # the MAIL FROM parameters, e.g. SMTPUTF8
 
 
 # --- certificates ----------------------------------------------------------------------
@@ -184,6 +188,9 @@ class _Handler:
         delay, drop, reply = self._owner._data_cues()
         if delay:
             await asyncio.sleep(delay)
+        hold = self._owner._hold
+        while hold is not None and not hold.is_set():
+            await asyncio.sleep(0.01)  # until the test releases it
         if drop is not None:
             if drop == "accept":
                 self._owner._record(envelope, ambiguous=True)
@@ -242,11 +249,13 @@ class SmtpTestServer:
         password: str | None = None,
         port: int | None = None,
         pipelining: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         self.host = HOST
         # Advertise PIPELINING (RFC 2920), as production relays do; aiosmtpd serves
         # pipelined commands either way but does not offer the extension itself.
         self.pipelining = pipelining
+        self.smtputf8 = smtputf8
         self.port = port or _free_port()
         self.tls: Tls = tls
         self.username = username
@@ -258,6 +267,7 @@ class SmtpTestServer:
         self._connections = 0
         self._transactions = 0
         self._cues = _Cues()
+        self._hold: threading.Event | None = None
         self._controller: _Controller | None = None
         # The reply to an accepted DATA; a relay may name its own id for the message here
         # (`250 Ok: queued as <id>`).
@@ -295,6 +305,7 @@ class SmtpTestServer:
             # aiosmtpd refuses AUTH unless STARTTLS happened; with implicit TLS it cannot
             # tell, and in plain mode there is no TLS at all.
             "auth_require_tls": self.tls == "starttls",
+            "enable_SMTPUTF8": self.smtputf8,
         }
         if self.tls == "starttls":
             options["tls_context"] = _server_context()
@@ -388,6 +399,13 @@ class SmtpTestServer:
         with self._lock:
             self._cues.delay = seconds
 
+    def hold_data(self) -> threading.Event:
+        """Keep every message's final reply until the returned event is set: a send that
+        stays in flight for as long as the test needs it to."""
+        hold = threading.Event()
+        self._hold = hold
+        return hold
+
     def reset(self) -> None:
         """Forget cues, received messages and counters."""
         with self._lock:
@@ -441,7 +459,13 @@ class SmtpTestServer:
         raw = bytes(envelope.original_content or b"")
         parsed = BytesParser(policy=default_policy).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
-        received = ReceivedMessage(str(envelope.mail_from), tuple(envelope.rcpt_tos), parsed, raw)
+        received = ReceivedMessage(
+            str(envelope.mail_from),
+            tuple(envelope.rcpt_tos),
+            parsed,
+            raw,
+            tuple(envelope.mail_options),
+        )
         with self._lock:
             self._messages.append(received)
             if ambiguous:

@@ -132,8 +132,8 @@ class Console:
     def api_deliveries(self, params: Mapping[str, str]) -> Response:
         search = views.delivery_search(params, self.now(), self.cursors)
         page = self.store.deliveries(search)
-        searched = params.get("recipient")
-        items = [views.delivery_json(row, searched) for row in page.rows]
+        # The address as searched for (its stored form): either spelling of a domain unmasks.
+        items = [views.delivery_json(row, search.recipient) for row in page.rows]
         cursor = views.next_cursor(page, self.cursors.for_delivery)
         return _json(views.page_json("deliveries", items, cursor))
 

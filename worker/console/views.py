@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from worker.console.cursors import BadCursor, Cursors
 from worker.core.redact import mask_addresses, mask_email
-from worker.core.rules import DELIVERY_ID_RULE, is_delivery_id
+from worker.core.rules import DELIVERY_ID_RULE, is_delivery_id, normalise_address
 from worker.store.console import DeliverySearch, Page, StatsResult, SuppressionSearch
 from worker.store.ledger import Status
 from worker.store.reports import parse_duration
@@ -64,11 +64,14 @@ def delivery_id(text: str, parameter: str = "delivery_id") -> str:
 
 
 def address(text: str, parameter: str) -> str:
+    """The address to search for: its stored form (`rules.normalise_address`), so either
+    spelling of an IDN domain finds the same rows. Something the worker would not accept is
+    searched as written: it may still name a row the webhooks stored."""
     text = text.strip()
     local, at, domain = text.rpartition("@")
     if not (at and local and domain) or len(text) > MAX_ADDRESS or any(c.isspace() for c in text):
         raise BadParameter(parameter, f"must be one email address of at most {MAX_ADDRESS} chars")
-    return text
+    return normalise_address(text) or text
 
 
 def limit(params: Mapping[str, str]) -> int:
@@ -285,6 +288,7 @@ def stats_json(label: str, window: timedelta, result: StatsResult) -> dict[str, 
         "since": label,
         "since_seconds": window.total_seconds(),
         "workflows": [row.as_json() for row in result.workflows],
+        "relays": [relay.as_json() for relay in result.relays],
         "timeline": [
             {"start": _plain(start + step * index), **counts}
             for index, counts in enumerate(result.timeline)

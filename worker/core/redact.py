@@ -13,11 +13,19 @@ MAX_ERROR_MESSAGE = 500
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r" {2,}")
 _URL = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)\S+")
-_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]*@([\w-]+(?:\.[\w-]+)*)")
+# An address's characters: atext, and any non-ASCII character but a space (RFC 6531 local
+# parts and U-labels hold combining marks and other characters that are not `\w`; without
+# them a match would start inside the local part and show what comes before it).
+_ADDRESS_CHAR = r"[\w.!#$%&'*+/=?^`{|}~\-]|[^\x00-\x7f\s]"
+_DOMAIN_CHAR = r"[\w\-]|[^\x00-\x7f\s.\u3002\uff0e\uff61]"
+_ADDRESS = re.compile(
+    rf"({_ADDRESS_CHAR})(?:{_ADDRESS_CHAR})*@((?:{_DOMAIN_CHAR})+(?:\.(?:{_DOMAIN_CHAR})+)*)"
+)
 
 
 def mask_email(address: str) -> str:
-    """`ada@example.com` -> `a***@example.com`: enough for support to recognise it."""
+    """`ada@example.com` -> `a***@example.com`: enough for support to recognise it. Of a
+    non-ASCII local part too only the first character shows (`ñoño@…` -> `ñ***@…`)."""
     local, at, domain = address.rpartition("@")
     if not at:
         return "***"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
 from typing import Literal
 
@@ -69,6 +69,14 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class BreakerSettings:
+    """The relays' shared circuit breaker (worker/delivery/relays.py)."""
+
+    trip_after: int = 5  # consecutive fail-over failures that open a relay's circuit
+    cooldown_seconds: int = 30  # how long an open circuit sends deliveries elsewhere
+
+
+@dataclass(frozen=True)
 class Settings:
     database: DatabaseSettings
     smtp: SmtpSettings
@@ -76,12 +84,13 @@ class Settings:
     retry: RetrySettings
     # RATE_LIMITS, by workflow (docs/operating.md); a workflow without an entry has none.
     rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    # The fallback relay (FALLBACK_SMTP_HOST and its siblings); None: one relay.
+    fallback: SmtpSettings | None = None
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
 def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
-    security = settings.raw(env, "SMTP_SECURITY") or "starttls"
-    if security not in ("starttls", "ssl", "none"):
-        raise SettingsError(f"SMTP_SECURITY must be starttls, ssl or none, got {security!r}")
+    security = _security(env, "SMTP_SECURITY")
     sender = settings.address(env, "EMAIL_FROM")
     if sender is None:
         raise SettingsError("EMAIL_FROM is required but not set")
@@ -95,7 +104,7 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         port=settings.parsed(
             env, "SMTP_PORT", 587, settings.int_in(1, 65535), "an integer 1..65535"
         ),
-        security=security,  # type: ignore[arg-type]  # checked just above
+        security=security,
         username=username,
         password=password,
         timeout_seconds=settings.parsed(
@@ -106,12 +115,61 @@ def smtp_settings(env: Mapping[str, str] = os.environ) -> SmtpSettings:
         message_id_domain=settings.raw(env, "MESSAGE_ID_DOMAIN") or domain,
         ca_file=settings.raw(env, "SMTP_CA_FILE"),
         max_idle_connections=concurrency(env),
-        provider=settings.parsed(
-            env,
-            "SMTP_PROVIDER",
-            SmtpProvider.NONE,
-            SmtpProvider,
-            f"one of {', '.join(p.value for p in SmtpProvider)}",
+        provider=_provider(env, "SMTP_PROVIDER"),
+    )
+
+
+def _security(env: Mapping[str, str], name: str) -> SmtpSecurity:
+    security = settings.raw(env, name) or "starttls"
+    if security not in ("starttls", "ssl", "none"):
+        raise SettingsError(f"{name} must be starttls, ssl or none, got {security!r}")
+    return security  # type: ignore[return-value]  # checked just above
+
+
+def _provider(env: Mapping[str, str], name: str) -> SmtpProvider:
+    return settings.parsed(
+        env,
+        name,
+        SmtpProvider.NONE,
+        SmtpProvider,
+        f"one of {', '.join(p.value for p in SmtpProvider)}",
+    )
+
+
+def fallback_settings(
+    primary: SmtpSettings, env: Mapping[str, str] = os.environ
+) -> SmtpSettings | None:
+    """The fallback relay, when `FALLBACK_SMTP_HOST` is set: its own host, port, security,
+    credentials, CA bundle and provider; the sender, Message-ID domain, timeout and pool size
+    are the primary's (one email, whichever relay takes it)."""
+    host = settings.raw(env, "FALLBACK_SMTP_HOST")
+    if host is None:
+        return None
+    username = settings.raw(env, "FALLBACK_SMTP_USERNAME")
+    password = settings.secret_or_env(env, "FALLBACK_SMTP_PASSWORD")
+    if password is not None and username is None:
+        raise SettingsError("FALLBACK_SMTP_PASSWORD is set but FALLBACK_SMTP_USERNAME is not")
+    return replace(
+        primary,
+        host=host,
+        port=settings.parsed(
+            env, "FALLBACK_SMTP_PORT", 587, settings.int_in(1, 65535), "an integer 1..65535"
+        ),
+        security=_security(env, "FALLBACK_SMTP_SECURITY"),
+        username=username,
+        password=password,
+        ca_file=settings.raw(env, "FALLBACK_SMTP_CA_FILE"),
+        provider=_provider(env, "FALLBACK_SMTP_PROVIDER"),
+    )
+
+
+def breaker_settings(env: Mapping[str, str] = os.environ) -> BreakerSettings:
+    return BreakerSettings(
+        trip_after=settings.parsed(
+            env, "RELAY_TRIP_AFTER", 5, settings.int_in(1, 1000), "an integer 1..1000"
+        ),
+        cooldown_seconds=settings.parsed(
+            env, "RELAY_COOLDOWN_SECONDS", 30, settings.int_in(1, 86400), "seconds 1..86400"
         ),
     )
 
@@ -206,4 +264,6 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         pubsub=pubsub,
         retry=retry,
         rate_limits=parse_rate_limits(settings.raw(env, "RATE_LIMITS")),
+        fallback=fallback_settings(smtp, env),
+        breaker=breaker_settings(env),
     )

@@ -17,12 +17,13 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from worker.core.rules import DELIVERY_ID_RULE, RECIPIENT_RULE, is_address, is_delivery_id
+from worker.core.rules import DELIVERY_ID_RULE, RECIPIENT_RULE, is_delivery_id, normalise_address
 from worker.core.tracing import trace_id
-from worker.delivery.workflows import WORKFLOWS, Workflow
+from worker.delivery.workflows import WORKFLOWS, Workflow, expiry_date, is_minutes, rfc3339
 
 # A delivery event is a few hundred bytes; a larger one is an invalid event, dead-lettered
 # with its bytes unchanged (and `replay` does not put it back: it would fail again).
@@ -46,6 +47,13 @@ class PubSubMessage:
     delivery_attempt: int | None = None
     trace: str | None = None
 
+    @property
+    def published_at(self) -> datetime | None:
+        """When Pub/Sub accepted this copy; None when the envelope did not say (or said
+        something that is not an RFC 3339 date-time: Pub/Sub's field, not the publisher's,
+        so it never makes the event invalid)."""
+        return rfc3339(self.publish_time)
+
 
 @dataclass(frozen=True)
 class DeliveryEvent:
@@ -56,6 +64,22 @@ class DeliveryEvent:
     metadata: dict[str, Any] | None
     locale: str
     message: PubSubMessage = field(repr=False)
+    # The event's own `not_after`: the email is pointless from then on.
+    not_after: datetime | None = None
+
+    @property
+    def valid_until(self) -> datetime | None:
+        """The validity end this copy gives the delivery: its `not_after`; else its publish
+        time plus `data.expires_in_minutes` (a code, a reset link); else the invite's
+        `data.expires_at` (a date alone: the end of that day, UTC); else None. The ledger
+        keeps the earliest any copy gave, so a later copy never extends it."""
+        if self.not_after is not None:
+            return self.not_after
+        minutes = self.data.get("expires_in_minutes")
+        if isinstance(minutes, int) and is_minutes(minutes):
+            published = self.message.published_at
+            return None if published is None else published + timedelta(minutes=minutes)
+        return _end_of(self.data.get("expires_at"))
 
 
 class InvalidEvent(Exception):
@@ -105,7 +129,9 @@ def read_message(cloud_event: Any) -> PubSubMessage:
         data=b"",
         attributes=_attributes(body.get("attributes")),
         message_id=_first_str(body, "messageId", "message_id") or event_id,
-        publish_time=_first_str(body, "publishTime", "publish_time"),
+        # The CloudEvent's `time` is the publish time too, when the message does not say.
+        publish_time=_first_str(body, "publishTime", "publish_time")
+        or _str_or_none(_ce_attribute(cloud_event, "time")),
         subscription=_str_or_none(envelope.get("subscription")),
         delivery_attempt=_delivery_attempt(envelope, body),
         trace=trace,
@@ -202,6 +228,7 @@ def parse_delivery(message: PubSubMessage) -> DeliveryEvent:
     locale = _locale(doc.get("locale"), ctx)
     data = _data(doc.get("data"), WORKFLOWS[ctx.workflow], ctx)
     metadata = _metadata(doc.get("metadata"), ctx)
+    not_after = _not_after(doc.get("not_after"), ctx)
     return DeliveryEvent(
         delivery_id=ctx.delivery_id,
         workflow=ctx.workflow,
@@ -210,6 +237,7 @@ def parse_delivery(message: PubSubMessage) -> DeliveryEvent:
         metadata=metadata,
         locale=locale,
         message=message,
+        not_after=not_after,
     )
 
 
@@ -256,9 +284,12 @@ def _valid_workflow(doc: Mapping[str, Any]) -> str | None:
 
 
 def _recipient(value: Any, ctx: _Context) -> str:
-    if not isinstance(value, str) or not is_address(value):
+    """The address in its stored form (`rules.normalise_address`): what the ledger keeps and
+    the claim compares with the suppression list and the rate limit."""
+    stored = normalise_address(value) if isinstance(value, str) else None
+    if stored is None:
         raise ctx.error("recipient", RECIPIENT_RULE)
-    return value
+    return stored
 
 
 def _locale(value: Any, ctx: _Context) -> str:
@@ -267,6 +298,33 @@ def _locale(value: Any, ctx: _Context) -> str:
     if not isinstance(value, str) or _LOCALE.fullmatch(value) is None:
         raise ctx.error("locale", "must be a language tag like en or pt-BR")
     return canonical_locale(value)
+
+
+def _not_after(value: Any, ctx: _Context) -> datetime | None:
+    # null is taken as absent, as for the optional template variables.
+    if value is None:
+        return None
+    moment = rfc3339(value)
+    if moment is None:
+        raise ctx.error(
+            "not_after", "must be an RFC 3339 date-time with an offset (2030-01-31T12:00:00Z)"
+        )
+    return moment
+
+
+def _end_of(expires_at: Any) -> datetime | None:
+    """An invite's `expires_at` as a moment: a date-time as given, a date alone the end of
+    that day in UTC (the next midnight); None when absent."""
+    moment = rfc3339(expires_at)
+    if moment is not None:
+        return moment
+    day = expiry_date(expires_at)
+    if day is None:
+        return None
+    try:
+        return datetime.combine(day + timedelta(days=1), time(), tzinfo=UTC)
+    except OverflowError:  # 9999-12-31: no end a datetime can hold
+        return None
 
 
 def canonical_locale(tag: str) -> str:

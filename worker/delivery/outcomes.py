@@ -10,9 +10,9 @@ then the ledger write, the log line, and the answer to Pub/Sub (return, or `Retr
 Each `Ending` has one rule (`RULES`): the ledger status it writes, whether it publishes a dead
 letter, whether the handler acks. A new ending is a rule, a constructor, and a ledger call in
 `finish`. `skipped` (issue 11) is decided in the database, at claim time: the claim itself
-(`email.claim_delivery()`, one statement) ends the row `skipped` with the code (`SUPPRESSED`,
-`RATE_LIMITED`) as `last_error_code` and the reason (the suppression entry's, or
-`rate_limit`) as `status_reason`, so `Ending.SKIPPED`'s ledger write is that claim and
+(`email.claim_delivery()`, one statement) ends the row `skipped` with the code (`EXPIRED`,
+`SUPPRESSED`, `RATE_LIMITED`) as `last_error_code` and the reason (`expired`, the suppression
+entry's, or `rate_limit`) as `status_reason`, so `Ending.SKIPPED`'s ledger write is that claim and
 `finish` adds none; the rule is `(Status.SKIPPED, dead letter: no, acks: yes)`.
 """
 
@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from worker.store.ledger import Code, Failure, Reason, Skipped, Status
+from worker.store.relays import Relay
 
 if TYPE_CHECKING:
     from worker.delivery.config import RetrySettings
@@ -37,7 +38,8 @@ class Ending(StrEnum):
     FAILED = "failed"  # permanent failure
     DEAD_LETTER = "dead_letter"  # transient failures used the attempt budget up
     REJECTED = "rejected"  # the event is invalid
-    SKIPPED = "skipped"  # deliberately not sent: suppressed recipient, rate limit reached
+    # deliberately not sent: validity end passed, suppressed recipient, rate limit reached
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,25 @@ class Outcome:
     provider_message_id: str | None = None  # SENT: the email's Message-ID
     relay_message_id: str | None = None  # SENT: the relay's own id, when its 250 named one
     found: Status | None = None  # ALREADY_FINISHED, HELD_ELSEWHERE: the row's status
+    relay: Relay | None = None  # SENT: the relay that accepted the email
+    smtp_ms: int | None = None  # SENT: how long that relay's SMTP exchange took
 
     @classmethod
     def sent(
-        cls, attempts: int, provider_message_id: str, relay_message_id: str | None = None
+        cls,
+        attempts: int,
+        provider_message_id: str,
+        relay_message_id: str | None = None,
+        relay: Relay | None = None,
+        smtp_ms: int | None = None,
     ) -> Outcome:
         return cls(
             Ending.SENT,
             attempts,
             provider_message_id=provider_message_id,
             relay_message_id=relay_message_id,
+            relay=relay,
+            smtp_ms=smtp_ms,
         )
 
     @classmethod
@@ -153,6 +164,8 @@ class Facts:
     template_error: str | None = None  # rendering failed: why (sanitised)
     send: SendResult | None = None  # what send_with_retry reported
     message_id: str = ""  # the email's Message-ID, when one was built
+    relay: Relay | None = None  # the relay that accepted it
+    smtp_ms: int | None = None  # how long that relay's SMTP exchange took
 
 
 def attempts_left(claimed: int, max_attempts: int) -> int:
@@ -186,7 +199,9 @@ def decide(facts: Facts, max_attempts: int) -> Outcome:
     attempts = claimed + facts.send.attempts - 1
     error = facts.send.error
     if error is None:
-        return Outcome.sent(attempts, facts.message_id, facts.send.relay_message_id)
+        return Outcome.sent(
+            attempts, facts.message_id, facts.send.relay_message_id, facts.relay, facts.smtp_ms
+        )
     if not error.transient:
         return Outcome.failed(attempts, error.code, error.message)
     if attempts >= max_attempts:

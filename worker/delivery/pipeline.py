@@ -21,13 +21,15 @@ from worker.core.instance import Instance
 from worker.core.logging import bind, bind_event, clear_event, get_logger
 from worker.core.pubsub import PublishError
 from worker.core.redact import mask_email, sanitise
-from worker.delivery import events, relay, smtp
+from worker.delivery import events, smtp
 from worker.delivery.config import Settings, load_settings, send_window
 from worker.delivery.deadletter import DeadLetterPublisher, dead_letter_attributes
 from worker.delivery.outcomes import Ending, Facts, Outcome, decide, send_tries
+from worker.delivery.relays import FailoverSender, Route, plan, probe_seconds
 from worker.delivery.rendering import Renderer, TemplateError
 from worker.store.db import open_pool
 from worker.store.ledger import Claim, Code, Failure, Ledger, Reason, Skipped, Unclaimed
+from worker.store.relays import Circuits, Relay
 
 log = get_logger()
 
@@ -45,17 +47,35 @@ class Worker:
     sender: smtp.SmtpSender
     renderer: Renderer
     dead_letters: DeadLetterPublisher
+    # The fallback relay's connections (FALLBACK_SMTP_HOST); None: one relay.
+    fallback: smtp.SmtpSender | None = None
+    # The relays' shared breaker; None: over the ledger's pool.
+    circuits: Circuits | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
         """The instance's worker: its pool opens in the background, SMTP on first send."""
+        ledger = Ledger(open_pool(settings.database))
+        fallback = settings.fallback
         return cls(
             settings=settings,
-            ledger=Ledger(open_pool(settings.database)),
+            ledger=ledger,
             sender=smtp.SmtpSender(settings.smtp),
             renderer=Renderer(),
             dead_letters=DeadLetterPublisher(settings.pubsub),
+            fallback=None if fallback is None else smtp.SmtpSender(fallback),
+            circuits=Circuits(ledger.pool),
         )
+
+    def routes(self) -> list[Route]:
+        """The configured relays, primary first."""
+        routes = [Route(Relay.PRIMARY, self.sender, self.settings.smtp.provider)]
+        if self.fallback is not None:
+            routes.append(Route(Relay.FALLBACK, self.fallback, self.fallback.settings.provider))
+        return routes
+
+    def breaker(self) -> Circuits:
+        return self.circuits if self.circuits is not None else Circuits(self.ledger.pool)
 
 
 # The delivery target's settings, parsed at import, and its worker, made on first use.
@@ -119,6 +139,9 @@ def deliver(worker: Worker, event: events.DeliveryEvent) -> None:
         source_message_id=event.message.message_id,
         lease_seconds=worker.settings.retry.lease_seconds,
         rate_limit=worker.settings.rate_limits.get(event.workflow),
+        # The claim ends the row `skipped` (EXPIRED) at or after the validity end.
+        published_at=event.message.published_at,
+        not_after=event.valid_until,
     )
     claim = result if isinstance(result, Claim) else None
     match result:
@@ -150,23 +173,41 @@ def attempt(worker: Worker, event: events.DeliveryEvent, claim: Claim, started: 
         subject=rendered.subject,
         text=rendered.text,
         html=rendered.html,
-    ).with_headers(relay.tracking_headers(worker.settings.smtp.provider, event.delivery_id))
+    )
     retry = worker.settings.retry
+    timeout = worker.settings.smtp.timeout_seconds
+    # `started` is taken before the claim, so the lease is never overestimated.
+    window = send_window(retry.lease_seconds, timeout, elapsed=time.monotonic() - started)
+    circuits = worker.breaker()
+    sender = FailoverSender(
+        plan(
+            worker.routes(),
+            claim,
+            lambda relay: circuits.claim_probe(relay, seconds=probe_seconds(timeout)),
+        ),
+        claim,
+        circuits,
+        worker.settings.breaker,
+        event.delivery_id,
+        # The tries after a failover must fit in the lease like any other attempt.
+        deadline_at=time.monotonic() + window,
+    )
     result = smtp.send_with_retry(
-        worker.sender,
+        sender,
         message,
         tries=tries,
         initial_backoff=retry.initial_backoff_seconds,
         max_backoff=retry.max_backoff_seconds,
         on_retry=_log_retry(claim),
-        # `started` is taken before the claim, so the lease is never overestimated.
-        deadline=send_window(
-            retry.lease_seconds,
-            worker.settings.smtp.timeout_seconds,
-            elapsed=time.monotonic() - started,
-        ),
+        deadline=window,
     )
-    return replace(facts, send=result, message_id=message.message_id)
+    return replace(
+        facts,
+        send=result,
+        message_id=message.message_id,
+        relay=sender.accepted_by,
+        smtp_ms=sender.smtp_ms,
+    )
 
 
 # --- the one place an outcome is carried out ----------------------------------------------
@@ -222,6 +263,8 @@ def record(ledger: Ledger, subject: Subject, claim: Claim | None, outcome: Outco
                 attempts=outcome.attempts,
                 provider_message_id=outcome.provider_message_id or "",
                 relay_message_id=outcome.relay_message_id,
+                relay=outcome.relay,
+                smtp_ms=outcome.smtp_ms,
             )
         case Ending.RETRYING:
             setter = ledger.set_retrying_if_claimed
@@ -265,6 +308,8 @@ def _log(outcome: Outcome, recorded: bool, started: float | None) -> None:
                 "attempts": outcome.attempts,
                 "provider_message_id": outcome.provider_message_id,
                 "relay_message_id": outcome.relay_message_id,
+                "relay": None if outcome.relay is None else outcome.relay.value,
+                "smtp_ms": outcome.smtp_ms,
                 "duration_ms": elapsed_ms,
             }
             if recorded:

@@ -20,22 +20,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, parseaddr
-from typing import TYPE_CHECKING
+from enum import StrEnum
+from typing import Protocol
 
 import tenacity
 
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
-
 from worker.core.redact import sanitise
+from worker.core.rules import envelope_address
 from worker.delivery.config import SmtpSettings
 from worker.delivery.relay import relay_message_id
 
 __all__ = [
+    "SMTPUTF8_UNSUPPORTED",
     "OutgoingEmail",
+    "Phase",
     "SendResult",
+    "Sends",
     "SmtpError",
     "SmtpSender",
+    "SmtpUtf8Unsupported",
     "build_message",
     "classify",
     "message_id_for",
@@ -72,6 +75,9 @@ class OutgoingEmail:
     recipients: tuple[str, ...]
     message_id: str
     data: bytes = field(repr=False)  # the body holds codes and links
+    # A non-ASCII local part: the envelope and headers are UTF-8, and only a relay that
+    # advertises SMTPUTF8 (RFC 6531) may take the message.
+    smtputf8: bool = False
 
     def with_headers(self, headers: Sequence[tuple[str, str]]) -> OutgoingEmail:
         """The same email with `headers` (ASCII, one line each) added to its header block:
@@ -79,7 +85,9 @@ class OutgoingEmail:
         if not headers:
             return self
         lines = b"".join(f"{name}: {value}\r\n".encode("ascii") for name, value in headers)
-        return OutgoingEmail(self.sender, self.recipients, self.message_id, lines + self.data)
+        return OutgoingEmail(
+            self.sender, self.recipients, self.message_id, lines + self.data, self.smtputf8
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,12 +164,17 @@ def build_message(
     The standard library's EmailMessage took about 2 ms per email to build and flatten,
     more than the SMTP exchange itself; the format here is fixed, so it is written directly
     (tests parse the result with the standard library's parser).
+
+    `recipient` is the stored form (`rules.normalise_address`). An IDN domain goes out as
+    A-labels in the envelope and `To`, so with an ASCII local part the message stays pure
+    ASCII; a non-ASCII local part makes an SMTPUTF8 message whose `To` is UTF-8 (RFC 6532).
     """
     envelope_sender, sender_lines = _sender_headers(settings.sender, settings.reply_to)
     message_id = message_id_for(delivery_id, settings.message_id_domain)
     boundary = f"=_{uuid.uuid4().hex}"  # `=_` never occurs in quoted-printable text
+    envelope_recipient, smtputf8 = envelope_address(recipient)
     head = (
-        f"To: {recipient}\r\n"
+        f"To: {recipient if smtputf8 else envelope_recipient}\r\n"
         f"Subject: {_subject_header(subject)}\r\n"
         f"Date: {_date_header()}\r\n"
         f"Message-ID: {message_id}\r\n"
@@ -170,7 +183,7 @@ def build_message(
         "MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
         "\r\n"
-    ).encode("ascii")
+    ).encode("utf-8" if smtputf8 else "ascii")
     parts = b"".join(
         f"--{boundary}\r\n"
         f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
@@ -180,21 +193,101 @@ def build_message(
         for subtype, body in (("plain", text), ("html", html))
     )
     data = sender_lines + head + parts + f"--{boundary}--\r\n".encode("ascii")
-    return OutgoingEmail(envelope_sender, (recipient,), message_id, data)
+    return OutgoingEmail(envelope_sender, (envelope_recipient,), message_id, data, smtputf8)
 
 
 # --- errors ----------------------------------------------------------------------------
 
 
+class Phase(StrEnum):
+    """How far one SMTP exchange got when it failed: what decides whether the relay may
+    have the message (and so whether another relay may be given it)."""
+
+    CONNECT = "connect"  # the TCP connection and the greeting
+    TLS = "tls"  # STARTTLS
+    AUTH = "auth"
+    EHLO = "ehlo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # the DATA command, and the message until its final `.`
+    REPLY = "reply"  # the whole message was sent; awaiting the relay's answer to it
+
+
+# A 5xx in these phases is about the relay's own configuration (its greeting, our
+# credentials, our sender), not the recipient or the message: another relay may take it.
+_SESSION_PHASES = frozenset({Phase.CONNECT, Phase.TLS, Phase.AUTH, Phase.EHLO, Phase.MAIL})
+
+
 class SmtpError(Exception):
     """A failed send: `code` like `SMTP_550` or `TIMEOUT`, a sanitised `message`,
-    and whether retrying later can help (`transient`)."""
+    and whether retrying later can help (`transient`). `phase` is how far the exchange got
+    and `reply_code` the relay's reply, if it gave one."""
 
-    def __init__(self, code: str, message: str, *, transient: bool) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        transient: bool,
+        reply_code: int | None = None,
+        phase: Phase | None = None,
+    ) -> None:
         self.code = code
         self.message = sanitise(message)
         self.transient = transient
+        self.reply_code = reply_code
+        self.phase = phase
         super().__init__(f"{code}: {self.message}")
+
+    @property
+    def fails_over(self) -> bool:
+        """The relay does not have the message, for a reason of its own: another relay may
+        be given it at once, and the failure counts towards this relay's circuit breaker.
+
+        Yes: no connection, a reset or timeout before the end of DATA, TLS or AUTH failing, a
+        4xx to any command or to the message, a 5xx to the greeting, EHLO, AUTH or MAIL FROM.
+        No: a 5xx to RCPT, DATA or the message (about the recipient or the message: a
+        permanent failure), and a connection lost after the whole message was sent (the relay
+        may have it)."""
+        if self.phase is None or (self.phase is Phase.REPLY and self.reply_code is None):
+            return False
+        if self.reply_code is None:
+            return self.transient  # network; a non-transient one without a reply is a bug
+        if 400 <= self.reply_code <= 499:
+            return True
+        if 500 <= self.reply_code <= 599:
+            return self.phase in _SESSION_PHASES
+        return self.transient
+
+    @property
+    def may_have_message(self) -> bool:
+        """The connection was lost after the whole message was sent, before its reply: the
+        relay may have queued it, so it must not be given to another relay now."""
+        return self.phase is Phase.REPLY and self.reply_code is None
+
+
+def _in_phase(error: SmtpError, phase: Phase) -> SmtpError:
+    if error.phase is None:
+        error.phase = phase
+    return error
+
+
+SMTPUTF8_UNSUPPORTED = "SMTPUTF8_UNSUPPORTED"
+
+
+class SmtpUtf8Unsupported(SmtpError):
+    """This relay's EHLO reply does not advertise SMTPUTF8, and the message needs it (a
+    non-ASCII local part). Permanent for this relay: asking it again cannot help. Raised
+    before MAIL FROM, so the relay has nothing of the message; a relay that does advertise
+    SMTPUTF8 may still take it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            SMTPUTF8_UNSUPPORTED,
+            "the recipient's local part is not ASCII and the relay does not offer SMTPUTF8",
+            transient=False,
+            phase=Phase.EHLO,
+        )
 
 
 # Replies about our session rather than this email: missing, wrong or too weak
@@ -220,7 +313,10 @@ def _from_reply(code: int, text: bytes | str, *, session: bool = False) -> SmtpE
     name = f"SMTP_{code}" if 200 <= code <= 599 else "SMTP_ERROR"
     # Only a definite 5xx about this message is permanent; unknown codes may pass.
     permanent = 500 <= code <= 599 and code not in _SESSION_CODES and not session
-    return SmtpError(name, f"{code} {_decode(text)}", transient=not permanent)
+    reply_code = code if 200 <= code <= 599 else None
+    return SmtpError(
+        name, f"{code} {_decode(text)}", transient=not permanent, reply_code=reply_code
+    )
 
 
 def _from_os_error(exc: OSError, message: str) -> SmtpError:
@@ -273,50 +369,70 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class _Connection(smtplib.SMTP):
-    """Notes whether the server accepted MAIL FROM in the current transaction: until it
-    has, nothing of this message was delivered and resending it cannot duplicate it."""
+    """Notes how far the current transaction got (`phase`), and whether the server accepted
+    MAIL FROM in it: until it has, nothing of this message was delivered and resending it
+    cannot duplicate it."""
 
     mail_accepted = False
+    phase = Phase.EHLO
     # The text of the last DATA reply: the relay may name its own id for the message there.
     data_reply = b""
 
-    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
-        reply = super().mail(sender, options)
-        self.mail_accepted = self.mail_accepted or reply[0] == 250
-        return reply
+    def offers_smtputf8(self) -> bool:
+        """Whether this relay's EHLO reply advertises SMTPUTF8: asked of each connection, so
+        each relay answers for itself (no table of which relay can)."""
+        self.ehlo_or_helo_if_needed()
+        return self.does_esmtp and self.has_extn("smtputf8")
 
-    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
-        code, text = super().data(msg)
-        self.data_reply = text
-        return code, text
-
-    def send_bytes(self, sender: str, recipients: Sequence[str], data: bytes) -> None:
+    def send_bytes(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
+    ) -> None:
         """One transaction, raising smtplib's exceptions like `sendmail`. Where the relay
         offers PIPELINING (RFC 2920; Postfix, SES, SendGrid, Gmail do) MAIL, RCPT and DATA go
         in one write and their replies are read in order: one round trip instead of three,
-        and on a busy instance every round trip is a wake-up that queues for a core."""
+        and on a busy instance every round trip is a wake-up that queues for a core. Without
+        it each command waits for its reply. `phase` follows the replies either way.
+
+        `smtputf8`: the envelope or headers are UTF-8; raises `SmtpUtf8Unsupported` before
+        any command when the relay does not advertise SMTPUTF8."""
+        self.phase = Phase.EHLO
         self.ehlo_or_helo_if_needed()
-        if not (self.does_esmtp and self.has_extn("pipelining")):
-            self.sendmail(sender, list(recipients), data)
-            return
-        options = f" SIZE={len(data)}" if self.has_extn("size") else ""
+        mail_options = self._mail_options(smtputf8)
+        if self.does_esmtp and self.has_extn("size"):
+            mail_options.append(f"SIZE={len(data)}")
+        options = "".join(f" {option}" for option in mail_options)
+        encoding = "utf-8" if smtputf8 else "ascii"
+        pipelined = self.does_esmtp and self.has_extn("pipelining")
         commands = [f"MAIL FROM:{_quoted(sender)}{options}"]
         commands += [f"RCPT TO:{_quoted(address)}" for address in recipients]
         commands.append("DATA")
-        self.send("".join(command + "\r\n" for command in commands))
+        if pipelined:
+            self.send("".join(command + "\r\n" for command in commands).encode(encoding))
+
+        def reply_to(command: str) -> tuple[int, bytes]:
+            if not pipelined:
+                self.send(f"{command}\r\n".encode(encoding))
+            return self.getreply()
+
         # Any error below leaves replies unread: the caller closes the connection, and the
         # relay drops a transaction whose DATA never ended.
-        code, text = self.getreply()
+        self.phase = Phase.MAIL
+        code, text = reply_to(commands[0])
         if code != 250:
             raise smtplib.SMTPSenderRefused(code, text, sender)
         self.mail_accepted = True
+        self.phase = Phase.RCPT
         refused = {}
-        for address in recipients:
-            code, text = self.getreply()
+        for address, command in zip(recipients, commands[1:-1], strict=True):
+            code, text = reply_to(command)
             if code not in (250, 251):
                 refused[address] = (code, text)
-        code, text = self.getreply()
+        if not pipelined and len(refused) == len(recipients):
+            raise smtplib.SMTPRecipientsRefused(refused)  # DATA is never sent
+        self.phase = Phase.DATA
+        code, text = reply_to(commands[-1])
         if len(refused) == len(recipients):
+            self.phase = Phase.RCPT
             raise smtplib.SMTPRecipientsRefused(refused)
         if code != 354:
             raise smtplib.SMTPDataError(code, text)
@@ -324,14 +440,24 @@ class _Connection(smtplib.SMTP):
         if body[-2:] != b"\r\n":
             body += b"\r\n"
         self.send(body + b".\r\n")
+        self.phase = Phase.REPLY
         code, text = self.getreply()
         self.data_reply = text
         if code != 250:
             raise smtplib.SMTPDataError(code, text)
 
+    def _mail_options(self, smtputf8: bool) -> list[str]:
+        if not smtputf8:
+            return []
+        if not self.offers_smtputf8():
+            raise SmtpUtf8Unsupported
+        # As smtplib's send_message does for an international message: RFC 6531 servers
+        # offer 8BITMIME, and the UTF-8 header block is 8-bit data.
+        return ["SMTPUTF8", "BODY=8BITMIME"] if self.has_extn("8bitmime") else ["SMTPUTF8"]
 
-# Characters that a bare addr-spec (what the worker sends to: `rules.is_address`, EMAIL_FROM's
-# address) never holds: anything else goes through smtplib's parser.
+
+# Characters that a bare addr-spec (what the worker sends to: `rules.normalise_address`,
+# EMAIL_FROM's address) never holds: anything else goes through smtplib's parser.
 _NOT_BARE = frozenset('<>"() ,;:\\[]\t\r\n')
 
 
@@ -428,13 +554,19 @@ class SmtpSender:
     ) -> str | None:
         connection.mail_accepted = False
         connection.data_reply = b""
+        connection.phase = Phase.EHLO
         try:
-            connection.send_bytes(message.sender, message.recipients, message.data)
+            connection.send_bytes(
+                message.sender, message.recipients, message.data, smtputf8=message.smtputf8
+            )
+        except SmtpUtf8Unsupported:
+            self._put_back(connection)  # refused before MAIL FROM: the session is clean
+            raise
         except (smtplib.SMTPException, OSError) as exc:
             _close_quietly(connection)  # its state is unknown after an error
             if reused and _is_stale(connection, exc):
                 raise _StaleConnection from exc
-            raise classify(exc) from exc
+            raise _in_phase(classify(exc), connection.phase) from exc
         relay_id = relay_message_id(connection.data_reply)
         self._put_back(connection)
         return relay_id
@@ -442,6 +574,7 @@ class SmtpSender:
     def _open(self) -> _Connection:
         settings = self.settings
         connection: _Connection | None = None
+        phase = Phase.CONNECT
         try:
             if settings.security == "ssl":
                 connection = _SslConnection(
@@ -455,13 +588,15 @@ class SmtpSender:
                     settings.host, settings.port, timeout=settings.timeout_seconds
                 )
             if settings.security == "starttls":
+                phase = Phase.TLS
                 connection.starttls(context=self._context)
             if settings.username:
+                phase = Phase.AUTH
                 connection.login(settings.username, settings.password or "")
         except (smtplib.SMTPException, OSError) as exc:
             if connection is not None:
                 _close_quietly(connection)
-            raise classify(exc) from exc
+            raise _in_phase(classify(exc), phase) from exc
         return connection
 
     def _take_idle(self) -> _Connection | None:
@@ -505,8 +640,15 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmtpError) and exc.transient
 
 
+class Sends(Protocol):
+    """What `send_with_retry` sends through: one relay (`SmtpSender`) or several
+    (worker/delivery/relays.py)."""
+
+    def send(self, message: OutgoingEmail) -> str | None: ...
+
+
 def send_with_retry(
-    sender: SmtpSender,
+    sender: Sends,
     message: OutgoingEmail,
     *,
     tries: int,

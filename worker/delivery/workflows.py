@@ -31,7 +31,7 @@ _CODE = re.compile(r"[A-Za-z0-9]{4,12}", re.ASCII)
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 # RFC 3339 section 5.6 date-time; the offset is required (a time without one is ambiguous).
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.\d+)?"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
     r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
     re.ASCII,
 )
@@ -87,21 +87,29 @@ def _iso_date(value: Any) -> date | None:
 
 
 def _rfc3339_utc_date(value: Any) -> date | None:
+    moment = rfc3339(value)
+    return None if moment is None else moment.date()
+
+
+def rfc3339(value: Any) -> datetime | None:
+    """An RFC 3339 date-time with an offset, in UTC (fractions beyond microseconds cut);
+    None when `value` is not one."""
     if not isinstance(value, str):
         return None
     match = _RFC3339.fullmatch(value)
     if match is None:
         return None
     year, month, day, hour, minute, second = (int(part) for part in match.group(1, 2, 3, 4, 5, 6))
-    sign, offset_hours, offset_minutes = match.group(8, 9, 10)
+    micro = int((match.group(7) or "0")[:6].ljust(6, "0"))
+    sign, offset_hours, offset_minutes = match.group(9, 10, 11)
     hours, minutes = int(offset_hours or 0), int(offset_minutes or 0)
     if hours > 23 or minutes > 59:
         return None
     offset = timedelta(hours=hours, minutes=minutes)
     try:
         zone = timezone(-offset if sign == "-" else offset)
-        moment = datetime(year, month, day, hour, minute, second, tzinfo=zone)
-        return moment.astimezone(UTC).date()
+        moment = datetime(year, month, day, hour, minute, second, micro, tzinfo=zone)
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError):  # 2030-02-30, 25:00, or out of range in UTC
         return None
 

@@ -39,6 +39,7 @@ from worker.store.ledger import (
     Status,
     StatusChange,
 )
+from worker.store.relays import Circuits
 from worker.store.reports import Reports
 from worker.store.suppressions import InvalidAddress, Suppression, Suppressions, normalise
 
@@ -65,7 +66,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Pull dead letters, requeue their ledger rows and republish them to DELIVERY_TOPIC
     (needs DATABASE_URL, GOOGLE_CLOUD_PROJECT, DELIVERY_TOPIC). A message is acked only once
-    its republish is confirmed; messages that do not match the filters are left for later."""
+    its republish is confirmed; messages that do not match the filters are left for later, and
+    so are those whose validity end has passed (never republished; --drop-expired acks them)."""
     settings = _delivery_pubsub()
     options = replay.ReplayOptions(
         subscription=args.subscription,
@@ -73,6 +75,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         limit=args.limit,
         dry_run=args.dry_run,
         wait_seconds=args.wait,
+        drop_expired=args.drop_expired,
     )
     progress = _Progress(sys.stderr)
     printer = _ReplayPrinter(progress)
@@ -163,12 +166,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     """A recipient's deliveries, most recently changed first, and whether the address is
     suppressed (needs DATABASE_URL)."""
     try:
-        normalise(args.recipient)
+        # Either spelling of an IDN domain (U-label or xn--) finds the same rows.
+        key = normalise(args.recipient)
     except InvalidAddress as error:
         raise CommandError(str(error)) from None
     with _ledger() as ledger:
-        rows = Reports(ledger.pool).history(args.recipient, limit=args.limit)
-        suppression = Suppressions(ledger.pool).get(args.recipient)
+        rows = Reports(ledger.pool).history(key, limit=args.limit)
+        suppression = Suppressions(ledger.pool).get(key)
     if args.json:
         _print_json(
             {
@@ -195,16 +199,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Per workflow, over deliveries queued in the window: counts by status, success rate
     (sent / sent, failed or dead-lettered), the delivered, bounced and complained rates (over
     sent, as providers reported), mean attempts (finished rows), p50 and p95 seconds from
-    queued to sent (needs DATABASE_URL)."""
+    queued to sent, and the time to send (publish to the relay's acceptance) at p50, p95 and
+    p99 (needs DATABASE_URL)."""
     since: _Duration = args.since
     with _ledger() as ledger:
         rows = Reports(ledger.pool).stats(since=since.delta)
+        relays = Reports(ledger.pool).relay_stats(since=since.delta)
     if args.json:
         _print_json(
             {
                 "since": since.text,
                 "since_seconds": since.delta.total_seconds(),
                 "workflows": [row.as_json() for row in rows],
+                "relays": [relay.as_json() for relay in relays],
             }
         )
         return 0
@@ -213,6 +220,36 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(f"deliveries queued in the last {since.text}")
     print(_table(_STATS_HEADERS, [_stats_row(row) for row in rows]))
+    print()
+    print(_table(_RELAY_STATS_HEADERS, [_relay_stats_row(relay) for relay in relays]))
+    return 0
+
+
+def cmd_relays(args: argparse.Namespace) -> int:
+    """Each relay's circuit breaker: closed, open (deliveries go to the other relay until it
+    reopens) or half-open (the cool-down is over: the next delivery tries it), its
+    consecutive fail-over failures, when it reopens, and its last error (needs
+    DATABASE_URL)."""
+    with _ledger() as ledger:
+        circuits = Circuits(ledger.pool).report()
+    if args.json:
+        _print_json({"relays": [circuit.as_json() for circuit in circuits]})
+        return 0
+    print(
+        _table(
+            ["RELAY", "STATE", "FAILURES", "REOPENS_AT", "LAST_ERROR"],
+            [
+                [
+                    c.relay.value,
+                    c.state.value,
+                    c.consecutive_failures,
+                    _when(c.reopens_at),
+                    _error(c.last_error_code, c.last_error_message),
+                ]
+                for c in circuits
+            ],
+        )
+    )
     return 0
 
 
@@ -441,6 +478,12 @@ def _add_replay(commands: Any) -> None:
         "--dry-run", action="store_true", help="list what would be replayed; change nothing"
     )
     p.add_argument(
+        "--drop-expired",
+        action="store_true",
+        help="ack (drop) the dead letters whose validity end has passed; without it they are "
+        "left on the subscription (never republished either way)",
+    )
+    p.add_argument(
         "--wait",
         type=_positive_float,
         default=2.0,
@@ -474,6 +517,9 @@ def _add_reads(commands: Any) -> None:
         help="window by queued_at: 30m, 24h, 7d, 90d ... (default 24h)",
     )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    relays = _add(commands, "relays", cmd_relays, "each relay's circuit breaker")
+    relays.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _add_prune(commands: Any) -> None:
@@ -693,6 +739,9 @@ def _replay_summary(summary: replay.Summary, *, progress: bool = False) -> str:
     text += f", left for later {summary.left}"
     if summary.too_large:
         text += f", too large to receive {summary.too_large}"
+    if summary.expired:
+        dropped = summary.dropped_expired
+        text += f", expired {summary.expired} ({'dropped' if dropped else 'left'})"
     if progress:
         return f"replay: pulled {summary.pulled}, {text}"
     return text + (" (dry run: nothing changed)" if summary.dry_run else "")
@@ -755,6 +804,10 @@ _STATS_HEADERS = [
     "MEAN_ATTEMPTS",
     "P50",
     "P95",
+    # Time to send: from the first publish to the relay's acceptance.
+    "SEND_P50",
+    "SEND_P95",
+    "SEND_P99",
 ]
 
 
@@ -772,6 +825,30 @@ def _stats_row(row: reports.WorkflowStats) -> list[Any]:
         _number(row.mean_attempts, "{:.2f}"),
         _number(row.p50_seconds, "{:.1f}s"),
         _number(row.p95_seconds, "{:.1f}s"),
+        _number(row.send_p50_seconds, "{:.1f}s"),
+        _number(row.send_p95_seconds, "{:.1f}s"),
+        _number(row.send_p99_seconds, "{:.1f}s"),
+    ]
+
+
+_RELAY_STATS_HEADERS = [
+    "RELAY",
+    "SENT",
+    "TRANSIENT_FAILURES",
+    "PERMANENT_FAILURES",
+    "SMTP_P50",
+    "SMTP_P95",
+]
+
+
+def _relay_stats_row(row: reports.RelayStats) -> list[Any]:
+    return [
+        row.relay,
+        row.sent,
+        row.transient_failures,
+        row.permanent_failures,
+        _number(row.smtp_p50_ms, "{:.0f}ms"),
+        _number(row.smtp_p95_ms, "{:.0f}ms"),
     ]
 
 

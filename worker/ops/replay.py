@@ -14,6 +14,11 @@ A run pulls the dead-letter subscription in batches (synchronous pull) and, per 
   4. republishes the original bytes without the dead-letter attributes, with
      `replayed_from=<dead-letter message id>`, and acks only once the publish is confirmed;
      the republishes of one pulled batch run concurrently and are acked in one call.
+A dead letter whose delivery's validity end has passed (the ledger row's `not_after`, or the
+one the message gives itself: its `not_after` or an invite's `expires_at`; the database's
+clock decides) is not republished: the
+worker would only skip it `EXPIRED`. It is counted `expired` and left on the subscription, or
+acked with `drop_expired` (`--drop-expired`); its row is left as it is.
 Acked messages are gone, so a second run replays nothing twice; a row already `sent` is acked
 without a republish. A dead letter of a message this run republished (the delivery failed
 again while the run went on: its `source_message_id` is one of the run's republishes, or, when
@@ -39,6 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -101,6 +107,8 @@ class Action(StrEnum):
     SKIP_DUPLICATE = "skip_duplicate"  # this run already replayed the delivery: ack
     SKIP_INVALID = "skip_invalid"  # still an invalid event: leave it, never republish
     FAILED_AGAIN = "failed_again"  # dead letter of this run's own republish: leave for later
+    # its validity end has passed: never republished; acked only with --drop-expired
+    SKIP_EXPIRED = "skip_expired"
 
     @property
     def republishes(self) -> bool:
@@ -122,15 +130,17 @@ _DESCRIPTIONS = {
     Action.SKIP_DUPLICATE: "already replayed in this run",
     Action.SKIP_INVALID: "still invalid, not republished (it would fail again); left",
     Action.FAILED_AGAIN: "failed again after this run republished it; left for the next run",
+    Action.SKIP_EXPIRED: "expired (its validity end has passed); not republished",
 }
 
 
-class Outcome(StrEnum):
+class ItemResult(StrEnum):
     REPLAYED = "replayed"
     WOULD_REPLAY = "would replay"
     SKIPPED = "skipped"
     FAILED = "failed"
     LEFT = "left"
+    EXPIRED = "expired"
 
 
 # --- one dead letter ------------------------------------------------------------------------
@@ -148,6 +158,8 @@ class DeadLetter:
     workflow: str | None
     # Why the bytes are an invalid event by this code's rules ("field: rule"); None if valid.
     invalid: str | None = None
+    # The event's own validity end, when it gives one (`Checked.not_after`).
+    not_after: datetime | None = None
 
     @classmethod
     def from_received(cls, received: Any) -> DeadLetter:
@@ -168,6 +180,7 @@ class DeadLetter:
             delivery_id=attributes.get("delivery_id") if ours else from_data[0],
             workflow=attributes.get("workflow") if ours else from_data[1],
             invalid=checked.invalid,
+            not_after=checked.not_after,
         )
 
     def republish_attributes(self) -> dict[str, str]:
@@ -201,6 +214,9 @@ class Checked:
     delivery_id: str | None
     workflow: str | None
     invalid: str | None
+    # The validity end the event gives itself, without a publish time: its `not_after`, or an
+    # invite's `expires_at` (valid events only).
+    not_after: datetime | None = None
 
 
 def check(data: bytes) -> Checked:
@@ -209,7 +225,7 @@ def check(data: bytes) -> Checked:
         event = events.parse_delivery(message)
     except events.InvalidEvent as invalid:
         return Checked(invalid.delivery_id, invalid.workflow, str(invalid))
-    return Checked(event.delivery_id, event.workflow, None)
+    return Checked(event.delivery_id, event.workflow, None, event.valid_until)
 
 
 def identify(data: bytes) -> tuple[str | None, str | None]:
@@ -242,6 +258,8 @@ class ReplayOptions:
     filters: Filters = Filters()
     limit: int | None = None  # replay at most this many
     dry_run: bool = False
+    # Ack the dead letters whose validity end has passed (they are never republished).
+    drop_expired: bool = False
     # Stop once pulls have come back empty for this long. Pulls return at once (a long poll
     # cut short by a client deadline can take messages the caller never sees).
     wait_seconds: float = 2.0
@@ -254,7 +272,7 @@ class Item:
 
     letter: DeadLetter
     action: Action | None  # None: the decision itself failed
-    outcome: Outcome
+    outcome: ItemResult
     detail: str = ""
 
 
@@ -266,6 +284,8 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     left: int = 0  # did not match the filters, or over the limit: released for later
+    expired: int = 0  # validity end passed: not republished (acked with drop_expired)
+    dropped_expired: bool = False  # whether the expired ones were acked (never in a dry run)
     too_large: int = 0  # pulls of one message that could not be received (none with 20 MiB)
 
 
@@ -393,7 +413,9 @@ class _Run:
         self.settings = settings
         self.options = options
         self.sub = subscription
-        self.summary = Summary(dry_run=options.dry_run)
+        self.summary = Summary(
+            dry_run=options.dry_run, dropped_expired=options.drop_expired and not options.dry_run
+        )
         self.held: dict[str, str] = {}  # message id -> latest ack id, released at the end
         self.acked: set[str] = set()
         self.replayed_ids: set[str] = set()  # delivery ids
@@ -475,7 +497,7 @@ class _Run:
         if letter.descends_from(self.republished, self.replayed_letters):
             self._hold(letter)
             self.summary.left += 1
-            on_item(Item(letter, Action.FAILED_AGAIN, Outcome.LEFT))
+            on_item(Item(letter, Action.FAILED_AGAIN, ItemResult.LEFT))
             return
         if not self.options.filters.match(letter) or self._room() <= 0:
             self._hold(letter)
@@ -486,7 +508,7 @@ class _Run:
             # publish anew, and the ledger row stays as it is.
             self._hold(letter)
             self.summary.skipped += 1
-            on_item(Item(letter, Action.SKIP_INVALID, Outcome.SKIPPED, letter.invalid))
+            on_item(Item(letter, Action.SKIP_INVALID, ItemResult.SKIPPED, letter.invalid))
             return
         item = self._dry(letter) if self.options.dry_run else self._live(letter)
         if item is not None:
@@ -532,11 +554,20 @@ class _Run:
             return self.ledger.set_queued_if_finished(delivery_id)
         return True
 
+    def _fresh_plan(self, letter: DeadLetter) -> Action:
+        """`_plan`, unless the delivery's validity end has passed: republished, it would only
+        be skipped. Asked only of what would be republished (a sent row's letter is acked as
+        before, a live lease's left)."""
+        action = self._plan(letter.delivery_id)
+        if action.republishes and self.ledger.validity_ended(letter.delivery_id, letter.not_after):
+            return Action.SKIP_EXPIRED
+        return action
+
     def _decide(self, letter: DeadLetter) -> Action | None:
         if letter.delivery_id is None:
-            return Action.NEW
+            return self._fresh_plan(letter)
         for _ in range(MAX_DECISIONS):
-            action = self._plan(letter.delivery_id)
+            action = self._fresh_plan(letter)
             if self._apply(letter.delivery_id, action):
                 return action
         return None
@@ -545,12 +576,15 @@ class _Run:
 
     def _dry(self, letter: DeadLetter) -> Item:
         self._hold(letter)  # a dry run acks nothing
-        action = self._plan(letter.delivery_id)
+        action = self._fresh_plan(letter)
+        if action is Action.SKIP_EXPIRED:
+            self.summary.expired += 1
+            return Item(letter, action, ItemResult.EXPIRED)
         if action.republishes:
             self._count_replayed(letter)
-            return Item(letter, action, Outcome.WOULD_REPLAY)
+            return Item(letter, action, ItemResult.WOULD_REPLAY)
         self.summary.skipped += 1
-        return Item(letter, action, Outcome.SKIPPED)
+        return Item(letter, action, ItemResult.SKIPPED)
 
     def _live(self, letter: DeadLetter) -> Item | None:
         """The item, or None when the letter waits for the batch's republish."""
@@ -558,18 +592,31 @@ class _Run:
         if action is None:
             self._hold(letter)
             self.summary.failed += 1
-            return Item(letter, None, Outcome.FAILED, "the ledger row kept changing; try again")
+            return Item(letter, None, ItemResult.FAILED, "the ledger row kept changing; try again")
         if action.republishes:
             self.pending.append((letter, action))
             if letter.delivery_id is not None:  # a second copy in this run is a duplicate
                 self.replayed_ids.add(letter.delivery_id)
             return None
+        if action is Action.SKIP_EXPIRED:
+            return self._expired(letter)
         if action is Action.SKIP_IN_PROGRESS:
             self._hold(letter)
         else:
             self._ack(letter)
         self.summary.skipped += 1
-        return Item(letter, action, Outcome.SKIPPED)
+        return Item(letter, action, ItemResult.SKIPPED)
+
+    def _expired(self, letter: DeadLetter) -> Item:
+        """Never republished; gone only when the operator asked (`drop_expired`)."""
+        self.summary.expired += 1
+        if self.options.drop_expired:
+            self._ack(letter)
+            return Item(letter, Action.SKIP_EXPIRED, ItemResult.EXPIRED, "dropped (acked)")
+        self._hold(letter)
+        return Item(
+            letter, Action.SKIP_EXPIRED, ItemResult.EXPIRED, "left (--drop-expired acks it)"
+        )
 
     def _republish_pending(self) -> list[Item]:
         """Republish the batch's decided letters at once (one confirmation wait, not one per
@@ -593,12 +640,12 @@ class _Run:
                 # A requeued row waits in `queued`, which the next run republishes.
                 self._hold(letter)
                 self.summary.failed += 1
-                items.append(Item(letter, action, Outcome.FAILED, str(result)))
+                items.append(Item(letter, action, ItemResult.FAILED, str(result)))
             else:
                 self._count_replayed(letter)
                 self.republished.add(result)
                 self.replayed_letters.add(letter.message_id)
-                items.append(Item(letter, action, Outcome.REPLAYED, f"as message {result}"))
+                items.append(Item(letter, action, ItemResult.REPLAYED, f"as message {result}"))
         return items
 
     def _publish(self, letter: DeadLetter) -> str | worker_pubsub.PublishError:

@@ -7,12 +7,12 @@ HTML (masking, rates) is `worker.console.views`' job. Every method is one short 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from worker.store.db import Store
-from worker.store.reports import Reports, WorkflowStats
+from worker.store.reports import RelayStats, Reports, WorkflowStats
 
 # The chart's outcomes, the columns of stats_timeline.
 OUTCOMES = ("sent", "failed", "skipped", "in_flight")
@@ -49,6 +49,7 @@ class SuppressionSearch:
 class StatsResult:
     workflows: list[WorkflowStats]
     timeline: list[dict[str, int]]  # `buckets` slices of the window, oldest first
+    relays: list[RelayStats] = field(default_factory=list)  # primary first
 
 
 class ConsoleStore(Store):
@@ -112,4 +113,4 @@ class ConsoleStore(Store):
         timeline = [dict.fromkeys(OUTCOMES, 0) for _ in range(buckets)]
         for row in slices:
             timeline[row["bucket"]] = {key: int(row[key]) for key in OUTCOMES}
-        return StatsResult(workflows, timeline)
+        return StatsResult(workflows, timeline, Reports(self.pool).relay_stats(since=since))

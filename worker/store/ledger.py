@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from worker.core.settings import RateLimit
 from worker.store.db import UNREACHABLE, Store
+from worker.store.relays import Circuit, Relay, circuits_from_claim
 
 
 class Status(StrEnum):
@@ -46,7 +47,12 @@ class _Row:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Self:
-        values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+        # A column with a default may be missing: a database a migration behind this code.
+        values = {
+            f.name: row[f.name]
+            for f in fields(cls)  # type: ignore[arg-type]
+            if f.name in row or (f.default is MISSING and f.default_factory is MISSING)
+        }
         if "status" in values:
             values["status"] = Status(values["status"])
         return cls(**values)
@@ -83,6 +89,12 @@ class Delivery(_Row):
     complained_at: datetime | None
     bounce_type: str | None
     relay_message_id: str | None
+    # Freshness (migration 010): the first copy's publish time, and the validity end.
+    published_at: datetime | None
+    not_after: datetime | None
+    # The relay that accepted the email, and the SMTP time of that send (migration 012).
+    relay: str | None = None
+    smtp_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,8 @@ class Claim(_Row):
     claim_token: uuid.UUID
     attempts: int
     lease_expires_at: datetime
+    # Every relay's circuit breaker, read by the claim's own statement (migration 012).
+    circuits: Mapping[Relay, Circuit] = field(default_factory=dict)
 
 
 class Reason(StrEnum):
@@ -134,8 +148,10 @@ class Reason(StrEnum):
     HARD_BOUNCE = "hard_bounce"
     COMPLAINT = "complaint"
     MANUAL = "manual"
-    # ...or the recipient's rate limit for the workflow.
+    # ...or the recipient's rate limit for the workflow...
     RATE_LIMIT = "rate_limit"
+    # ...or the delivery's validity end had passed (migration 010).
+    EXPIRED = "expired"
 
 
 # The reasons a dead-letter message may carry (docs/reference.md).
@@ -159,24 +175,26 @@ class Code(StrEnum):
     # skipped (docs/reference.md), written by email.claim_delivery():
     SUPPRESSED = "SUPPRESSED"  # the recipient has a live suppression entry
     RATE_LIMITED = "RATE_LIMITED"  # the recipient's limit for the workflow is reached
+    EXPIRED = "EXPIRED"  # claimed at or after the delivery's validity end (not_after)
 
 
 # The codes of a `skipped` row.
-SKIP_CODES = (Code.SUPPRESSED, Code.RATE_LIMITED)
+SKIP_CODES = (Code.SUPPRESSED, Code.RATE_LIMITED, Code.EXPIRED)
 
 
 class ClaimOutcome(StrEnum):
     """What `email.claim_delivery()` did (its `outcome` column)."""
 
     CLAIMED = "claimed"  # the row is in_progress under our claim token
-    SKIPPED = "skipped"  # the row is now `skipped`: suppressed or rate limited
+    SKIPPED = "skipped"  # the row is now `skipped`: expired, suppressed or rate limited
     UNCLAIMED = "unclaimed"  # finished, or held by a live lease: nothing changed
 
 
 @dataclass(frozen=True)
 class Skipped:
     """The claim ended the delivery `skipped`: no email. `code` is its last_error_code
-    (SUPPRESSED, RATE_LIMITED), `reason` its status_reason, `message` its last_error_message."""
+    (EXPIRED, SUPPRESSED, RATE_LIMITED), `reason` its status_reason, `message` its
+    last_error_message."""
 
     delivery_id: str
     code: Code
@@ -221,10 +239,16 @@ class Ledger(Store):
         source_message_id: str | None,
         lease_seconds: int,
         rate_limit: RateLimit | None = None,
+        published_at: datetime | None = None,
+        not_after: datetime | None = None,
     ) -> ClaimResult:
-        """Claim for sending, end the row `skipped` (the recipient is suppressed, or over
-        `rate_limit` for this workflow), or nothing: one statement, one round trip
-        (`email.claim_delivery()`, migration 005).
+        """Claim for sending, end the row `skipped` (its validity end has passed, the
+        recipient is suppressed, or over `rate_limit` for this workflow), or nothing: one
+        statement, one round trip (`email.claim_delivery()`, migrations 005 and 010).
+
+        `published_at` is this copy's publish time and `not_after` the validity end derived
+        from it (or given by the event); the row keeps the earliest of each it has seen, and
+        the database's clock decides whether the end has passed.
 
         Not retried: nothing has been sent yet, so a failure raises and Pub/Sub redelivers
         (a claim committed just before its connection dropped is taken over after its lease).
@@ -241,11 +265,19 @@ class Ledger(Store):
             rate_limit=None if rate_limit is None else rate_limit.count,
             rate_window_seconds=None if rate_limit is None else rate_limit.window_seconds,
             takeover_reason=Reason.LEASE_EXPIRED.value,
+            published_at=published_at,
+            not_after=not_after,
         )
         assert row is not None, "email.claim_delivery() returns one row"
         match ClaimOutcome(row["outcome"]):
             case ClaimOutcome.CLAIMED:
-                return Claim(delivery_id, row["token"], row["attempt"], row["lease_until"])
+                return Claim(
+                    delivery_id,
+                    row["token"],
+                    row["attempt"],
+                    row["lease_until"],
+                    circuits_from_claim(row["relays"]),
+                )
             case ClaimOutcome.SKIPPED:
                 return Skipped(
                     delivery_id, Code(row["code"]), Reason(row["reason"]), row["message"]
@@ -285,7 +317,10 @@ class Ledger(Store):
         attempts: int,
         provider_message_id: str,
         relay_message_id: str | None = None,
+        relay: Relay | None = None,
+        smtp_ms: int | None = None,
     ) -> bool:
+        """`relay`: the relay that accepted the email; `smtp_ms`: how long that took."""
         return self._transition(
             "set_sent_if_claimed",
             delivery_id=claim.delivery_id,
@@ -293,6 +328,8 @@ class Ledger(Store):
             attempts=attempts,
             provider_message_id=provider_message_id,
             relay_message_id=relay_message_id,
+            relay=None if relay is None else relay.value,
+            smtp_ms=smtp_ms,
         )
 
     def set_retrying_if_claimed(self, claim: Claim, *, attempts: int, failure: Failure) -> bool:
@@ -386,6 +423,13 @@ class Ledger(Store):
     def lease_expired(self, delivery_id: str) -> bool:
         """In progress under a lease that has run out, by the database's clock."""
         return self._one("lease_expired", delivery_id=delivery_id) is not None
+
+    def validity_ended(self, delivery_id: str | None, not_after: datetime | None) -> bool:
+        """Whether the delivery's validity end has passed, by the database's clock: the
+        earlier of its row's `not_after` and the given one (a message's own); False when
+        neither is known."""
+        row = self._row("validity_ended", delivery_id=delivery_id, not_after=not_after)
+        return bool(row["ended"])
 
 
 # After a first failure: three more tries, 0.25 s, then 0.5 s and 1 s apart (the first wait

@@ -70,6 +70,11 @@ class WorkflowStats:
     mean_attempts: float | None  # over finished rows
     p50_seconds: float | None  # queued_at -> sent_at, over sent rows
     p95_seconds: float | None
+    # Time to send: the first copy's publish time -> the relay's acceptance (published_at ->
+    # sent_at, migration 010), over sent rows that have a publish time.
+    send_p50_seconds: float | None = None
+    send_p95_seconds: float | None = None
+    send_p99_seconds: float | None = None
     # Sent rows by what the provider reported (docs/webhooks.md).
     delivered: int = 0  # delivered, opened, clicked or complained about
     bounced: int = 0
@@ -128,6 +133,11 @@ class WorkflowStats:
             "mean_attempts": self.mean_attempts,
             "p50_seconds": self.p50_seconds,
             "p95_seconds": self.p95_seconds,
+            "time_to_send": {
+                "p50_seconds": self.send_p50_seconds,
+                "p95_seconds": self.send_p95_seconds,
+                "p99_seconds": self.send_p99_seconds,
+            },
         }
 
     @classmethod
@@ -139,13 +149,51 @@ class WorkflowStats:
             mean_attempts=row["mean_attempts"],
             p50_seconds=row["p50_seconds"],
             p95_seconds=row["p95_seconds"],
+            send_p50_seconds=row["send_p50_seconds"],
+            send_p95_seconds=row["send_p95_seconds"],
+            send_p99_seconds=row["send_p99_seconds"],
             delivered=int(row["provider_delivered"]),
             bounced=int(row["provider_bounced"]),
             complained=int(row["provider_complained"]),
             skipped_by_code={
                 Code.SUPPRESSED: int(row["skipped_suppressed"]),
                 Code.RATE_LIMITED: int(row["skipped_rate_limited"]),
+                Code.EXPIRED: int(row["skipped_expired"]),
             },
+        )
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """One relay over the deliveries queued in the window: what it accepted, how long that
+    SMTP exchange took, and its failed send attempts."""
+
+    relay: str
+    sent: int
+    transient_failures: int
+    permanent_failures: int
+    smtp_p50_ms: float | None
+    smtp_p95_ms: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "relay": self.relay,
+            "sent": self.sent,
+            "transient_failures": self.transient_failures,
+            "permanent_failures": self.permanent_failures,
+            "smtp_p50_ms": self.smtp_p50_ms,
+            "smtp_p95_ms": self.smtp_p95_ms,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RelayStats:
+        return cls(
+            relay=row["relay"],
+            sent=int(row["sent"]),
+            transient_failures=int(row["transient_failures"]),
+            permanent_failures=int(row["permanent_failures"]),
+            smtp_p50_ms=row["smtp_p50_ms"],
+            smtp_p95_ms=row["smtp_p95_ms"],
         )
 
 
@@ -183,8 +231,14 @@ class Reports(Store):
             since_seconds=since.total_seconds(),
             suppressed=Code.SUPPRESSED.value,
             rate_limited=Code.RATE_LIMITED.value,
+            expired=Code.EXPIRED.value,
         )
         return [WorkflowStats.from_row(row) for row in rows]
+
+    def relay_stats(self, *, since: timedelta) -> list[RelayStats]:
+        """Per relay (primary first), over deliveries queued in the window."""
+        rows = self._all("stats_by_relay", since_seconds=since.total_seconds())
+        return [RelayStats.from_row(row) for row in rows]
 
     def prune(
         self,

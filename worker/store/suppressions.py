@@ -4,7 +4,8 @@ and the suppression state `history --recipient` shows.
 Entries come from provider events (a hard bounce or a complaint, `worker/store/tracking.py`) and
 from operators (`add`, reason `manual` by default, optionally expiring). The worker checks the
 list inside its claim (`email.claim_delivery()`, migration 005): a live entry ends the
-delivery `skipped` with `SUPPRESSED`. Addresses are compared lower-cased everywhere.
+delivery `skipped` with `SUPPRESSED`. Addresses are compared in their stored form
+(`rules.normalise_address`), lower-cased, everywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from worker.core.rules import RECIPIENT_RULE, is_address
+from worker.core.rules import RECIPIENT_RULE, address_key
 from worker.store.db import Store
 from worker.store.ledger import SUPPRESSION_REASONS, Reason
 
@@ -31,11 +32,12 @@ class InvalidAddress(ValueError):
 
 
 def normalise(address: str) -> str:
-    """The stored form of an address (lower-cased), or InvalidAddress with the rule."""
-    text = address.strip()
-    if not is_address(text):
+    """The stored form of an address, lower-cased (`rules.address_key`: a domain's U-label
+    and A-label spellings are one entry), or InvalidAddress with the rule."""
+    key = address_key(address.strip())
+    if key is None:
         raise InvalidAddress(f"{address!r} is not an email address: {RECIPIENT_RULE}")
-    return text.lower()
+    return key
 
 
 @dataclass(frozen=True)

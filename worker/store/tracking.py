@@ -28,6 +28,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from worker.core.rules import normalise_address
 from worker.store.db import UNREACHABLE, Store, query
 
 
@@ -118,6 +119,20 @@ class StoredEvent:
     detail: dict[str, Any]
 
 
+def _in_stored_form(named: str | None) -> str | None:
+    """The recipient an event names, with an IDN domain in the form the ledger stores it
+    (`rules.normalise_address`): providers report the A-label the envelope carried, and the
+    match and the suppression compare with the ledger's U-label. Anything else is passed
+    as the provider wrote it."""
+    if named is None or (named.isascii() and "xn--" not in named.lower()):
+        return named
+    address = named.strip()
+    if address.endswith(">") and "<" in address:  # a display name: the SQL ignores it too
+        address = address[address.rindex("<") + 1 : -1]
+    stored = normalise_address(address)
+    return named if stored is None or stored == address else stored
+
+
 class Tracking(Store):
     """Provider events: applied one per transaction, and read back for `status`."""
 
@@ -129,7 +144,7 @@ class Tracking(Store):
             "provider_event_id": event.provider_event_id,
             "event_type": event.event_type.value,
             "occurred_at": event.occurred_at,
-            "recipient": event.recipient,
+            "recipient": _in_stored_form(event.recipient),
             "delivery_id": event.delivery_id,
             "message_id": event.message_id,
             "relay_message_id": event.relay_message_id,
