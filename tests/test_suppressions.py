@@ -265,7 +265,7 @@ def test_stats_count_skipped_rows_by_code(
     doc = json.loads(ok(capsys, "stats", "--json"))
     [codes] = [w for w in doc["workflows"] if w["workflow"] == "verification-code"]
     assert codes["counts"]["skipped"] == 5
-    assert codes["skipped_by_code"] == {"SUPPRESSED": 2, "RATE_LIMITED": 3}
+    assert codes["skipped_by_code"] == {"SUPPRESSED": 2, "RATE_LIMITED": 3, "EXPIRED": 0}
     lines = ok(capsys, "stats").splitlines()
     headers = lines[1].split()
     row = dict(zip(headers, lines[2].split(), strict=False))

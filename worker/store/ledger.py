@@ -110,6 +110,12 @@ class StatusChange(_Row):
     payload: dict[str, Any]
     created_at: datetime
 
+    @property
+    def attempt_failed(self) -> bool:
+        """A failed send attempt's row (its relay and error, the status unchanged): the one
+        kind of audit row that is not a status change."""
+        return bool(self.payload.get("attempt_failed"))
+
 
 @dataclass(frozen=True)
 class Claim(_Row):
