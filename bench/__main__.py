@@ -8,6 +8,7 @@ Benchmarks (in the order they run):
   ledgercost worker vs its floor (sendmail + 2 durable statements) per email, fsync off/on
   http       deliveries/s through a functions-framework server (CloudEvent and push bodies)
   concurrency  one instance at CONCURRENCY 1/4/8/16, 50 ms relay, vs ideal and a no-op function
+  outage     the primary relay down for the middle third, with and without the fallback relay
   memory     peak RSS of a functions-framework worker after N events
   coldstart  fresh process: import main + first event, lazy vs eager imports
   scaleout   1..8 functions-framework processes, each event delivered 3 times, 20 ms relay
@@ -40,6 +41,7 @@ from bench import (
     ledgercost,
     machine,
     memory,
+    outage,
     replay,
     scaleout,
     tracking,
@@ -58,6 +60,7 @@ class Sizes:
     http_concurrency: tuple[int, ...]
     concurrency_levels: tuple[int, ...]
     concurrency_seconds: float
+    outage_third_seconds: float
     memory_count: int
     coldstart_reps: int
     scaleout_events: int
@@ -77,6 +80,7 @@ FULL = Sizes(
     http_concurrency=(1, 4),
     concurrency_levels=(1, 4, 8, 16),
     concurrency_seconds=4.0,
+    outage_third_seconds=25.0,
     memory_count=3000,
     coldstart_reps=7,
     scaleout_events=600,
@@ -95,6 +99,7 @@ QUICK = Sizes(
     http_concurrency=(1, 4),
     concurrency_levels=(1, 8),
     concurrency_seconds=1.0,
+    outage_third_seconds=6.0,
     memory_count=300,
     coldstart_reps=3,
     scaleout_events=100,
@@ -123,6 +128,9 @@ BENCHMARKS: dict[str, Runner] = {
     ),
     "concurrency": lambda stack, s, logs: concurrency.run(
         stack, levels=s.concurrency_levels, seconds=s.concurrency_seconds, log_dir=logs
+    ),
+    "outage": lambda stack, s, logs: outage.run(
+        stack, third_seconds=s.outage_third_seconds, log_dir=logs
     ),
     "memory": lambda stack, s, logs: memory.run(stack, count=s.memory_count, log_dir=logs),
     "coldstart": lambda stack, s, logs: coldstart.run(
